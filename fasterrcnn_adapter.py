@@ -1,0 +1,237 @@
+"""Dataloop model adapter for torchvision's Faster R-CNN.
+
+Thin by design: it reads the model's configuration, builds the network
+(`utils.model_factory`), and delegates data reading (`utils.dataloop_reader`)
+and training (`utils.trainer`). Settings are read from
+`model_entity.configuration` as a plain dict, so reading never PATCHes the model.
+"""
+import dataclasses
+import logging
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+import dtlpy as dl
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from utils import config as config_lib
+from utils import model_factory
+from utils.images import ImageDecodeError, load_image
+
+logger = logging.getLogger('fasterrcnn.adapter')
+
+INDEX_FILENAME = 'fasterrcnn_index.json'
+ANNOTATION_TYPES_FOR_TRAINING = ['box', 'segment', 'binary', 'ellipse']
+
+
+@dataclasses.dataclass
+class UnreadableItem:
+    """Stands in a batch for an item that could not be decoded, so the rest of the batch goes on."""
+    item_id: Optional[str]
+    name: str
+    reason: str
+
+    def __str__(self):
+        return f'{self.name} (id {self.item_id}): {self.reason}'
+
+
+def _fill_sdk_keys(model_entity: dl.Model) -> None:
+    """Put the SDK's adapter keys in the configuration up front: a missing one makes the SDK PATCH the model."""
+    configuration = model_entity.configuration
+    for key, value in config_lib.SDK_KEYS.items():
+        configuration.setdefault(key, value)
+    configuration.setdefault('batch_size', config_lib.DEFAULTS['batch_size'])
+    configuration.setdefault('include_background', config_lib.DEFAULTS['include_background'])
+
+
+class FasterRCNNAdapter(dl.BaseModelAdapter):
+    """load / save / train / predict / convert_from_dtlpy for `fasterrcnn_*` variants."""
+
+    def __init__(self, model_entity: Optional[dl.Model] = None):
+        self.device = torch.device('cpu')
+        self.settings: Dict[str, Any] = dict(config_lib.DEFAULTS)
+        self.artifacts_path: Optional[str] = None
+        self.unreadable_items: List[UnreadableItem] = []
+        super().__init__(model_entity)
+
+    # ------------------------------------------------------------------ entity
+    @property
+    def model_entity(self):
+        return dl.BaseModelAdapter.model_entity.fget(self)
+
+    @model_entity.setter
+    def model_entity(self, model_entity):
+        _fill_sdk_keys(model_entity)
+        dl.BaseModelAdapter.model_entity.fset(self, model_entity)
+
+    def load_from_model(self, model_entity=None, local_path=None, overwrite=True, **kwargs):
+        if model_entity is not None:
+            _fill_sdk_keys(model_entity)
+        return super().load_from_model(model_entity=model_entity, local_path=local_path, overwrite=overwrite, **kwargs)
+
+    def _resolve_settings(self) -> Dict[str, Any]:
+        self.settings = config_lib.resolve(self.model_entity.configuration)
+        return self.settings
+
+    def id_to_label_map(self) -> Dict[int, str]:
+        """The network's class ids (1..K; 0 is background) to label names."""
+        configuration = self.model_entity.configuration
+        stored = configuration.get('id_to_label_map')
+        if stored:
+            mapping = {int(k): str(v) for k, v in stored.items()}
+        else:
+            mapping = {i + 1: str(label) for i, label in enumerate(self.model_entity.labels or [])}
+        if 0 in mapping:
+            logger.warning('id_to_label_map uses id 0, which is the background class: shifting every id by one')
+            mapping = {k + 1: v for k, v in mapping.items()}
+        return mapping
+
+    def _set_label_map(self, id_to_label_map: Dict[int, str]) -> None:
+        configuration = self.model_entity.configuration
+        configuration['id_to_label_map'] = {str(k): v for k, v in sorted(id_to_label_map.items())}
+        configuration['label_to_id_map'] = {v: int(k) for k, v in sorted(id_to_label_map.items())}
+
+    # ------------------------------------------------------------- load / save
+    def load(self, local_path, **kwargs):
+        """Build the network; weights from the artifact, else COCO-pretrained, else random."""
+        settings = self._resolve_settings()
+        variant = settings['model_variant']
+        id_to_label_map = self.id_to_label_map()
+        num_classes = model_factory.num_classes_for(id_to_label_map)
+        sizes = dict(min_size=settings['min_size'], max_size=settings['max_size'])
+        self.artifacts_path = local_path
+        weights_path = os.path.join(local_path or '', settings['weights_filename'])
+        if local_path and os.path.isfile(weights_path):
+            checkpoint = model_factory.load_checkpoint(weights_path)
+            model_factory.check_compatible(checkpoint, weights_path, variant, num_classes)
+            saved_labels = {int(k): v for k, v in (checkpoint.get('id_to_label_map') or {}).items()}
+            if saved_labels and saved_labels != id_to_label_map:
+                logger.warning('the label map saved with %s differs from the model\'s; using the model\'s: %s',
+                               weights_path, id_to_label_map)
+            model = model_factory.build_model(variant, num_classes, **sizes)
+            model.load_state_dict(checkpoint['state_dict'])
+            logger.info('loaded %s weights from %s', variant, weights_path)
+        elif settings['pretrained']:
+            keep_head = id_to_label_map == model_factory.coco_id_to_label_map()
+            model = model_factory.build_model(variant, num_classes, coco_weights=True, keep_coco_head=keep_head, **sizes)
+            logger.info('loaded COCO-pretrained %s (%s)', variant,
+                        'COCO head kept' if keep_head else f'new box predictor for {num_classes} classes')
+        else:
+            logger.warning('no weights at %s and pretrained is off: %s starts from random weights',
+                           weights_path, variant)
+            model = model_factory.build_model(variant, num_classes, **sizes)
+        if settings['device'] == 'auto':
+            self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        else:
+            self.device = torch.device(settings['device'])
+        self.model = model.to(self.device).eval()
+
+    def save(self, local_path, **kwargs):
+        """Write one self-describing checkpoint at `weights_filename`: the best epoch when training produced one."""
+        settings = self._resolve_settings()
+        target = os.path.join(local_path, settings['weights_filename'])
+        best = getattr(self, 'best_checkpoint_path', None)
+        if best and os.path.isfile(best):
+            if os.path.abspath(best) != os.path.abspath(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(best, target + '.tmp')
+                os.replace(target + '.tmp', target)
+        else:
+            payload = model_factory.make_checkpoint(self.model, settings['model_variant'], self.id_to_label_map(),
+                                                    settings['min_size'], settings['max_size'])
+            model_factory.save_checkpoint(payload, target)
+        self.model_entity.configuration['weights_filename'] = settings['weights_filename']
+        logger.info('saved weights to %s', target)
+
+    # ----------------------------------------------------------------- predict
+    def prepare_item_func(self, item: dl.Item):
+        """Download and decode one item; an unreadable one becomes an `UnreadableItem`, not an exception."""
+        name = getattr(item, 'filename', None) or getattr(item, 'name', '?')
+        try:
+            buffer = item.download(save_locally=False)
+            return pil_to_tensor(load_image(buffer))
+        except ImageDecodeError as err:
+            reason = f'{err} (mimetype {getattr(item, "mimetype", None)})'
+        except Exception as err:  # download failures, odd item types: report, never fail the batch
+            reason = f'{type(err).__name__}: {err}'
+        logger.error('cannot predict on item %s (id %s): %s', name, item.id, reason)
+        return UnreadableItem(item.id, name, reason)
+
+    @staticmethod
+    def _to_tensor(image) -> torch.Tensor:
+        """uint8 CHW tensor from what a batch may hold: a tensor, a PIL image or an HxW(xC) array."""
+        if isinstance(image, torch.Tensor):
+            return image
+        if isinstance(image, Image.Image):
+            return pil_to_tensor(image.convert('RGB'))
+        array = np.asarray(image)
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.shape[2] == 4:
+            array = array[..., :3]
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+    def predict(self, batch, **kwargs):
+        """One forward pass over the whole batch; one AnnotationCollection of boxes per input."""
+        settings = self._resolve_settings()
+        roi_heads = self.model.roi_heads
+        roi_heads.score_thresh = float(settings['conf_threshold'])
+        roi_heads.nms_thresh = float(settings['nms_iou_threshold'])
+        roi_heads.detections_per_img = int(settings['max_detections'])
+        labels = self.id_to_label_map()
+        images, positions = [], []
+        for position, entry in enumerate(batch):
+            if isinstance(entry, UnreadableItem) or entry is None:
+                if entry is not None:
+                    self.unreadable_items.append(entry)
+                continue
+            images.append(self._to_tensor(entry))
+            positions.append(position)
+        outputs = self._forward(images) if images else []
+        collections = [dl.AnnotationCollection() for _ in batch]
+        model_name, model_id = self.model_entity.name, self.model_entity.id
+        for position, image, output in zip(positions, images, outputs):
+            height, width = image.shape[-2:]
+            boxes = output['boxes'].clamp(min=0)
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(max=width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(max=height)
+            keep = output['scores'] >= settings['conf_threshold']
+            for box, score, label_id in zip(boxes[keep].tolist(), output['scores'][keep].tolist(),
+                                            output['labels'][keep].tolist()):
+                left, top, right, bottom = box
+                collections[position].add(
+                    annotation_definition=dl.Box(left=left, top=top, right=right, bottom=bottom,
+                                                 label=labels.get(int(label_id), str(label_id))),
+                    model_info={'name': model_name, 'model_id': model_id,
+                                'confidence': round(min(max(float(score), 0.0), 1.0), 4)})
+        return collections
+
+    def _forward(self, images: List[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+        inputs = [image.to(self.device, non_blocking=True).float().div_(255) for image in images]
+        with torch.inference_mode(), torch.autocast('cuda', enabled=self.device.type == 'cuda'):
+            outputs = self.model(inputs)
+        return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+
+    @dl.Package.decorators.function(display_name='Predict Items',
+                                    inputs={'items': 'Item[]'},
+                                    outputs={'items': 'Item[]', 'annotations': 'Annotation[]'})
+    def predict_items(self, items: list, batch_size=None, **kwargs):
+        """The SDK's predict_items, then one error naming every item that could not be read."""
+        self.unreadable_items = []
+        result = super().predict_items(items, batch_size=batch_size, **kwargs)
+        if self.unreadable_items:
+            names = '; '.join(str(entry) for entry in self.unreadable_items)
+            raise ValueError(f'{len(self.unreadable_items)} of {len(items)} items could not be read as images '
+                             f'and got no annotations (the others were annotated): {names}')
+        return result
+
+    # ---------------------------------------------------------------- training
+    def convert_from_dtlpy(self, data_path, **kwargs):
+        raise NotImplementedError('convert_from_dtlpy is part of the fine-tuning feature (issue 3) '
+                                  'and is not built yet')
+
+    def train(self, data_path, output_path, **kwargs):
+        raise NotImplementedError('train is part of the fine-tuning feature (issue 3) and is not built yet')

@@ -1,0 +1,1 @@
+"""Training engine and helpers for the Faster R-CNN Dataloop adapter."""

@@ -1,0 +1,113 @@
+"""Build torchvision Faster R-CNN variants and (de)serialize adapter checkpoints."""
+import collections
+import logging
+import os
+import tempfile
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torchvision.models import detection
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 'fasterrcnn-dataloop/1'
+
+BUILDERS = {
+    'fasterrcnn_resnet50_fpn': (detection.fasterrcnn_resnet50_fpn, detection.FasterRCNN_ResNet50_FPN_Weights),
+    'fasterrcnn_resnet50_fpn_v2': (detection.fasterrcnn_resnet50_fpn_v2, detection.FasterRCNN_ResNet50_FPN_V2_Weights),
+    'fasterrcnn_mobilenet_v3_large_fpn': (detection.fasterrcnn_mobilenet_v3_large_fpn,
+                                          detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights),
+    'fasterrcnn_mobilenet_v3_large_320_fpn': (detection.fasterrcnn_mobilenet_v3_large_320_fpn,
+                                              detection.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights),
+}
+
+
+def coco_id_to_label_map() -> Dict[int, str]:
+    """COCO's 91-slot category ids (1..90 with gaps) as torchvision's COCO heads use them."""
+    categories = detection.FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta['categories']
+    return {i: name for i, name in enumerate(categories) if i > 0 and name != 'N/A'}
+
+
+def num_classes_for(id_to_label_map: Mapping[int, str]) -> int:
+    """Class count of the network: background slot 0 plus the highest label id."""
+    if not id_to_label_map:
+        raise ValueError('the model has no labels: set the model\'s labels or id_to_label_map')
+    return max(int(i) for i in id_to_label_map) + 1
+
+
+def build_model(variant: str, num_classes: int, min_size: int, max_size: int,
+                coco_weights: bool = False, keep_coco_head: bool = False) -> torch.nn.Module:
+    """Faster R-CNN of `variant` with `num_classes` outputs (background included).
+
+    With `coco_weights`, torchvision's COCO checkpoint is loaded through its Weights
+    API (so a copy cached under TORCH_HOME is used, no download when present); the
+    box predictor is then replaced for `num_classes` unless `keep_coco_head`.
+    """
+    builder, weights_enum = BUILDERS[variant]
+    sizes = dict(min_size=min_size, max_size=max_size)
+    if not coco_weights:
+        return builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
+    model = builder(weights=weights_enum.COCO_V1, **sizes)
+    if not keep_coco_head:
+        in_features = model.roi_heads.box_predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+    return model
+
+
+def make_checkpoint(model: torch.nn.Module, variant: str, id_to_label_map: Mapping[int, str],
+                    min_size: int, max_size: int, **extra: Any) -> Dict[str, Any]:
+    """Everything needed to rebuild the network without the platform: weights, variant, labels, sizes."""
+    return {
+        'format': CHECKPOINT_FORMAT,
+        'model_variant': variant,
+        'num_classes': num_classes_for(id_to_label_map),
+        'id_to_label_map': {int(k): str(v) for k, v in id_to_label_map.items()},
+        'min_size': int(min_size),
+        'max_size': int(max_size),
+        'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
+
+
+def save_checkpoint(payload: Mapping[str, Any], path: str) -> str:
+    """Write atomically: a crash or preemption mid-write never leaves a half file at `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.pth')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(dict(payload), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    return path
+
+
+def load_checkpoint(path: str, map_location: Optional[str] = 'cpu') -> Dict[str, Any]:
+    """Load with `weights_only=True`: a checkpoint carrying code to execute is refused."""
+    # MultiStepLR keeps its milestones in a Counter: allow that one plain container.
+    with torch.serialization.safe_globals([collections.Counter]):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise ValueError(f'refusing to load checkpoint {path!r}: it is not a plain weights file '
+                             f'(only tensors and plain containers are accepted): {err}') from err
+
+
+def check_compatible(checkpoint: Mapping[str, Any], path: str, variant: str, num_classes: int) -> None:
+    """Fail with both sides named when a checkpoint cannot fill this network."""
+    ckpt_variant = checkpoint.get('model_variant', variant)
+    ckpt_classes = checkpoint.get('num_classes')
+    if ckpt_classes is None:
+        weight = checkpoint['state_dict'].get('roi_heads.box_predictor.cls_score.weight')
+        ckpt_classes = int(weight.shape[0]) if weight is not None else num_classes
+    if ckpt_variant != variant or ckpt_classes != num_classes:
+        raise ValueError(
+            f'checkpoint {path!r} holds {ckpt_variant!r} with {ckpt_classes} classes, but the model is '
+            f'configured as {variant!r} with {num_classes} classes (labels + background): '
+            f'fix model_variant / the label map, or remove weights_filename to start from pretrained weights')
