@@ -1,0 +1,24 @@
+# `make test` and `make demo` set everything up on a fresh machine (a venv with
+# requirements) and then run; the venv is reused while requirements are unchanged.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -q
+
+demo: $(STAMP)
+	$(BIN)/python -m local_runner demo --output demo_output
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache
