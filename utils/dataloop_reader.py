@@ -1,0 +1,530 @@
+"""Read what `prepare_data` downloaded (item JSONs + images) into plain box records.
+
+Layout, per subset (``train``, ``validation``, ...)::
+
+    data_path/<subset>/items/<remote path>          # the image
+    data_path/<subset>/json/<remote dir>/<stem>.json  # item JSON with an `annotations` list
+
+Every JSON is read once. Each becomes one record::
+
+    {'item_id': str, 'name': str, 'image_path': str, 'width': int, 'height': int,
+     'boxes': [[x1, y1, x2, y2], ...], 'labels': [str, ...]}
+
+Boxes are floats in the pixel frame of the image *as displayed* (EXIF orientation
+applied), because that is the frame Dataloop's annotation studio draws in; the
+size comes from the image header (`image_size`), never from item metadata, which
+can be stale or missing. Coordinates are read from the JSON directly (the SDK's
+`AnnotationCollection.from_json` silently drops what it cannot parse).
+
+Annotation types -> boxes:
+  * ``box``: its two corners, in either order (normalized); an optional third
+    coordinate is a rotation angle in degrees about the box centre -> tight box.
+  * ``segment`` (polygon, one or more rings): one tight box over every vertex.
+  * ``binary`` (``data:image/png;base64,...`` mask): pixels whose alpha is >= 128
+    (more than half opaque; soft model-made masks are thresholded there; a mask
+    without alpha uses its grey level) -> one box per 8-connected blob, since one
+    mask can hold several objects. A pixel (c, r) covers [c, c+1) x [r, r+1).
+  * ``ellipse`` (centre, rx, ry, angle in degrees): exact tight box of the rotated ellipse.
+  * anything else (point, polyline, class, text, ...) is skipped and counted as ``type <t>``.
+Boxes are clipped to the image; those under 1 px wide or high after clipping are dropped.
+
+Bad items (unparseable JSON, missing/undecodable image, a path leaving data_path,
+video items) are skipped with a WARNING naming them; every drop is counted in the
+subset's `SubsetReport`, logged as one INFO summary per subset.
+"""
+import base64
+import binascii
+import collections
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from utils.images import ImageDecodeError, image_size
+
+logger = logging.getLogger(__name__)
+
+INDEX_FORMAT = 'fasterrcnn-dataloop-index/1'
+MASK_THRESHOLD = 128  # alpha >= 128 is inside: more than half opaque
+PROGRESS_EVERY = 2000
+_IMAGE_EXTENSIONS = None  # filled lazily from PIL's registry
+
+
+class _Skip(Exception):
+    """An item or annotation cannot be used; `reason` is the counter key."""
+
+    def __init__(self, reason: str, detail: str = ''):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclasses.dataclass
+class SubsetReport:
+    """What happened to one subset's items and annotations, so users can see why data is missing."""
+    items: int = 0                 # item JSON files read
+    items_used: int = 0            # records produced (negatives included)
+    negatives: int = 0             # records without boxes (only with include_background)
+    boxes_per_label: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    skipped_items: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        boxes = sum(self.boxes_per_label.values())
+        per_label = ', '.join(f'{k} {v}' for k, v in sorted(self.boxes_per_label.items()))
+        dropped = ', '.join(f'{k}: {v}' for k, v in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
+        return (f'{self.items} items, {self.items_used} used ({self.negatives} negatives), '
+                f'{boxes} boxes ({per_label or "none"}); dropped: {dropped or "nothing"}')
+
+    def to_json(self) -> dict:
+        return {'items': self.items, 'items_used': self.items_used, 'negatives': self.negatives,
+                'boxes_per_label': dict(self.boxes_per_label), 'dropped': dict(self.dropped),
+                'skipped_items': [list(s) for s in self.skipped_items]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> 'SubsetReport':
+        return cls(items=int(d['items']), items_used=int(d['items_used']), negatives=int(d['negatives']),
+                   boxes_per_label=collections.Counter(d['boxes_per_label']),
+                   dropped=collections.Counter(d['dropped']),
+                   skipped_items=[tuple(s) for s in d['skipped_items']])
+
+
+@dataclasses.dataclass
+class DataloopExport:
+    subsets: Dict[str, List[dict]]
+    reports: Dict[str, SubsetReport]
+    labels_found: List[str]  # sorted names seen in usable boxes, before filtering by the label map
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _get(d, *keys):
+    """d[k1][k2]... or None when any level is missing or not a dict."""
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _num(v) -> float:
+    """A finite float from an int, float or numeric string; anything else is bad coordinates."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise _Skip('bad coordinates', f'not a number: {v!r}')
+    try:
+        f = float(v)
+    except ValueError:
+        raise _Skip('bad coordinates', f'not a number: {v!r}') from None
+    if not math.isfinite(f):
+        raise _Skip('bad coordinates', f'not finite: {v!r}')
+    return f
+
+
+def _xy(point) -> Tuple[float, float]:
+    if not isinstance(point, dict) or 'x' not in point or 'y' not in point:
+        raise _Skip('bad coordinates', f'not a point: {point!r:.80}')
+    return _num(point['x']), _num(point['y'])
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _image_extensions() -> frozenset:
+    global _IMAGE_EXTENSIONS
+    if _IMAGE_EXTENSIONS is None:
+        Image.init()
+        _IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+    return _IMAGE_EXTENSIONS
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def _box_from_box(coords) -> List[Tuple[float, float, float, float]]:
+    if not isinstance(coords, list) or len(coords) < 2:
+        raise _Skip('bad coordinates', 'box needs two corner points')
+    (xa, ya), (xb, yb) = _xy(coords[0]), _xy(coords[1])
+    x1, x2, y1, y2 = min(xa, xb), max(xa, xb), min(ya, yb), max(ya, yb)
+    angle = coords[2] if len(coords) > 2 and type(coords[2]) in (int, float) else 0.0  # as the SDK reads it
+    if angle % 180.0:  # rotated box: tight box of the rectangle rotated about its centre
+        cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+        c, s = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
+        ex, ey = hw * c + hh * s, hw * s + hh * c
+        return [(cx - ex, cy - ey, cx + ex, cy + ey)]
+    return [(x1, y1, x2, y2)]
+
+
+def _box_from_segment(coords) -> List[Tuple[float, float, float, float]]:
+    if not isinstance(coords, list) or not coords:
+        raise _Skip('bad coordinates', 'polygon without rings')
+    rings = [coords] if isinstance(coords[0], dict) else coords  # tolerate a single flat ring
+    points = [_xy(p) for ring in rings if isinstance(ring, list) for p in ring]
+    if len(points) < 2:
+        raise _Skip('bad coordinates', 'polygon with fewer than 2 points')
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return [(min(xs), min(ys), max(xs), max(ys))]
+
+
+def _box_from_ellipse(coords) -> List[Tuple[float, float, float, float]]:
+    if not isinstance(coords, dict):
+        raise _Skip('bad coordinates', 'ellipse is not an object')
+    cx, cy = _xy(coords.get('center'))
+    rx, ry = abs(_num(coords.get('rx'))), abs(_num(coords.get('ry')))
+    theta = math.radians(_num(coords.get('angle', 0)))
+    ex = math.sqrt((rx * math.cos(theta)) ** 2 + (ry * math.sin(theta)) ** 2)
+    ey = math.sqrt((rx * math.sin(theta)) ** 2 + (ry * math.cos(theta)) ** 2)
+    return [(cx - ex, cy - ey, cx + ex, cy + ey)]
+
+
+def _decode_mask(coords) -> np.ndarray:
+    """The mask's 'inside' pixels as a bool array: alpha (or grey level) >= MASK_THRESHOLD."""
+    data = coords.get('data') if isinstance(coords, dict) else coords
+    if not isinstance(data, str):
+        raise _Skip('bad coordinates', 'binary mask is not a string')
+    if data.startswith('data:'):
+        data = data.partition(',')[2]
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as mask:
+            mask.load()
+            if mask.mode in ('RGBA', 'LA', 'PA') or 'transparency' in mask.info:
+                channel = mask.convert('RGBA').getchannel('A')
+            else:
+                channel = mask.convert('L')
+    except (binascii.Error, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise _Skip('bad coordinates', f'binary mask does not decode: {err}') from None
+    return np.asarray(channel) >= MASK_THRESHOLD
+
+
+def mask_blob_boxes(mask: np.ndarray) -> List[Tuple[float, float, float, float]]:
+    """Tight box (pixel edges) of each 8-connected blob of a bool mask, via runs + union-find.
+
+    Pure numpy/Python (no scipy/cv2 in the runtime); cost grows with the number of
+    horizontal runs, not pixels.
+    """
+    rows_any, cols_any = mask.any(axis=1), mask.any(axis=0)
+    if not rows_any.any():
+        return []
+    r0, c0 = int(rows_any.argmax()), int(cols_any.argmax())
+    r1, c1 = len(rows_any) - int(rows_any[::-1].argmax()), len(cols_any) - int(cols_any[::-1].argmax())
+    crop = mask[r0:r1, c0:c1].astype(np.int8)
+    edges = np.diff(np.pad(crop, ((0, 0), (1, 1))), axis=1)
+    start_r, start_c = np.nonzero(edges == 1)  # row-major order: starts and ends pair up
+    _, end_c = np.nonzero(edges == -1)        # end is exclusive
+    n = len(start_r)
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    row_first = np.searchsorted(start_r, np.arange(crop.shape[0] + 1))
+    sc, ec = start_c.tolist(), end_c.tolist()
+    for r in range(1, crop.shape[0]):
+        i, i_end = int(row_first[r - 1]), int(row_first[r])   # runs of the row above
+        j, j_end = i_end, int(row_first[r + 1])               # runs of this row
+        while i < i_end and j < j_end:
+            if sc[i] <= ec[j] and sc[j] <= ec[i]:  # overlap or diagonal touch: 8-connected
+                a, b = find(i), find(j)
+                if a != b:
+                    parent[b] = a
+            if ec[i] < ec[j]:
+                i += 1
+            else:
+                j += 1
+    blobs = {}
+    for k, r in enumerate(start_r.tolist()):
+        root = find(k)
+        b = blobs.get(root)
+        if b is None:
+            blobs[root] = [sc[k], r, ec[k], r + 1]
+        else:
+            b[0], b[2], b[3] = min(b[0], sc[k]), max(b[2], ec[k]), r + 1
+    return [(float(x1 + c0), float(y1 + r0), float(x2 + c0), float(y2 + r0))
+            for x1, y1, x2, y2 in sorted(blobs.values(), key=lambda b: (b[1], b[0]))]
+
+
+def _box_from_binary(coords) -> List[Tuple[float, float, float, float]]:
+    boxes = mask_blob_boxes(_decode_mask(coords))
+    if not boxes:
+        raise _Skip('empty mask')
+    return boxes
+
+
+_CONVERTERS = {'box': _box_from_box, 'segment': _box_from_segment,
+               'binary': _box_from_binary, 'ellipse': _box_from_ellipse}
+
+
+def annotation_boxes(annotation: dict) -> List[Tuple[float, float, float, float]]:
+    """Unclipped xyxy boxes of one annotation; raises _Skip for types that are not boxes."""
+    kind = annotation.get('type')
+    if kind not in _CONVERTERS:
+        raise _Skip(f'type {kind}' if kind else 'type missing')
+    coords = annotation['coordinates'] if 'coordinates' in annotation else annotation.get('data')
+    return _CONVERTERS[kind](coords)
+
+
+def clip_box(box, width: int, height: int):
+    """Clip to the image; None with the reason when less than 1 px is left either way."""
+    x1, y1, x2, y2 = box
+    width, height = float(width), float(height)
+    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
+    cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
+    if cx2 - cx1 >= 1.0 and cy2 - cy1 >= 1.0:
+        return [cx1, cy1, cx2, cy2], None
+    if (cx2 <= cx1 or cy2 <= cy1) and x2 - x1 >= 1.0 and y2 - y1 >= 1.0:
+        return None, 'outside the image'
+    return None, 'smaller than 1px'
+
+
+# ----------------------------------------------------------------------------- items
+
+class _SubsetReader:
+    """Reads one subset; keeps the per-directory listing cache used to find images by stem."""
+
+    def __init__(self, data_root: str, subset: str, labels: Optional[frozenset], include_background: bool,
+                 labels_found: set):
+        self.root = data_root
+        self.subset = subset
+        self.items_dir = os.path.join(data_root, subset, 'items')
+        self.json_dir = os.path.join(data_root, subset, 'json')
+        self.labels, self.include_background, self.labels_found = labels, include_background, labels_found
+        self.report = SubsetReport()
+        self._listing = {}
+
+    def _checked(self, path: str) -> str:
+        real = os.path.realpath(path)
+        if not _inside(real, self.root):
+            raise _Skip('path outside data_path', f'{path} resolves to {real}')
+        return real
+
+    def _by_stem(self, rel_json: str) -> Optional[str]:
+        """items/<dir>/<stem>.<any ext> for json/<dir>/<stem>.json, image extensions first."""
+        rel_dir, stem = os.path.split(os.path.splitext(rel_json)[0])
+        folder = os.path.join(self.items_dir, rel_dir)
+        names = self._listing.get(folder)
+        if names is None:
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                names = []
+            self._listing[folder] = names
+        candidates = [n for n in names if n == stem or os.path.splitext(n)[0] == stem]
+        candidates.sort(key=lambda n: os.path.splitext(n)[1].lower() not in _image_extensions())
+        for name in candidates:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        return None
+
+    def _find_image(self, filename: Optional[str], rel_json: str) -> str:
+        if isinstance(filename, str) and filename.strip('/'):
+            # A remote path names a file inside items/: any '..' that leaves it is an attack or a bug.
+            path = os.path.normpath(os.path.join(self.items_dir, filename.lstrip('/')))
+            if not _inside(path, self.items_dir):
+                raise _Skip('path outside data_path', f'filename {filename!r} leaves {self.items_dir}')
+            if os.path.lexists(path):
+                return self._checked(path)
+        path = self._by_stem(rel_json)
+        if path is None:
+            raise _Skip('missing image', f'no file under {self.items_dir} for {filename or rel_json!r}')
+        return self._checked(path)
+
+    def read_item(self, json_path: str) -> Optional[dict]:
+        rel_json = os.path.relpath(json_path, self.json_dir)
+        name = '/' + os.path.splitext(rel_json)[0].replace(os.sep, '/')
+        report = self.report
+        try:
+            self._checked(json_path)
+            try:
+                with open(json_path, 'rb') as f:
+                    item = json.load(f)
+            except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise _Skip('unparseable json', str(err)) from None
+            if isinstance(item, list):  # a bare list of annotations
+                annotations, item = item, {}
+            elif isinstance(item, dict):
+                annotations = item.get('annotations') or []
+            else:
+                raise _Skip('unparseable json', f'top level is a {type(item).__name__}')
+            if not isinstance(annotations, list):
+                raise _Skip('unparseable json', '`annotations` is not a list')
+            filename = item.get('filename')
+            if isinstance(filename, str) and filename:
+                name = filename
+            item_id = item.get('id') or item.get('_id') or next(
+                (a.get('itemId') for a in annotations if isinstance(a, dict) and a.get('itemId')), '')
+            metadata = item.get('metadata') if isinstance(item.get('metadata'), dict) else item.get('itemMetadata')
+            mimetype = _get(metadata, 'system', 'mimetype')
+            if (isinstance(mimetype, str) and mimetype.startswith('video/')) or any(
+                    _get(a, 'metadata', 'system', 'snapshots_') for a in annotations):
+                raise _Skip('video item', 'video items are not images')
+            image_path = self._find_image(filename, rel_json)
+            if not isinstance(filename, str) or not filename:
+                name = '/' + os.path.relpath(image_path, os.path.realpath(self.items_dir)).replace(os.sep, '/')
+            try:
+                width, height = image_size(image_path)
+            except (ImageDecodeError, Image.DecompressionBombError) as err:
+                raise _Skip('undecodable image', str(err)) from None
+        except _Skip as skip:
+            report.dropped[skip.reason] += 1
+            report.skipped_items.append((name, skip.reason))
+            logger.warning('%s: skipping item %s (%s): %s', self.subset, name, skip.reason, skip.detail)
+            return None
+
+        meta_size = (_get(metadata, 'system', 'width'), _get(metadata, 'system', 'height'))
+        if meta_size[0] and meta_size != (width, height):
+            logger.debug('%s: %s metadata says %sx%s, the image is %dx%d: using the image', self.subset, name,
+                         meta_size[0], meta_size[1], width, height)
+        boxes, labels, seen = [], [], set()
+        for annotation in annotations:
+            try:
+                if not isinstance(annotation, dict):
+                    raise _Skip('bad annotation', f'not an object: {annotation!r:.80}')
+                label = annotation.get('label')
+                key = (label, annotation.get('type'),
+                       json.dumps(annotation.get('coordinates', annotation.get('data')), sort_keys=True))
+                if key in seen:
+                    raise _Skip('duplicate annotation')
+                seen.add(key)
+                raw = annotation_boxes(annotation)
+                if not isinstance(label, str) or not label:
+                    raise _Skip('no label', 'annotation without a label')
+            except _Skip as skip:
+                report.dropped[skip.reason] += 1
+                if skip.detail and skip.reason in ('bad coordinates', 'bad annotation', 'no label'):
+                    logger.warning('%s: item %s: dropping annotation %s (%s): %s', self.subset, name,
+                                   _get(annotation, 'id') or '?', skip.reason, skip.detail)
+                continue
+            for box in raw:
+                clipped, reason = clip_box(box, width, height)
+                if clipped is None:
+                    report.dropped[reason] += 1
+                    continue
+                self.labels_found.add(label)
+                if self.labels is not None and label not in self.labels:
+                    report.dropped['label not in model'] += 1
+                    continue
+                boxes.append(clipped)
+                labels.append(label)
+                report.boxes_per_label[label] += 1
+        if not boxes:
+            if not self.include_background:
+                report.dropped['no usable boxes'] += 1
+                report.skipped_items.append((name, 'no usable boxes'))
+                logger.debug('%s: item %s has no usable boxes: skipped (include_background is off)',
+                             self.subset, name)
+                return None
+            report.negatives += 1
+        report.items_used += 1
+        return {'item_id': str(item_id), 'name': name, 'image_path': image_path,
+                'width': int(width), 'height': int(height), 'boxes': boxes, 'labels': labels}
+
+    def json_files(self) -> List[str]:
+        found = []
+        for folder, dirs, files in os.walk(self.json_dir):
+            dirs.sort()
+            found.extend(os.path.join(folder, f) for f in sorted(files) if f.lower().endswith('.json'))
+        return found
+
+    def read(self) -> List[dict]:
+        files = self.json_files()
+        logger.info('%s: reading %d item files under %s', self.subset, len(files), self.json_dir)
+        records = []
+        for k, path in enumerate(files, 1):
+            self.report.items += 1
+            record = self.read_item(path)
+            if record is not None:
+                records.append(record)
+            if k % PROGRESS_EVERY == 0:
+                logger.info('%s: %d/%d items read', self.subset, k, len(files))
+        return records
+
+
+def read_dataloop_export(data_path, labels: Optional[Iterable[str]] = None,
+                         include_background: bool = False) -> DataloopExport:
+    """Read every subset under `data_path` (each folder with a `json/` or `items/` inside).
+
+    labels: the names the model knows; boxes with other labels are dropped and counted.
+    None keeps every label found. include_background keeps items without usable
+    boxes as negatives (records with empty boxes).
+    """
+    root = os.path.realpath(data_path)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'data_path {data_path!r} is not a folder: nothing was downloaded there')
+    if isinstance(labels, str):
+        raise TypeError(f'labels must be an iterable of label names, not the string {labels!r}')
+    label_set = None if labels is None else frozenset(labels)
+    subsets, reports, found = {}, {}, set()
+    for subset in sorted(os.listdir(root)):
+        base = os.path.join(root, subset)
+        if not os.path.isdir(base) or not (os.path.isdir(os.path.join(base, 'json'))
+                                           or os.path.isdir(os.path.join(base, 'items'))):
+            continue
+        reader = _SubsetReader(root, subset, label_set, include_background, found)
+        if not os.path.isdir(reader.json_dir):
+            logger.warning('%s: no json/ folder under %s: the subset has no item files', subset, base)
+        subsets[subset] = reader.read()
+        reports[subset] = reader.report
+    for subset, report in reports.items():
+        logger.info('subset %r: %s', subset, report.summary())
+    if not reports:
+        logger.warning('no subset folder (<subset>/json, <subset>/items) under %s', root)
+    return DataloopExport(subsets=subsets, reports=reports, labels_found=sorted(found))
+
+
+def require_training_subsets(export: DataloopExport) -> None:
+    """Fail before training, with what to fix, when there is nothing to train or validate on."""
+    fix = ("set the model's train/validation subsets (model.metadata['system']['subsets'], e.g. "
+           "with dl.Filters on a folder or tag) so that both select annotated image items")
+    found = sorted(export.subsets)
+    for subset in ('train', 'validation'):
+        if subset not in export.subsets:
+            raise ValueError(f'no {subset!r} subset in the downloaded data (found {found}): {fix}')
+    train = export.reports['train']
+    if not any(record['boxes'] for record in export.subsets['train']):
+        raise ValueError(
+            f"no box at all in the 'train' subset ({train.summary()}). Labels found in usable "
+            f'annotations: {export.labels_found or "none"}. Annotate objects as box, polygon, mask or '
+            f"ellipse, with labels in the model's label map; see the warnings above for skipped items")
+    if not export.subsets['validation']:
+        raise ValueError(f"no usable item in the 'validation' subset ({export.reports['validation'].summary()}): "
+                         f'{fix}; see the warnings above for skipped items')
+
+
+# ----------------------------------------------------------------------------- index file
+
+def save_index(export: DataloopExport, path) -> None:
+    """Write the export as JSON; image paths under the index's folder are stored relative to it
+    so the folder can be moved. Written atomically: a reader never sees half a file."""
+    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+
+    def rel(p):
+        return os.path.relpath(p, base) if _inside(os.path.realpath(p), base) else p
+
+    doc = {'format': INDEX_FORMAT, 'labels_found': export.labels_found,
+           'subsets': {s: [dict(r, image_path=rel(r['image_path'])) for r in records]
+                       for s, records in export.subsets.items()},
+           'reports': {s: rep.to_json() for s, rep in export.reports.items()}}
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
+def load_index(path) -> DataloopExport:
+    """Read a file written by save_index; image paths come back absolute."""
+    with open(path) as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict) or doc.get('format') != INDEX_FORMAT:
+        raise ValueError(f'{path} is not a {INDEX_FORMAT} index: rerun convert_from_dtlpy')
+    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    subsets = {s: [dict(r, image_path=os.path.normpath(os.path.join(base, r['image_path'])))
+                   for r in records] for s, records in doc['subsets'].items()}
+    reports = {s: SubsetReport.from_json(r) for s, r in doc['reports'].items()}
+    return DataloopExport(subsets=subsets, reports=reports, labels_found=list(doc['labels_found']))
