@@ -1,0 +1,79 @@
+"""Shared test setup.
+
+``DATALOOP_PATH`` is pointed at a temp dir before anything imports dtlpy, so the
+SDK's cookie file (environments, tokens) and logs stay out of the home folder.
+Fixtures:
+
+- ``dataloop_emulator``: a started ``tests.dataloop_emulator.DataloopEmulator``
+  (fresh, empty state per test) with the real dtlpy SDK pointed at it; an
+  alias of ``dataloop_env``.
+- ``dataloop_env``: same object; see ``tests/dataloop_emulator.py`` for the
+  seeding helpers (``seed_project``, ``seed_dataset``, ``seed_item``,
+  ``seed_model``) and the state to assert on.
+"""
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp(prefix='dataloop_path_'))
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dataloop_emulator import DataloopEmulator, make_token  # noqa: E402
+
+EMULATOR_ALIAS = 'emulator'
+
+
+class _NoSleepTime:
+    """``time`` for dtlpy's datasets module, minus the fixed 2 s wait after each export request.
+
+    The SDK waits because the real platform reports export progress late; the
+    emulator's export commands are finished when returned, so the wait only
+    slows tests (4 s per prepare_data with two subsets).
+    """
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds):
+        pass
+
+
+@pytest.fixture
+def dataloop_env(monkeypatch):
+    """Start an emulator, point ``dl.client_api`` at it with a valid unsigned token, yield it.
+
+    Function scoped: each test starts from empty platform state (a server
+    starts in milliseconds). Afterwards the SDK goes back to its previous
+    environment, so tests that expect "no platform" keep getting it.
+    """
+    import dtlpy as dl
+    import dtlpy.repositories.datasets as dl_datasets
+
+    monkeypatch.setattr(dl_datasets, 'time', _NoSleepTime())
+
+    previous_env = dl.client_api.environment
+    emulator = DataloopEmulator().start()
+    try:
+        dl.client_api.add_environment(environment=emulator.api_url, alias=EMULATOR_ALIAS,
+                                      verify_ssl=False, token=make_token())
+        dl.setenv(emulator.api_url)
+        dl.client_api.token = make_token()
+        dl.verbose.disable_progress_bar = True
+        yield emulator
+    finally:
+        emulator.stop()
+        try:
+            if previous_env and previous_env != emulator.api_url:
+                dl.client_api.setenv(previous_env)
+        except Exception:  # restoring is best effort; the emulator is already gone
+            pass
+
+
+@pytest.fixture
+def dataloop_emulator(dataloop_env):
+    """Alias of ``dataloop_env`` for tests that read better with this name."""
+    return dataloop_env
