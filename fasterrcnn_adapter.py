@@ -25,6 +25,8 @@ logger = logging.getLogger('fasterrcnn.adapter')
 
 INDEX_FILENAME = 'fasterrcnn_index.json'
 ANNOTATION_TYPES_FOR_TRAINING = ['box', 'segment', 'binary', 'ellipse']
+LOSS_KEYS = ('loss', 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg')
+VALIDATION_LEGENDS = {'mAP': 'mAP@[.5:.95]', 'mAP_50': 'mAP@.5', 'mAP_75': 'mAP@.75', 'AR_100': 'AR@100'}
 
 
 @dataclasses.dataclass
@@ -229,9 +231,92 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         return result
 
     # ---------------------------------------------------------------- training
+    def prepare_data(self, dataset, root_path=None, data_path=None, output_path=None, overwrite=False, **kwargs):
+        """The SDK's download, asking for every annotation type we turn into boxes (it would fetch boxes only)."""
+        system = self.model_entity.metadata.setdefault('system', {})
+        original = system.get('annotationsSubsets')
+        subsets = system.get('subsets') or {}
+        wanted = dl.Filters(resource=dl.FiltersResource.ANNOTATION, use_defaults=False)
+        wanted.add(field='type', values=ANNOTATION_TYPES_FOR_TRAINING, operator=dl.FiltersOperations.IN)
+        wanted.add(field='metadata.system.model.name', values=False, operator=dl.FiltersOperations.EXISTS)
+        system['annotationsSubsets'] = {**{name: wanted.prepare() for name in subsets}, **(original or {})}
+        try:
+            return super().prepare_data(dataset, root_path=root_path, data_path=data_path,
+                                        output_path=output_path, overwrite=overwrite, **kwargs)
+        finally:
+            if original is None:
+                system.pop('annotationsSubsets', None)
+            else:
+                system['annotationsSubsets'] = original
+
+    def _training_label_map(self, labels_found: List[str]) -> Dict[int, str]:
+        """Keep the stored map when it covers exactly the model's labels, else ids 1..K in label order."""
+        labels = [str(label) for label in (self.model_entity.labels or [])] or sorted(labels_found)
+        stored = self.id_to_label_map()
+        if stored and set(stored.values()) == set(labels):
+            return stored
+        return {i + 1: label for i, label in enumerate(labels)}
+
     def convert_from_dtlpy(self, data_path, **kwargs):
-        raise NotImplementedError('convert_from_dtlpy is part of the fine-tuning feature (issue 3) '
-                                  'and is not built yet')
+        """Read every subset's item JSONs once into box records; write the index `train` reads."""
+        from utils.dataloop_reader import read_dataloop_export, require_training_subsets, save_index
+        settings = self._resolve_settings()
+        labels = [str(label) for label in (self.model_entity.labels or [])] or None
+        export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'])
+        if labels and not set(labels) & set(export.labels_found):
+            raise ValueError(f'none of the labels in the data {export.labels_found} is one of the model\'s labels '
+                             f'{labels}: set the model\'s labels to the dataset\'s (model.labels = [...]; '
+                             f'model.update()) or clone the model with labels=')
+        require_training_subsets(export)
+        id_to_label_map = self._training_label_map(export.labels_found)
+        if id_to_label_map != self.id_to_label_map():
+            self._set_label_map(id_to_label_map)
+            # persist now: a failed run uploads its checkpoint, and the retry must rebuild this many classes
+            self.model_entity.update(reload_services=False)
+        save_index(export, os.path.join(data_path, INDEX_FILENAME))
+        return export
 
     def train(self, data_path, output_path, **kwargs):
-        raise NotImplementedError('train is part of the fine-tuning feature (issue 3) and is not built yet')
+        """Fine-tune on the converted data; checkpoints in `output_path/weights`, resumed when present."""
+        from utils import trainer
+        from utils.dataloop_reader import load_index
+        settings = self._resolve_settings()
+        index_path = os.path.join(data_path, INDEX_FILENAME)
+        export = load_index(index_path) if os.path.isfile(index_path) else self.convert_from_dtlpy(data_path)
+        id_to_label_map = self.id_to_label_map()
+        model_factory.replace_box_predictor(self.model, model_factory.num_classes_for(id_to_label_map))
+        self._resume_from_artifacts(output_path)
+        result = trainer.fit(
+            self.model, export.subsets.get('train', []), export.subsets.get('validation', []),
+            label_to_id={label: i for i, label in id_to_label_map.items()},
+            output_path=output_path, settings=settings, device=self.device,
+            checkpoint_info=dict(variant=settings['model_variant'], id_to_label_map=id_to_label_map,
+                                 min_size=settings['min_size'], max_size=settings['max_size']),
+            on_epoch_end=kwargs.get('on_epoch_end_callback'),
+            publish_metrics=self._publish_metrics)
+        self.best_checkpoint_path = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.BEST_NAME)
+        last = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME)
+        if os.path.isfile(last):
+            # the run is complete: ship the best weights, not the optimizer state of the last epoch
+            os.remove(last)
+        self.model.eval()
+        return result
+
+    def _resume_from_artifacts(self, output_path: str) -> None:
+        """A retried run on a fresh pod finds its last checkpoint among the model's artifacts."""
+        from utils import trainer
+        local_last = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME)
+        uploaded_last = os.path.join(self.artifacts_path or '', trainer.WEIGHTS_DIR, trainer.LAST_NAME)
+        if not os.path.isfile(local_last) and self.artifacts_path and os.path.isfile(uploaded_last):
+            os.makedirs(os.path.dirname(local_last), exist_ok=True)
+            shutil.copyfile(uploaded_last, local_last)
+            logger.info('resuming from the checkpoint uploaded by an earlier run: %s', uploaded_last)
+
+    def _publish_metrics(self, epoch: int, metrics: Dict[str, float]) -> None:
+        """One call per epoch: loss components on one figure, validation mAP / AR on another."""
+        x = epoch + 1
+        samples = [dl.PlotSample(figure='training loss', legend=key, x=x, y=float(metrics[key]))
+                   for key in LOSS_KEYS if key in metrics]
+        samples += [dl.PlotSample(figure='validation', legend=legend, x=x, y=float(metrics[key]))
+                    for key, legend in VALIDATION_LEGENDS.items() if key in metrics]
+        self.model_entity.metrics.create(samples=samples, dataset_id=self.model_entity.dataset_id)

@@ -50,8 +50,16 @@ def build_model(variant: str, num_classes: int, min_size: int, max_size: int,
         return builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
     model = builder(weights=weights_enum.COCO_V1, **sizes)
     if not keep_coco_head:
-        in_features = model.roi_heads.box_predictor.cls_score.in_features
-        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes)
+        replace_box_predictor(model, num_classes)
+    return model
+
+
+def replace_box_predictor(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
+    """A fresh classification/regression layer for `num_classes`; backbone, RPN and box head stay."""
+    predictor = model.roi_heads.box_predictor
+    if predictor.cls_score.out_features != num_classes:
+        in_features = predictor.cls_score.in_features
+        model.roi_heads.box_predictor = FastRCNNPredictor(in_features, num_classes).to(predictor.cls_score.weight.device)
     return model
 
 

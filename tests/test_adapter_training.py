@@ -1,0 +1,55 @@
+"""Fine-tuning through the adapter, the way `train_model` calls it: convert_from_dtlpy -> train -> save -> load."""
+import os
+
+import pytest
+import torch
+
+from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
+from utils.local_model import local_model
+from utils.synthetic import make_synthetic_export
+
+TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
+        'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 2,
+        'learning_rate': 0.01, 'warmup_iters': 5}
+
+
+def make_adapter(configuration, labels, artifacts='/nonexistent'):
+    adapter = FasterRCNNAdapter()
+    adapter.model_entity = local_model(configuration={**TINY, **configuration}, labels=labels)
+    adapter.load(artifacts)
+    return adapter
+
+
+@pytest.fixture(scope='module')
+def export_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('export')
+    make_synthetic_export(str(root), n_train=6, n_val=4, image_size=(128, 128), seed=3)
+    return str(root)
+
+
+def test_adapter_trains_saves_and_reloads_the_best_epoch(export_dir, tmp_path):
+    adapter = make_adapter({}, labels=['circle', 'square', 'triangle'])
+    epochs_seen = []
+    adapter.convert_from_dtlpy(export_dir)
+    assert os.path.isfile(os.path.join(export_dir, INDEX_FILENAME))
+    output = tmp_path / 'output'
+    result = adapter.train(export_dir, str(output), on_epoch_end_callback=lambda i, n: epochs_seen.append((i, n)))
+    assert epochs_seen == [(0, 2), (1, 2)]
+    assert result.epochs_run == 2
+    assert (output / 'weights' / 'best.pth').is_file()
+    assert not (output / 'weights' / 'last.pth').exists()  # a finished run ships only the best weights
+    assert (output / 'curves.csv').is_file() and (output / 'curves.png').is_file()
+    artifacts = tmp_path / 'artifacts'
+    adapter.save(str(artifacts))
+    reloaded = make_adapter({'conf_threshold': 0.0}, labels=['circle', 'square', 'triangle'], artifacts=str(artifacts))
+    adapter.model_entity.configuration['conf_threshold'] = 0.0
+    image = torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8)
+    a = [(x.left, x.top, x.label) for x in adapter.predict([image])[0].annotations]
+    b = [(x.left, x.top, x.label) for x in reloaded.predict([image])[0].annotations]
+    assert a == b
+
+
+def test_labels_the_data_does_not_have_fail_before_training(export_dir):
+    adapter = make_adapter({}, labels=['car', 'person'])
+    with pytest.raises(ValueError, match=r"none of the labels in the data \['circle', 'square', 'triangle'\]"):
+        adapter.convert_from_dtlpy(export_dir)
