@@ -1,0 +1,100 @@
+"""COCO bbox evaluation of detections against a pycocotools ground truth.
+
+`CocoEvaluator(coco_gt)` collects the model's outputs per image (`update`),
+then `accumulate()` runs COCOeval over exactly the images it was given (an
+image skipped because it could not be decoded is not counted as missed) and
+`summarize()` logs the standard 12 numbers and returns them. With no
+detections at all, or no ground truth, the numbers are 0.0 rather than
+pycocotools' -1 ("undefined").
+"""
+import logging
+from typing import Any, Dict, List, Mapping, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from utils.coco_utils import quiet_stdout
+from utils.utils import all_gather
+
+logger = logging.getLogger(__name__)
+
+#: Names of COCOeval's 12 summary numbers, in `stats` order.
+STAT_NAMES = ('AP', 'AP_50', 'AP_75', 'AP_small', 'AP_medium', 'AP_large',
+              'AR_1', 'AR_10', 'AR_100', 'AR_small', 'AR_medium', 'AR_large')
+
+
+def xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
+    x1, y1, x2, y2 = boxes.unbind(1)
+    return torch.stack((x1, y1, x2 - x1, y2 - y1), dim=1)
+
+
+def prediction_to_coco(image_id: int, prediction: Mapping[str, torch.Tensor]) -> List[Dict[str, Any]]:
+    """One image's ``{'boxes', 'scores', 'labels'}`` as COCO result dicts (xywh boxes)."""
+    boxes = prediction['boxes']
+    if len(boxes) == 0:
+        return []
+    boxes = xyxy_to_xywh(boxes.detach().float().cpu()).tolist()
+    scores = prediction['scores'].detach().float().cpu().tolist()
+    labels = prediction['labels'].detach().cpu().tolist()
+    return [{'image_id': int(image_id), 'category_id': int(label), 'bbox': box, 'score': score}
+            for box, score, label in zip(boxes, scores, labels)]
+
+
+class CocoEvaluator:
+    """Collect detections, then compute COCO bbox AP/AR (only the ``bbox`` IoU type is supported)."""
+
+    def __init__(self, coco_gt: COCO, iou_types: Sequence[str] = ('bbox',)):
+        unsupported = [t for t in iou_types if t != 'bbox']
+        if unsupported:
+            raise ValueError(f'only bbox evaluation is supported, got {unsupported}')
+        self.coco_gt = coco_gt
+        self.iou_types = list(iou_types)
+        self.img_ids: List[int] = []
+        self.results: List[Dict[str, Any]] = []
+        self.coco_eval: Dict[str, COCOeval] = {}
+        self._stats = np.zeros(len(STAT_NAMES))
+
+    def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
+        """Add ``{image_id: {'boxes': [N, 4] xyxy, 'scores': [N], 'labels': [N]}}``."""
+        for image_id, prediction in predictions.items():
+            self.img_ids.append(int(image_id))
+            self.results.extend(prediction_to_coco(image_id, prediction))
+
+    def synchronize_between_processes(self) -> None:
+        """Merge what every process collected (no-op when not distributed)."""
+        self.img_ids = [i for part in all_gather(self.img_ids) for i in part]
+        self.results = [r for part in all_gather(self.results) for r in part]
+
+    def accumulate(self) -> None:
+        img_ids = sorted(set(self.img_ids))
+        self.coco_eval = {}
+        if not img_ids or not self.results:
+            self._stats = np.zeros(len(STAT_NAMES))
+            return
+        with quiet_stdout():
+            coco_dt = self.coco_gt.loadRes(self.results)
+            evaluator = COCOeval(self.coco_gt, coco_dt, iouType='bbox')
+            evaluator.params.imgIds = img_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+        self.coco_eval['bbox'] = evaluator
+
+    def summarize(self) -> np.ndarray:
+        """Log the summary table; return the 12 stats with "undefined" (-1) reported as 0.0."""
+        evaluator = self.coco_eval.get('bbox')
+        if evaluator is None:
+            self._stats = np.zeros(len(STAT_NAMES))
+            logger.info('COCO bbox: no detections (or no images) to evaluate: all metrics 0.0')
+            return self._stats
+        with quiet_stdout() as buffer:
+            evaluator.summarize()
+        for line in buffer.getvalue().strip().splitlines():
+            logger.info('COCO bbox %s', line.strip())
+        self._stats = np.maximum(np.asarray(evaluator.stats, dtype=np.float64), 0.0)
+        return self._stats
+
+    @property
+    def stats(self) -> np.ndarray:
+        return self._stats

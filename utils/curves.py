@@ -1,0 +1,133 @@
+"""Training curves: ``curves.csv`` (one row per epoch) and ``curves.png`` (losses and mAP panels).
+
+Written after every epoch from the trainer's history, so an interrupted run
+still leaves its curves behind. Both files are replaced atomically. The
+``epoch`` column is the 0-based epoch index used everywhere in the trainer.
+"""
+import csv
+import logging
+import math
+import os
+import tempfile
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+# The Agg canvas directly (no pyplot): no global backend switch, no GUI, safe in any thread.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+logger = logging.getLogger(__name__)
+
+LOSS_COLUMNS = ('loss', 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg')
+METRIC_COLUMNS = ('mAP', 'mAP_50', 'mAP_75', 'AR_100')
+COLUMNS = ('epoch',) + LOSS_COLUMNS + ('lr',) + METRIC_COLUMNS
+CSV_NAME = 'curves.csv'
+PNG_NAME = 'curves.png'
+
+_LEGEND = {
+    'loss': 'total', 'loss_classifier': 'classifier', 'loss_box_reg': 'box regression',
+    'loss_objectness': 'RPN objectness', 'loss_rpn_box_reg': 'RPN box regression',
+    'mAP': 'mAP@[.5:.95]', 'mAP_50': 'mAP@.5', 'mAP_75': 'mAP@.75', 'AR_100': 'AR@100',
+}
+
+
+def _temp_path(path: str) -> str:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    return tmp
+
+
+def _replace(tmp: str, path: str) -> None:
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_csv(history: Sequence[Mapping[str, Any]], path: str) -> str:
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction='ignore')
+            writer.writeheader()
+            for row in history:
+                writer.writerow({key: row.get(key, '') for key in COLUMNS})
+    except BaseException:
+        os.remove(tmp)
+        raise
+    _replace(tmp, path)
+    return path
+
+
+def _series(history: Sequence[Mapping[str, Any]], key: str) -> Tuple[List[float], List[float]]:
+    xs, ys = [], []
+    for row in history:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            xs.append(row['epoch'])
+            ys.append(float(value))
+    return xs, ys
+
+
+def write_png(history: Sequence[Mapping[str, Any]], path: str) -> str:
+    figure = Figure(figsize=(12, 4.8), dpi=100, layout='constrained')
+    FigureCanvasAgg(figure)
+    loss_ax, map_ax = figure.subplots(1, 2)
+    for key in LOSS_COLUMNS:
+        xs, ys = _series(history, key)
+        if xs:
+            loss_ax.plot(xs, ys, marker='o', markersize=3, linewidth=2.2 if key == 'loss' else 1.3,
+                         label=_LEGEND[key])
+    loss_ax.set_title('Training losses')
+    loss_ax.set_xlabel('epoch')
+    loss_ax.set_ylabel('loss (epoch average)')
+    for key in METRIC_COLUMNS:
+        xs, ys = _series(history, key)
+        if xs:
+            map_ax.plot(xs, ys, marker='o', markersize=3, linewidth=2.2 if key == 'mAP' else 1.3,
+                        label=_LEGEND[key])
+    best = max((row for row in history if isinstance(row.get('mAP'), (int, float))),
+               key=lambda row: row['mAP'], default=None)
+    if best is not None:
+        map_ax.axvline(best['epoch'], color='grey', linestyle=':', linewidth=1,
+                       label=f"best mAP {best['mAP']:.3f} (epoch {best['epoch']})")
+    map_ax.set_title('Validation (COCO bbox)')
+    map_ax.set_xlabel('epoch')
+    map_ax.set_ylabel('score')
+    map_ax.set_ylim(0.0, 1.0)
+    for ax in (loss_ax, map_ax):
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc='best', fontsize='small')
+    tmp = _temp_path(path)
+    try:
+        figure.savefig(tmp, format='png')
+    except BaseException:
+        os.remove(tmp)
+        raise
+    _replace(tmp, path)
+    return path
+
+
+def write_curves(history: Sequence[Mapping[str, Any]], output_path: str) -> Tuple[str, str]:
+    """Write ``output_path/curves.csv`` and ``output_path/curves.png``; return both paths."""
+    os.makedirs(output_path, exist_ok=True)
+    csv_path = write_csv(history, os.path.join(output_path, CSV_NAME))
+    png_path = write_png(history, os.path.join(output_path, PNG_NAME))
+    return csv_path, png_path
+
+
+def read_csv(path: str) -> List[Dict[str, float]]:
+    """Rows of a curves.csv as numbers (``epoch`` an int)."""
+    with open(path, newline='') as f:
+        rows = []
+        for row in csv.DictReader(f):
+            parsed: Dict[str, float] = {}
+            for key, value in row.items():
+                if value in ('', None):
+                    continue
+                parsed[key] = int(value) if key == 'epoch' else float(value)
+            rows.append(parsed)
+    return rows
