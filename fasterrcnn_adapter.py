@@ -12,6 +12,7 @@ import shutil
 from typing import Any, Dict, List, Optional
 
 import dtlpy as dl
+from dtlpy.ml import base_model_adapter as _sdk_adapter
 import numpy as np
 import torch
 from PIL import Image
@@ -47,6 +48,9 @@ def _fill_sdk_keys(model_entity: dl.Model) -> None:
         configuration.setdefault(key, value)
     configuration.setdefault('batch_size', config_lib.DEFAULTS['batch_size'])
     configuration.setdefault('include_background', config_lib.DEFAULTS['include_background'])
+    # read with .get(key, default) by the SDK's predict_dataset / evaluate_model: missing, each is a PATCH
+    configuration.setdefault('predict_embed_subset_limit', _sdk_adapter.PREDICT_EMBED_DEFAULT_SUBSET_LIMIT)
+    configuration.setdefault('predict_embed_timeout', _sdk_adapter.PREDICT_EMBED_DEFAULT_TIMEOUT)
 
 
 class FasterRCNNAdapter(dl.BaseModelAdapter):
@@ -286,6 +290,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         id_to_label_map = self.id_to_label_map()
         model_factory.replace_box_predictor(self.model, model_factory.num_classes_for(id_to_label_map))
         self._resume_from_artifacts(output_path)
+        # set before fitting: if the run fails, the SDK's save-on-failure ships the trainer's best epoch
+        # as is, instead of save() overwriting it with the half-trained weights of the failed epoch
+        self.best_checkpoint_path = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.BEST_NAME)
         result = trainer.fit(
             self.model, export.subsets.get('train', []), export.subsets.get('validation', []),
             label_to_id={label: i for i, label in id_to_label_map.items()},
@@ -294,11 +301,11 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                  min_size=settings['min_size'], max_size=settings['max_size']),
             on_epoch_end=kwargs.get('on_epoch_end_callback'),
             publish_metrics=self._publish_metrics)
-        self.best_checkpoint_path = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.BEST_NAME)
         last = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME)
         if os.path.isfile(last):
             # the run is complete: ship the best weights, not the optimizer state of the last epoch
             os.remove(last)
+        self._drop_uploaded_last_checkpoint()
         self.model.eval()
         return result
 
@@ -311,6 +318,21 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             os.makedirs(os.path.dirname(local_last), exist_ok=True)
             shutil.copyfile(uploaded_last, local_last)
             logger.info('resuming from the checkpoint uploaded by an earlier run: %s', uploaded_last)
+
+    def _drop_uploaded_last_checkpoint(self) -> None:
+        """After a finished run, delete the last.pth a failed run uploaded (the SDK's upload never deletes):
+        left among the artifacts, the next train_model (or a clone's) would resume from it."""
+        from utils import trainer
+        if not (self.artifacts_path and os.path.isfile(os.path.join(self.artifacts_path, trainer.WEIGHTS_DIR,
+                                                                    trainer.LAST_NAME))):
+            return  # the model had no uploaded last.pth
+        remote = f'/artifacts/models/{self.model_entity.name}/{trainer.WEIGHTS_DIR}/{trainer.LAST_NAME}'
+        try:
+            self.model_entity.artifacts.items_repository.delete(filters=dl.Filters(field='filename', values=remote))
+            logger.info('deleted the resume checkpoint %s from the model\'s artifacts: the run is complete', remote)
+        except Exception as err:
+            logger.warning('could not delete %s from the model\'s artifacts (%s: %s): a later training run '
+                           'would resume from it', remote, type(err).__name__, err)
 
     def _publish_metrics(self, epoch: int, metrics: Dict[str, float]) -> None:
         """One call per epoch: loss components on one figure, validation mAP / AR on another."""

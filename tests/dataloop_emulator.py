@@ -56,6 +56,11 @@ deliberately simple, change them here if the platform proves different):
   ``artifacts.upload`` lists nested artifact folders with ``dir: <path>*``).
 - An export's ``annotationsQuery`` filters the annotations written into each
   item JSON (prepare_data relies on it to leave model-made annotations out).
+- An item uploaded into a folder whose name starts with ``.`` is hidden
+  (``/.modelscores``, ``/.dataloop/...``): dtlpymetrics uploads its score
+  files to ``/.modelscores`` with a plain ``items.upload`` and then looks them
+  up with ``hidden: True``, and the SDK lists its own ``/.dataloop/dqlfilters``
+  uploads only with the default ``hidden: False`` filter turned off.
 - Ids are 24 hex digits that increase in creation order (the SDK splits big
   exports by ObjectId ranges, so ids must sort and parse as ObjectIds).
 """
@@ -605,7 +610,8 @@ class DataloopEmulator:
         existing = self.find_items(did, remote)
         if existing and mode != 'overwrite':
             return 200, existing[0], {'x-item-op': 'skip'}
-        item = self._store_item(did, remote, fields['file'][0], metadata=metadata,
+        hidden = any(part.startswith('.') for part in remote.split('/')[:-1])  # see the module docstring
+        item = self._store_item(did, remote, fields['file'][0], metadata=metadata, hidden=hidden,
                                 item_id=existing[0]['id'] if existing else None)
         return 200, item, {'x-item-op': 'overwrite' if existing else 'created'}
 
