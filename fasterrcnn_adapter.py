@@ -310,14 +310,23 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         return result
 
     def _resume_from_artifacts(self, output_path: str) -> None:
-        """A retried run on a fresh pod finds its last checkpoint among the model's artifacts."""
+        """A retried run on a fresh pod finds its checkpoints among the model's artifacts.
+
+        best.pth comes along with last.pth: the resumed run must still know (and ship)
+        the earlier run's best epoch when its own epochs do not beat it.
+        """
         from utils import trainer
-        local_last = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME)
-        uploaded_last = os.path.join(self.artifacts_path or '', trainer.WEIGHTS_DIR, trainer.LAST_NAME)
-        if not os.path.isfile(local_last) and self.artifacts_path and os.path.isfile(uploaded_last):
-            os.makedirs(os.path.dirname(local_last), exist_ok=True)
-            shutil.copyfile(uploaded_last, local_last)
-            logger.info('resuming from the checkpoint uploaded by an earlier run: %s', uploaded_last)
+        uploaded = os.path.join(self.artifacts_path or '', trainer.WEIGHTS_DIR)
+        local = os.path.join(output_path, trainer.WEIGHTS_DIR)
+        if os.path.isfile(os.path.join(local, trainer.LAST_NAME)) or not self.artifacts_path \
+                or not os.path.isfile(os.path.join(uploaded, trainer.LAST_NAME)):
+            return
+        os.makedirs(local, exist_ok=True)
+        for name in (trainer.BEST_NAME, trainer.LAST_NAME):  # last.pth last: it marks a complete copy
+            if os.path.isfile(os.path.join(uploaded, name)):
+                shutil.copyfile(os.path.join(uploaded, name), os.path.join(local, name))
+        logger.info('resuming from the checkpoint uploaded by an earlier run: %s',
+                    os.path.join(uploaded, trainer.LAST_NAME))
 
     def _drop_uploaded_last_checkpoint(self) -> None:
         """After a finished run, delete the last.pth a failed run uploaded (the SDK's upload never deletes):
