@@ -33,6 +33,10 @@ _LEGEND = {
 def _temp_path(path: str) -> str:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix=os.path.splitext(path)[1])
     os.close(fd)
+    # mkstemp makes the file owner-only (0600); give it the permissions a plain open() would
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     return tmp
 
 

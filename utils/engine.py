@@ -189,13 +189,14 @@ def _model_roi_heads(model: torch.nn.Module):
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: torch.device,
-             progress: bool = True, print_freq: int = 50) -> Dict[str, float]:
+             progress: bool = True, print_freq: int = 50, backend: Optional[str] = None) -> Dict[str, float]:
     """COCO bbox evaluation: ``{'mAP', 'mAP_50', 'mAP_75', 'AR_100'}`` (stats[0], [1], [2], [8]).
 
     The model's roi_heads use COCO's protocol settings (score_thresh 0.05,
     nms_thresh 0.5, detections_per_img 100) for the duration and get their
     own values back afterwards, as does the model's train/eval mode. An empty
     (or missing) validation set, or no detections at all, gives 0.0 for all.
+    `backend`: the COCO implementation (see `utils.coco_eval`); None picks the fastest installed.
     """
     zeros = {key: 0.0 for key in EVAL_KEYS}
     if data_loader is None or len(data_loader.dataset) == 0:
@@ -204,7 +205,7 @@ def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: to
 
     start = time.time()
     coco_gt = get_coco_api_from_dataset(data_loader.dataset)
-    evaluator = CocoEvaluator(coco_gt, ['bbox'])
+    evaluator = CocoEvaluator(coco_gt, ['bbox'], backend=backend)
     roi_heads = _model_roi_heads(model)
     saved = {name: getattr(roi_heads, name) for name in EVAL_ROI_SETTINGS} if roi_heads is not None else {}
     was_training = model.training
