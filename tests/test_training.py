@@ -559,3 +559,44 @@ def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch):
     again = trainer.fit(small_model(), train_records, val_records, LABEL_TO_ID, str(tmp_path / 'out'),
                         settings(epochs=6, early_stopping_patience=2), CPU, CHECKPOINT_INFO)
     assert again.stopped_early and again.epochs_run == 4 and again.best_epoch == 1
+
+
+def test_fit_without_validation_and_with_an_explicit_resume_path(tmp_path, monkeypatch):
+    """No validation images: no evaluation, best.pth follows the latest epoch, early stopping stays off.
+    `resume_path` continues another run's last.pth in a new output_path. (Training is stubbed: this is
+    the trainer's bookkeeping.)"""
+    calls = []
+
+    def fake_train(model, optimizer, data_loader, device, epoch, **kwargs):
+        calls.append(epoch)
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)  # weights change every epoch
+        return dict(loss=1.0 / (epoch + 1), loss_classifier=0.1, loss_box_reg=0.2, loss_objectness=0.3,
+                    loss_rpn_box_reg=0.4, lr=0.01)
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError('evaluate must not run without validation images')
+
+    monkeypatch.setattr(trainer.engine, 'train_one_epoch', fake_train)
+    monkeypatch.setattr(trainer.engine, 'evaluate', no_evaluation)
+    train_records = make_records(tmp_path / 'train', 2, seed=31)
+    first = str(tmp_path / 'first')
+    result = trainer.fit(small_model(), train_records, [], LABEL_TO_ID, first,
+                         settings(epochs=2, early_stopping_patience=1), CPU, CHECKPOINT_INFO)
+    assert calls == [0, 1] and result.epochs_run == 2 and not result.stopped_early
+    assert result.best_epoch == 1 and all(row['mAP'] == 0.0 for row in result.history)
+    best = load_checkpoint(os.path.join(first, 'weights', 'best.pth'))
+    last = load_checkpoint(os.path.join(first, 'weights', 'last.pth'))
+    assert best['epoch'] == 1 and all(torch.equal(best['state_dict'][k], v) for k, v in last['state_dict'].items())
+
+    calls.clear()
+    second = str(tmp_path / 'second')
+    resumed = trainer.fit(small_model(seed=5), train_records, [], LABEL_TO_ID, second, settings(epochs=3), CPU,
+                          CHECKPOINT_INFO, resume_path=os.path.join(first, 'weights', 'last.pth'))
+    assert calls == [2] and resumed.epochs_run == 3 and resumed.history[:2] == result.history
+    assert load_checkpoint(os.path.join(second, 'weights', 'last.pth'))['epoch'] == 2
+
+    other_labels = dict(CHECKPOINT_INFO, id_to_label_map={1: 'red', 2: 'green'})
+    with pytest.raises(ValueError, match='labels'):
+        trainer.fit(small_model(), train_records, [], LABEL_TO_ID, str(tmp_path / 'third'), settings(epochs=3), CPU,
+                    other_labels, resume_path=os.path.join(first, 'weights', 'last.pth'))

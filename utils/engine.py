@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -94,7 +94,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
         for images, targets in metric_logger.log_every(bar, print_freq, header):
             if len(images) == 0:
                 logger.warning('%s: skipping a batch in which no image could be read', header)
-                _step_scheduler(warmup_scheduler)
+                step_scheduler(warmup_scheduler)
                 continue
             images, targets = _to_device(images, targets, device)
             with torch.autocast(device_type=device.type, enabled=use_amp):
@@ -113,7 +113,7 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
                                header, loss_value, parts, _describe_batch(targets), nonfinite_in_a_row)
                 optimizer.zero_grad(set_to_none=True)
                 _check_nonfinite(nonfinite_in_a_row, max_nonfinite, optimizer)
-                _step_scheduler(warmup_scheduler)
+                step_scheduler(warmup_scheduler)
                 continue
 
             optimizer.zero_grad(set_to_none=True)
@@ -139,12 +139,12 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
                                header, _describe_batch(targets), nonfinite_in_a_row)
                 optimizer.zero_grad(set_to_none=True)
                 _check_nonfinite(nonfinite_in_a_row, max_nonfinite, optimizer)
-                _step_scheduler(warmup_scheduler)
+                step_scheduler(warmup_scheduler)
                 continue
 
             nonfinite_in_a_row = 0
             steps += 1
-            _step_scheduler(warmup_scheduler)
+            step_scheduler(warmup_scheduler)
             metric_logger.update(loss=losses_reduced, **loss_dict_reduced)
             metric_logger.update(lr=optimizer.param_groups[0]['lr'])
             if progress:
@@ -163,7 +163,8 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
     return result
 
 
-def _step_scheduler(scheduler) -> None:
+def step_scheduler(scheduler) -> None:
+    """`scheduler.step()`, without torch's warning when no optimizer step has been taken yet."""
     if scheduler is None:
         return
     with warnings.catch_warnings():

@@ -199,7 +199,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
                                         max_grad_norm=float(settings['max_grad_norm']), total_epochs=epochs)
         train_time = time.time() - tic
         lr_used = float(losses.pop('lr'))
-        lr_scheduler.step()
+        engine.step_scheduler(lr_scheduler)  # (quiet if every step of the epoch was skipped)
 
         tic = time.time()
         if has_val:
