@@ -107,7 +107,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         variant = settings['model_variant']
         id_to_label_map = self.id_to_label_map()
         num_classes = model_factory.num_classes_for(id_to_label_map)
-        sizes = dict(min_size=settings['min_size'], max_size=settings['max_size'])
+        sizes = dict(min_size=settings['min_size'], max_size=settings['max_size'],
+                     rpn_post_nms_top_n_train=settings['rpn_post_nms_top_n_train'],
+                     box_batch_size_per_image=settings['box_batch_size_per_image'])
         self.artifacts_path = local_path
         weights_path = os.path.join(local_path or '', settings['weights_filename'])
         if local_path and os.path.isfile(weights_path):

@@ -188,3 +188,9 @@ def test_public_model_defaults_need_no_platform_call():
     adapter.model_entity = model
     adapter.load('/nonexistent')
     assert set(config_lib.SDK_KEYS) <= set(model.configuration)
+
+
+def test_training_sampler_sizes_reach_the_network():
+    adapter = make_adapter({'rpn_post_nms_top_n_train': 500, 'box_batch_size_per_image': 64})
+    assert adapter.model.rpn._post_nms_top_n['training'] == 500
+    assert adapter.model.roi_heads.fg_bg_sampler.batch_size_per_image == 64

@@ -52,6 +52,8 @@ OPTIONS: Dict[str, Option] = {
     'lr_steps': Option([0.62, 0.85], (list,), training=True),
     'lr_gamma': Option(0.1, _NUM, minimum=0.0, maximum=1.0, training=True),
     'max_grad_norm': Option(10.0, _NUM, minimum=0.0, training=True),
+    'rpn_post_nms_top_n_train': Option(2000, (int,), minimum=1, training=True),
+    'box_batch_size_per_image': Option(512, (int,), minimum=1, training=True),
     'num_workers': Option(2, (int,), minimum=0, training=True),
     'amp': Option(True, (bool,), training=True),
     'early_stopping_patience': Option(0, (int,), minimum=0, training=True),

@@ -37,15 +37,16 @@ def num_classes_for(id_to_label_map: Mapping[int, str]) -> int:
 
 
 def build_model(variant: str, num_classes: int, min_size: int, max_size: int,
-                coco_weights: bool = False, keep_coco_head: bool = False) -> torch.nn.Module:
+                coco_weights: bool = False, keep_coco_head: bool = False, **options: Any) -> torch.nn.Module:
     """Faster R-CNN of `variant` with `num_classes` outputs (background included).
 
     With `coco_weights`, torchvision's COCO checkpoint is loaded through its Weights
     API (so a copy cached under TORCH_HOME is used, no download when present); the
     box predictor is then replaced for `num_classes` unless `keep_coco_head`.
+    `options` are further FasterRCNN keyword arguments (e.g. rpn_post_nms_top_n_train).
     """
     builder, weights_enum = BUILDERS[variant]
-    sizes = dict(min_size=min_size, max_size=max_size)
+    sizes = dict(min_size=min_size, max_size=max_size, **options)
     if not coco_weights:
         return builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
     model = builder(weights=weights_enum.COCO_V1, **sizes)
