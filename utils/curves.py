@@ -69,7 +69,7 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> Tuple[List[float]
     for row in history:
         value = row.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
-            xs.append(row['epoch'])
+            xs.append(row['epoch'] + 1)  # people count epochs from 1, as the log lines do
             ys.append(float(value))
     return xs, ys
 
@@ -94,8 +94,8 @@ def write_png(history: Sequence[Mapping[str, Any]], path: str) -> str:
     best = max((row for row in history if isinstance(row.get('mAP'), (int, float))),
                key=lambda row: row['mAP'], default=None)
     if best is not None:
-        map_ax.axvline(best['epoch'], color='grey', linestyle=':', linewidth=1,
-                       label=f"best mAP {best['mAP']:.3f} (epoch {best['epoch']})")
+        map_ax.axvline(best['epoch'] + 1, color='grey', linestyle=':', linewidth=1,
+                       label=f"best mAP {best['mAP']:.3f} (epoch {best['epoch'] + 1})")
     map_ax.set_title('Validation (COCO bbox)')
     map_ax.set_xlabel('epoch')
     map_ax.set_ylabel('score')
