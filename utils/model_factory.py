@@ -89,6 +89,7 @@ def save_checkpoint(payload: Mapping[str, Any], path: str) -> str:
             torch.save(dict(payload), f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp makes it owner-only; a weights file is meant to be shared
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
