@@ -87,48 +87,44 @@ class ToTensor(Compose):
         return f'{type(self).__name__}()'
 
 
-class RandomHorizontalFlip:
+class _RandomFlip:
+    """Mirror the image with probability `p`; boxes follow along the flipped axis: a1' = S - a2, a2' = S - a1.
+
+    Subclasses set `flip` (the image function), `coords` (the box coordinates on
+    that axis) and `size_index` (0: width, 1: height).
+    """
+
+    def __init__(self, p: float = 0.5):
+        self.p = float(p)
+
+    def __call__(self, image, target: Optional[Target] = None):
+        if torch.rand(1).item() >= self.p:
+            return image, target
+        side = image_size(image)[self.size_index]
+        image = self.flip(image)
+        target = _copy_target(target)
+        if target is not None and 'boxes' in target:
+            boxes = target['boxes'].clone()
+            boxes[:, self.coords] = side - target['boxes'][:, self.coords[::-1]]
+            target['boxes'] = boxes
+        return image, target
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(p={self.p})'
+
+
+class RandomHorizontalFlip(_RandomFlip):
     """Mirror left-right with probability `p`; boxes follow: x1' = W - x2, x2' = W - x1."""
-
-    def __init__(self, p: float = 0.5):
-        self.p = float(p)
-
-    def __call__(self, image, target: Optional[Target] = None):
-        if torch.rand(1).item() >= self.p:
-            return image, target
-        width, _ = image_size(image)
-        image = F.hflip(image)
-        target = _copy_target(target)
-        if target is not None and 'boxes' in target:
-            boxes = target['boxes'].clone()
-            boxes[:, [0, 2]] = width - target['boxes'][:, [2, 0]]
-            target['boxes'] = boxes
-        return image, target
-
-    def __repr__(self) -> str:
-        return f'{type(self).__name__}(p={self.p})'
+    flip = staticmethod(F.hflip)
+    coords = [0, 2]
+    size_index = 0
 
 
-class RandomVerticalFlip:
+class RandomVerticalFlip(_RandomFlip):
     """Mirror top-bottom with probability `p`; boxes follow: y1' = H - y2, y2' = H - y1."""
-
-    def __init__(self, p: float = 0.5):
-        self.p = float(p)
-
-    def __call__(self, image, target: Optional[Target] = None):
-        if torch.rand(1).item() >= self.p:
-            return image, target
-        _, height = image_size(image)
-        image = F.vflip(image)
-        target = _copy_target(target)
-        if target is not None and 'boxes' in target:
-            boxes = target['boxes'].clone()
-            boxes[:, [1, 3]] = height - target['boxes'][:, [3, 1]]
-            target['boxes'] = boxes
-        return image, target
-
-    def __repr__(self) -> str:
-        return f'{type(self).__name__}(p={self.p})'
+    flip = staticmethod(F.vflip)
+    coords = [1, 3]
+    size_index = 1
 
 
 class RandomPhotometricDistort:
