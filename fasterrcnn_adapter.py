@@ -60,6 +60,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.device = torch.device('cpu')
         self.settings: Dict[str, Any] = dict(config_lib.DEFAULTS)
         self.artifacts_path: Optional[str] = None
+        self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
         self.unreadable_items: List[UnreadableItem] = []
         super().__init__(model_entity)
 
@@ -141,7 +142,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """Write one self-describing checkpoint at `weights_filename`: the best epoch when training produced one."""
         settings = self._resolve_settings()
         target = os.path.join(local_path, settings['weights_filename'])
-        best = getattr(self, 'best_checkpoint_path', None)
+        best = self.best_checkpoint_path
         if best and os.path.isfile(best):
             if os.path.abspath(best) != os.path.abspath(target):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
