@@ -10,7 +10,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp())
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,21 +20,13 @@ from torchvision.models import detection  # noqa: E402
 
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
 from utils.local_model import local_model  # noqa: E402
+from bench.timing import seconds  # noqa: E402
 
 
 def timed(fns, runs, device):
     """Median time of each function, calls interleaved so background load hits both alike."""
-    times = [[] for _ in fns]
-    for _ in range(runs):
-        for fn, bucket in zip(fns, times):
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == 'cuda':
-                torch.cuda.synchronize()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(bucket) for bucket in times]
+    times = [[seconds(fn, device) for fn in fns] for _ in range(runs)]
+    return [statistics.median(column) for column in zip(*times)]
 
 
 def main():
@@ -56,7 +47,8 @@ def main():
     images = [(np.random.default_rng(i).random((args.height, args.width, 3)) * 255).astype(np.uint8)
               for i in range(args.batch)]
 
-    bare = getattr(detection, args.variant)(weights=None, weights_backbone=None, num_classes=91).to(device).eval()
+    sizes = {key: adapter.settings[key] for key in ('min_size', 'max_size')}  # same input resolution on both sides
+    bare = getattr(detection, args.variant)(weights=None, weights_backbone=None, num_classes=91, **sizes).to(device).eval()
     bare.load_state_dict(adapter.model.state_dict())
     bare.roi_heads.score_thresh = adapter.model.roi_heads.score_thresh = 0.5
 

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,6 +26,7 @@ from utils.model_factory import build_model  # noqa: E402
 from utils.synthetic import make_synthetic_export  # noqa: E402
 from utils.transforms import get_transform  # noqa: E402
 from utils.utils import collate_fn  # noqa: E402
+from bench.timing import seconds  # noqa: E402
 
 
 def bare_epoch(model, optimizer, loader, device, amp):
@@ -49,13 +49,7 @@ def bare_epoch(model, optimizer, loader, device, amp):
 
 
 def timed_images_per_s(fn, n_images, device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    return n_images / (time.perf_counter() - start)
+    return n_images / seconds(fn, device)
 
 
 def main():
