@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from utils import config as config_lib
+from utils import device as device_lib
 from utils import model_factory
 from utils.images import ImageDecodeError, load_image
 
@@ -105,6 +106,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def load(self, local_path, **kwargs):
         """Build the network; weights from the artifact, else COCO-pretrained, else random."""
         settings = self._resolve_settings()
+        self.device = device_lib.resolve_device(settings['device'])  # first: a missing GPU fails before any work
         variant = settings['model_variant']
         id_to_label_map = self.id_to_label_map()
         num_classes = model_factory.num_classes_for(id_to_label_map)
@@ -132,10 +134,6 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             logger.warning('no weights at %s and pretrained is off: %s starts from random weights',
                            weights_path, variant)
             model = model_factory.build_model(variant, num_classes, **sizes)
-        if settings['device'] == 'auto':
-            self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        else:
-            self.device = torch.device(settings['device'])
         self.model = model.to(self.device).eval()
 
     def save(self, local_path, **kwargs):
