@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo clean images push-images
 
 setup: $(STAMP)
 
@@ -19,6 +19,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m local_runner demo --output demo_output
+
+# The runner images dataloop.json names (docker/images.py; needs docker and, to push, a registry login).
+images:
+	$(PYTHON) docker/images.py
+
+push-images:
+	$(PYTHON) docker/images.py --push
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache
