@@ -5,11 +5,12 @@ Thin by design: it reads the model's configuration, builds the network
 and training (`utils.trainer`). Settings are read from
 `model_entity.configuration` as a plain dict, so reading never PATCHes the model.
 """
+import contextlib
 import dataclasses
 import logging
 import os
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import dtlpy as dl
 from dtlpy.ml import base_model_adapter as _sdk_adapter
@@ -21,6 +22,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from utils import config as config_lib
 from utils import device as device_lib
 from utils import model_factory
+from utils.embeddings import fpn_embedding
 from utils.images import ImageDecodeError, load_image
 
 logger = logging.getLogger('fasterrcnn.adapter')
@@ -49,6 +51,8 @@ def _fill_sdk_keys(model_entity: dl.Model) -> None:
         configuration.setdefault(key, value)
     configuration.setdefault('batch_size', config_lib.DEFAULTS['batch_size'])
     configuration.setdefault('include_background', config_lib.DEFAULTS['include_background'])
+    # read with .get('embeddings_size', 256) by embed_items and the feature set's creation
+    configuration.setdefault('embeddings_size', config_lib.DEFAULTS['embeddings_size'])
     # read with .get(key, default) by the SDK's predict_dataset / evaluate_model: missing, each is a PATCH
     configuration.setdefault('predict_embed_subset_limit', _sdk_adapter.PREDICT_EMBED_DEFAULT_SUBSET_LIMIT)
     configuration.setdefault('predict_embed_timeout', _sdk_adapter.PREDICT_EMBED_DEFAULT_TIMEOUT)
@@ -164,7 +168,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             reason = f'{err} (mimetype {getattr(item, "mimetype", None)})'
         except Exception as err:  # download failures, odd item types: report, never fail the batch
             reason = f'{type(err).__name__}: {err}'
-        logger.error('cannot predict on item %s (id %s): %s', name, item.id, reason)
+        logger.error('cannot read item %s (id %s) as an image: %s', name, item.id, reason)
         return UnreadableItem(item.id, name, reason)
 
     @staticmethod
@@ -189,14 +193,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         roi_heads.nms_thresh = float(settings['nms_iou_threshold'])
         roi_heads.detections_per_img = int(settings['max_detections'])
         labels = self.id_to_label_map()
-        images, positions = [], []
-        for position, entry in enumerate(batch):
-            if isinstance(entry, UnreadableItem) or entry is None:
-                if entry is not None:
-                    self.unreadable_items.append(entry)
-                continue
-            images.append(self._to_tensor(entry))
-            positions.append(position)
+        images, positions = self._readable(batch)
         outputs = self._forward(images) if images else []
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
@@ -216,9 +213,31 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                 'confidence': round(min(max(float(score), 0.0), 1.0), 4)})
         return collections
 
-    def _forward(self, images: List[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
-        inputs = [image.to(self.device, non_blocking=True).float().div_(255) for image in images]
+    def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
+        """The batch's decoded images (uint8 CHW) and their positions; unreadable entries are kept for the error."""
+        images, positions = [], []
+        for position, entry in enumerate(batch):
+            if isinstance(entry, UnreadableItem) or entry is None:
+                if entry is not None:
+                    self.unreadable_items.append(entry)
+                continue
+            images.append(self._to_tensor(entry))
+            positions.append(position)
+        return images, positions
+
+    def _device_inputs(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
+        """uint8 images to float [0, 1] on the model's device: the network's own transform does the rest."""
+        return [image.to(self.device, non_blocking=True).float().div_(255) for image in images]
+
+    @contextlib.contextmanager
+    def _inference_context(self):
+        """No autograd; half precision where it pays (CUDA), full precision on CPU."""
         with torch.inference_mode(), torch.autocast('cuda', enabled=self.device.type == 'cuda'):
+            yield
+
+    def _forward(self, images: List[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+        inputs = self._device_inputs(images)
+        with self._inference_context():
             outputs = self.model(inputs)
         return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
 
@@ -229,10 +248,43 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """The SDK's predict_items, then one error naming every item that could not be read."""
         self.unreadable_items = []
         result = super().predict_items(items, batch_size=batch_size, **kwargs)
+        self._raise_unreadable(len(items), 'got no annotations (the others were annotated)')
+        return result
+
+    def _raise_unreadable(self, total: int, consequence: str) -> None:
+        """One error at the end of a run naming every item that could not be decoded."""
         if self.unreadable_items:
             names = '; '.join(str(entry) for entry in self.unreadable_items)
-            raise ValueError(f'{len(self.unreadable_items)} of {len(items)} items could not be read as images '
-                             f'and got no annotations (the others were annotated): {names}')
+            raise ValueError(f'{len(self.unreadable_items)} of {total} items could not be read as images '
+                             f'and {consequence}: {names}')
+
+    # ------------------------------------------------------------------- embed
+    def embed(self, batch, **kwargs):
+        """One `embeddings_size` (256) L2-normalised image vector per input, None for an unreadable one.
+
+        The vector is the network's own FPN features pooled (`utils.embeddings.fpn_embedding`),
+        computed through the same preprocessing and precision as `predict`; the SDK skips None.
+        """
+        images, positions = self._readable(batch)
+        vectors: List[Optional[List[float]]] = [None] * len(batch)
+        if images:
+            with self._inference_context():
+                image_list, _ = self.model.transform(self._device_inputs(images))
+                features = self.model.backbone(image_list.tensors)
+            pooled = fpn_embedding(features, image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
+            for position, vector in zip(positions, pooled.cpu().tolist()):
+                vectors[position] = vector
+        return vectors
+
+    @dl.Package.decorators.function(display_name='Embed Items',
+                                    inputs={'items': 'Item[]'},
+                                    outputs={'items': 'Item[]', 'features': 'Json[]'})
+    def embed_items(self, items: list, upload_features=None, batch_size=None, progress=None, **kwargs):
+        """The SDK's embed_items (vectors to the model's feature set), then one error naming every unreadable item."""
+        self.unreadable_items = []
+        result = super().embed_items(items, upload_features=upload_features, batch_size=batch_size,
+                                     progress=progress, **kwargs)
+        self._raise_unreadable(len(items), 'got no feature vector (the others were embedded)')
         return result
 
     # ---------------------------------------------------------------- training

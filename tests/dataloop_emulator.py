@@ -4,9 +4,10 @@ Why: the adapter's platform flows (train_model, predict_items, evaluate_model)
 go through dtlpy's repositories, which speak HTTP. Mocking dtlpy would test our
 guesses about the SDK; answering its HTTP calls tests the SDK as it is. The
 emulator keeps just enough platform state (projects, datasets with recipe and
-ontology, items and their bytes, annotations, models, artifacts, metrics) to
-make those flows run, and answers 404 with the path for anything else, so a
-new SDK call shows up as a visible gap instead of a silent pass.
+ontology, items and their bytes, annotations, models, artifacts, metrics,
+feature sets and their vectors) to make those flows run, and answers 404 with
+the path for anything else, so a new SDK call shows up as a visible gap
+instead of a silent pass.
 
 Use it through the ``dataloop_env`` fixture in ``tests/conftest.py``::
 
@@ -29,7 +30,9 @@ Every ``seed_*`` helper returns the stored platform JSON (a dict; its ``id`` is
 what the SDK wants). State is public for assertions: ``projects``, ``datasets``,
 ``recipes``, ``ontologies``, ``items``, ``blobs`` (item id -> bytes),
 ``annotations``, ``models``, ``metrics`` (list of published PlotSample dicts,
-each with ``modelId`` and ``datasetId``), ``requests`` (``Request(method, path,
+each with ``modelId`` and ``datasetId``), ``feature_sets`` and ``features`` (the
+vectors ``embed_items`` uploads, each with ``featureSetId``, ``entityId`` and
+``value``), ``requests`` (``Request(method, path,
 status)`` for every call), ``missing`` (requests that hit no route) and
 ``errors`` (tracebacks of handler crashes, answered 500).
 
@@ -205,6 +208,7 @@ class DataloopEmulator:
         self._id_prefix = '{:08x}'.format(int(time.time()))
         self.projects, self.datasets, self.recipes, self.ontologies = {}, {}, {}, {}
         self.items, self.blobs, self.annotations, self.models, self.commands = {}, {}, {}, {}, {}
+        self.feature_sets, self.features = {}, {}
         self.metrics, self.requests, self.missing, self.errors = [], [], [], []
         self.routes = [(method, re.compile('^{}$'.format(pattern)), getattr(self, handler))
                        for method, pattern, handler in self.ROUTES]
@@ -489,6 +493,11 @@ class DataloopEmulator:
         ('PATCH', r'/ml/models/(?P<mid>[^/]+)', 'patch_model'),
         ('POST', r'/ml/metrics/publish', 'publish_metrics'),
         ('POST', r'/ml/metrics/query', 'query_metrics'),
+        ('POST', r'/features/sets/query', 'query_feature_sets'),
+        ('POST', r'/features/sets', 'create_feature_set'),
+        ('GET', r'/features/sets/(?P<fsid>[^/]+)', 'get_feature_set'),
+        ('POST', r'/features/vectors/query', 'query_features'),
+        ('POST', r'/features/vectors', 'create_features'),
     ]
 
     def dispatch(self, method, path, query, headers, body):
@@ -697,6 +706,58 @@ class DataloopEmulator:
     def query_metrics(self, req):
         body = req.json or {}
         docs = [m for m in self.metrics if DQL.match(m, body.get('filter') or {})]
+        return 200, self._page(docs, body), {}
+
+    # ------------------------------------------------------------------ feature sets (embed_items)
+    @staticmethod
+    def _in_projects(doc, body):
+        projects = (body.get('context') or {}).get('projects')
+        return not projects or doc.get('project') in projects
+
+    def query_feature_sets(self, req):
+        """``project.feature_sets.list`` (the adapter looks its model's set up by ``modelId``, then by name)."""
+        body = req.json or {}
+        docs = self._select([f for f in self.feature_sets.values() if self._in_projects(f, body)], body)
+        return 200, self._page(docs, body), {}
+
+    def create_feature_set(self, req):
+        """``feature_sets.create``: the platform answers a list holding the new set."""
+        body = req.json or {}
+        if not isinstance(body.get('size'), int) or body['size'] < 1:
+            return 400, {'message': 'feature set size must be a positive int, got {!r}'.format(body.get('size'))}, {}
+        fsid = self.new_id()
+        self.feature_sets[fsid] = dict(copy.deepcopy(body), id=fsid, url=self.url('/features/sets/' + fsid),
+                                       createdAt=_now(), creator=USER_EMAIL, updatedBy=USER_EMAIL)
+        return 200, [self.feature_sets[fsid]], {}
+
+    def get_feature_set(self, req, fsid):
+        if fsid not in self.feature_sets:
+            return self._not_found('feature set', fsid)
+        return 200, self.feature_sets[fsid], {}
+
+    def create_features(self, req):
+        """``features.create``: a list of vectors, each for one entity; a length other than the set's size is refused."""
+        body = req.json
+        entries = body if isinstance(body, list) else [body]
+        for entry in entries:
+            feature_set = self.feature_sets.get(entry.get('featureSetId'))
+            if feature_set is None:
+                return self._not_found('feature set', entry.get('featureSetId'))
+            if len(entry.get('value') or []) != feature_set['size']:
+                return 400, {'message': 'vector of length {} for feature set of size {}'.format(
+                    len(entry.get('value') or []), feature_set['size'])}, {}
+        created = []
+        for entry in entries:
+            fid = self.new_id()
+            self.features[fid] = dict(copy.deepcopy(entry), id=fid, url=self.url('/features/vectors/' + fid),
+                                      createdAt=_now(), creator=USER_EMAIL)
+            created.append(self.features[fid])
+        return 200, created, {}
+
+    def query_features(self, req):
+        """``feature_set.features.list``: DQL over vectors (by ``featureSetId``, ``entityId``, ...)."""
+        body = req.json or {}
+        docs = self._select([f for f in self.features.values() if self._in_projects(f, body)], body)
         return 200, self._page(docs, body), {}
 
 

@@ -29,18 +29,25 @@ def test_manifest_identity_and_compute_configs():
         assert compute['runtime']['autoscaler']['maxReplicas'] >= 1
 
 
+def adapter_class(module):
+    return getattr(importlib.import_module(module['entryPoint'][:-3]), module['className'])
+
+
 def test_module_entry_point_class_and_functions_exist():
     manifest = load()
     (module,) = manifest['components']['modules']
     entry = module['entryPoint']
     assert os.path.isfile(os.path.join(ROOT, entry))
-    adapter_cls = getattr(importlib.import_module(entry[:-3]), module['className'])
+    adapter_cls = adapter_class(module)
     computes = {c['name'] for c in manifest['components']['computeConfigs']}
     assert module['computeConfig'] in computes
-    names = {f['name'] for f in module['functions']}
-    assert names == {'train_model', 'evaluate_model', 'predict_items', 'predict_dataset'}
+    names = [f['name'] for f in module['functions']]
+    assert len(names) == len(set(names)), names
+    assert set(names) == {'train_model', 'evaluate_model', 'predict_items', 'predict_dataset',
+                          'embed_items', 'embed_dataset'}
     for function in module['functions']:
-        method = getattr(adapter_cls, function['name'])
+        method = getattr(adapter_cls, function['name'], None)
+        assert callable(method), f"dataloop.json declares {function['name']!r}, which {module['className']} lacks"
         parameters = inspect.signature(method).parameters
         for declared in function['input']:
             assert declared['name'] in parameters, (function['name'], declared['name'])
@@ -48,6 +55,32 @@ def test_module_entry_point_class_and_functions_exist():
     by_name = {f['name']: f for f in module['functions']}
     assert by_name['train_model']['computeConfig'] == 'fasterrcnn-train-evaluate'
     assert by_name['evaluate_model']['computeConfig'] == 'fasterrcnn-train-evaluate'
+
+
+def test_function_inputs_and_outputs_match_the_code_and_are_described():
+    """Names and types as the method's `@dl.Package.decorators.function` declares them; each with a description."""
+    (module,) = load()['components']['modules']
+    adapter_cls = adapter_class(module)
+    for function in module['functions']:
+        declared = getattr(adapter_cls, function['name']).__dtlpy__
+        for side in ('input', 'output'):
+            in_manifest = [(io['name'], io['type']) for io in function[side]]
+            in_code = [(io['name'], io['type']) for io in declared[side]]
+            assert in_manifest == in_code, (function['name'], side, in_manifest, in_code)
+            for io in function[side]:
+                description = io.get('description')
+                assert isinstance(description, str) and description.strip(), \
+                    f"dataloop.json: {function['name']} {side} {io['name']!r} has no description"
+        assert function.get('description', '').strip() and function.get('displayName', '').strip(), function['name']
+    for io in module['initInputs']:
+        assert io['name'] in inspect.signature(adapter_cls.__init__).parameters, io
+
+
+def test_every_configuration_key_is_known():
+    (model,) = load()['components']['models']
+    known = set(config_lib.OPTIONS) | {'id_to_label_map', 'label_to_id_map'}
+    unknown = sorted(set(model['configuration']) - known)
+    assert unknown == [], f'dataloop.json configuration keys unknown to utils/config.py: {unknown}'
 
 
 def test_model_configuration_equals_documented_defaults():

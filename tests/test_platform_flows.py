@@ -458,3 +458,44 @@ def test_predict_dataset_and_evaluate_model(platform, pod):
     predictions = [a['id'] for item in validation for a in made_by(emu, item['id'], 'evaluated')]
     assert predictions and all(a in csv for a in predictions)
     assert_no_gaps(emu)
+
+
+# ----------------------------------------------------------------------------- feature vectors
+
+def test_embed_items_and_embed_dataset_fill_the_models_feature_set(platform, pod):
+    emu, dataset = platform['emu'], platform['dataset']
+    model = predicting_model(platform, 'embedder')
+    train = sorted((i for i in emu.find_items(dataset['id']) if i['dir'] == '/train'), key=lambda i: i['id'])
+    corrupt = emu.seed_item(dataset['id'], 'broken.jpg', synthetic(21, 9)[0][:600], dir='/embed')
+    pod('service')
+    service = FasterRCNNAdapter(dl.models.get(model_id=model['id']))
+
+    start = len(emu.requests)
+    items = [dl.items.get(item_id=i['id']) for i in (train[0], corrupt, train[1], train[2])]
+    with pytest.raises(ValueError) as err:
+        service.embed_items(items)
+    message = str(err.value)
+    assert 'broken.jpg' in message and corrupt['id'] in message
+    assert not any(i['id'] in message for i in train)
+    (feature_set,) = emu.feature_sets.values()  # created on first use, for this model, at the configured size
+    assert feature_set['modelId'] == model['id'] and feature_set['project'] == platform['project']['id']
+    assert feature_set['size'] == 256 and feature_set['entityType'] == 'item'
+    vectors = {f['entityId']: f['value'] for f in emu.features.values()}
+    assert set(vectors) == {i['id'] for i in train[:3]}  # one per readable item, none for the broken one
+    for value in vectors.values():
+        assert len(value) == 256 and math.isclose(float(np.linalg.norm(value)), 1.0, abs_tol=1e-5)
+    assert all(f['featureSetId'] == feature_set['id'] and f['datasetId'] == dataset['id']
+               for f in emu.features.values())
+
+    # the dataset-level function reuses the model's set and embeds every item the filter selects
+    service.embed_dataset(dataset=dl.datasets.get(dataset_id=dataset['id']),
+                          filters=dl.Filters(field='dir', values='/validation').prepare())
+    assert len(emu.feature_sets) == 1
+    validation = {i['id'] for i in emu.find_items(dataset['id']) if i['dir'] == '/validation'}
+    listed = dl.feature_sets.get(feature_set_id=feature_set['id'])
+    assert listed.size == 256
+    read_back = {f.entity_id: f.value for f in listed.features.list().all()}  # what similarity search sees
+    assert set(read_back) == {i['id'] for i in train[:3]} | validation
+    assert all(len(value) == 256 for value in read_back.values())
+    assert patches(emu, start) == []  # embeddings_size and friends are read, never written back
+    assert_no_gaps(emu)

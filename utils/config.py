@@ -42,6 +42,8 @@ OPTIONS: Dict[str, Option] = {
     'min_size': Option(800, (int,), minimum=32),
     'max_size': Option(1333, (int,), minimum=32),
     'batch_size': Option(2, (int,), minimum=1),
+    # the FPN width: embed always returns 256 values, and the SDK drops vectors of any other length
+    'embeddings_size': Option(256, (int,), choices=(256,)),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(0.0025, _NUM, minimum=0.0, training=True),

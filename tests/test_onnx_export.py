@@ -1,0 +1,91 @@
+"""ONNX export of a trained model folder: onnxruntime on CPU gives PyTorch's detections."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.functional import pil_to_tensor
+
+from utils import model_factory
+from utils.onnx_export import ExportError, export_onnx, sidecar_path
+from utils.synthetic import render_item
+
+ort = pytest.importorskip('onnxruntime')  # a development requirement (requirements-dev.txt)
+
+LABELS = {1: 'circle', 2: 'square', 3: 'triangle'}
+CONFIGURATION = {'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'pretrained': False,
+                 'min_size': 160, 'max_size': 160, 'conf_threshold': 0.3, 'max_detections': 80}
+
+
+def write_model_folder(folder):
+    """A folder as `local_runner train` leaves it (weights/best.pth: seeded random init, and model.json);
+    returns the network written, set up as model.json says (the PyTorch reference)."""
+    torch.manual_seed(0)
+    model = model_factory.build_model(CONFIGURATION['model_variant'], 4, 160, 160, box_score_thresh=0.3,
+                                      box_detections_per_img=80).eval()
+    # torchvision's init leaves this untrained network's features ~1e-9 and every score equal; fan-in
+    # scaled weights and random biases give varied boxes and scores, so the comparison can tell them apart
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight, mode='fan_in', nonlinearity='linear')
+            if module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.1)
+    checkpoint = model_factory.make_checkpoint(model, CONFIGURATION['model_variant'], LABELS, 160, 160)
+    model_factory.save_checkpoint(checkpoint, str(folder / 'weights' / 'best.pth'))
+    configuration = dict(CONFIGURATION, id_to_label_map={str(k): v for k, v in LABELS.items()},
+                         label_to_id_map={v: k for k, v in LABELS.items()})
+    (folder / 'model.json').write_text(json.dumps({'name': 'shapes', 'configuration': configuration}))
+    return model
+
+
+def same_detections(expected, actual):
+    """Every PyTorch detection has an onnxruntime one of the same label, box within 1 px, score within 0.01."""
+    boxes, labels, scores = actual
+    assert len(boxes) == len(expected['boxes']), (len(boxes), len(expected['boxes']))
+    unused = set(range(len(boxes)))
+    for box, label, score in zip(expected['boxes'].numpy(), expected['labels'].numpy(), expected['scores'].numpy()):
+        match = next((j for j in sorted(unused) if labels[j] == label and abs(scores[j] - score) <= 0.01
+                      and np.abs(boxes[j] - box).max() <= 1.0), None)
+        assert match is not None, (box, label, score)
+        unused.remove(match)
+
+
+def test_exported_model_matches_pytorch_on_three_images(tmp_path):
+    folder = tmp_path / 'model'
+    model = write_model_folder(folder)
+    output = str(tmp_path / 'export' / 'model.onnx')
+    assert export_onnx(str(folder), output, size=(128, 160)) == output
+    sidecar = json.loads(open(sidecar_path(output)).read())
+    assert sidecar['input']['shape'] == [3, 128, 160] and sidecar['resize'] == dict(sidecar['resize'], height=128,
+                                                                                     width=160)
+    assert sidecar['id_to_label_map'] == {str(k): v for k, v in LABELS.items()}
+    assert sidecar['score_threshold'] == 0.3 and len(sidecar['normalization']['mean']) == 3
+
+    session = ort.InferenceSession(output, providers=['CPUExecutionProvider'])
+    detections = 0
+    for index, size in enumerate([(200, 150), (96, 128), (160, 160)]):
+        image, _ = render_item(np.random.default_rng([3, index]), size, list(LABELS.values()))
+        resized = image.resize((sidecar['resize']['width'], sidecar['resize']['height']), resample=2)  # bilinear
+        tensor = pil_to_tensor(resized).float() / 255
+        with torch.no_grad():
+            expected = model([tensor])[0]
+        actual = session.run(None, {sidecar['input']['name']: tensor.numpy()})
+        same_detections(expected, actual)
+        detections += len(expected['boxes'])
+    assert 3 <= detections < 3 * 80  # the comparison compared something, and the threshold took some away
+
+
+def test_default_size_and_bad_inputs(tmp_path):
+    folder = tmp_path / 'model'
+    write_model_folder(folder)
+    output = export_onnx(str(folder), str(tmp_path / 'square.onnx'))
+    session = ort.InferenceSession(output, providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape == [3, 160, 160]  # a min_size square
+    with pytest.raises(ExportError, match='nowhere'):
+        export_onnx(str(tmp_path / 'nowhere'), str(tmp_path / 'x.onnx'))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ExportError, match='no weights'):
+        export_onnx(str(tmp_path / 'empty'), str(tmp_path / 'x.onnx'))
+    with pytest.raises(ExportError, match='size'):
+        export_onnx(str(folder), str(tmp_path / 'x.onnx'), size=(128,))
+    assert not (tmp_path / 'x.onnx').exists()

@@ -1,0 +1,153 @@
+"""Export a trained model folder to ONNX at a fixed input size, with its label map and preprocessing beside it.
+
+The classic TorchScript-based exporter (`dynamo=False`) is used: torchvision documents
+Faster R-CNN as exportable with it at a fixed input size and opset 11+, while the
+dynamo exporter (torch's default) fails on this model. The network's own transform
+(normalisation, resize to `min_size`/`max_size`) and postprocessing (score
+threshold, NMS, boxes scaled back to the input) are inside the graph; the caller
+only resizes the image to the exported size and scales the boxes back.
+"""
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from utils import config as config_lib
+from utils import model_factory
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = 'model.json'
+OPSET = 17  # >= 11 (what torchvision's detection export needs); 17 is well supported by onnxruntime
+INPUT_NAME = 'image'
+OUTPUT_NAMES = ('boxes', 'labels', 'scores')
+SIDECAR_FORMAT = 'fasterrcnn-onnx/1'
+
+
+class ExportError(ValueError):
+    """The model folder or the requested size cannot be exported; the message says which and why."""
+
+
+def sidecar_path(output_path: str) -> str:
+    """`model.onnx` -> `model.onnx.json`: never clashes with a model folder's own model.json."""
+    return output_path + '.json'
+
+
+def _read_settings(model_dir: str) -> Tuple[Dict[str, Any], str]:
+    """(validated configuration, weights path) of a `local_runner train` folder."""
+    if not os.path.isdir(model_dir):
+        raise ExportError(f'model folder {model_dir!r} does not exist or is not a folder: give the folder '
+                          f'`python -m local_runner train --output` wrote')
+    configuration: Dict[str, Any] = {}
+    description_path = os.path.join(model_dir, MODEL_FILE)
+    if os.path.isfile(description_path):
+        try:
+            with open(description_path) as f:
+                configuration = dict(json.load(f).get('configuration') or {})
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as err:
+            raise ExportError(f'{description_path} is not a model description: {err}') from None
+    try:
+        settings = config_lib.resolve(configuration)
+    except config_lib.ConfigError as err:
+        raise ExportError(f'{description_path}: {err}') from None
+    weights = os.path.join(model_dir, settings['weights_filename'])
+    if not os.path.isfile(weights):
+        raise ExportError(f'model folder {model_dir!r} has no weights at {weights} (did training finish?)')
+    return settings, weights
+
+
+def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[int, str]]:
+    """(the trained network in eval mode on CPU, its settings, id -> label) from a model folder.
+
+    The checkpoint describes itself (variant, label map, sizes); model.json adds the
+    inference settings (score threshold, NMS, detections per image).
+    """
+    settings, weights = _read_settings(model_dir)
+    try:
+        checkpoint = model_factory.load_checkpoint(weights)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    id_to_label = {int(k): str(v) for k, v in (checkpoint.get('id_to_label_map') or {}).items()}
+    if not id_to_label or 'state_dict' not in checkpoint:
+        raise ExportError(f'{weights} is not a checkpoint of this adapter (no label map or weights in it)')
+    variant = checkpoint.get('model_variant', settings['model_variant'])
+    settings.update(model_variant=variant, min_size=int(checkpoint.get('min_size', settings['min_size'])),
+                    max_size=int(checkpoint.get('max_size', settings['max_size'])))
+    num_classes = model_factory.num_classes_for(id_to_label)
+    model_factory.check_compatible(checkpoint, weights, variant, num_classes)
+    model = model_factory.build_model(variant, num_classes, settings['min_size'], settings['max_size'],
+                                      box_score_thresh=float(settings['conf_threshold']),
+                                      box_nms_thresh=float(settings['nms_iou_threshold']),
+                                      box_detections_per_img=int(settings['max_detections']))
+    model.load_state_dict(checkpoint['state_dict'])
+    return model.eval(), settings, id_to_label
+
+
+def _check_size(size: Optional[Sequence[int]], settings: Dict[str, Any]) -> Tuple[int, int]:
+    if size is None:
+        return settings['min_size'], settings['min_size']
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in size):
+        raise ExportError(f'size must be two integers (height, width), each >= 32, got {size!r}')
+    return int(size[0]), int(size[1])
+
+
+def describe(model: torch.nn.Module, settings: Dict[str, Any], id_to_label: Dict[int, str],
+             height: int, width: int) -> Dict[str, Any]:
+    """The sidecar JSON: what a caller needs to feed the graph and read its outputs."""
+    transform = model.transform
+    return {
+        'format': SIDECAR_FORMAT,
+        'model_variant': settings['model_variant'],
+        'input': {'name': INPUT_NAME, 'shape': [3, height, width], 'dtype': 'float32', 'layout': 'CHW',
+                  'color': 'RGB', 'scale': 'pixel values divided by 255 (0..1)'},
+        'resize': {'height': height, 'width': width, 'keep_aspect_ratio': False, 'interpolation': 'bilinear',
+                   'boxes': 'in input pixels: multiply x by original_width / width, y by original_height / height'},
+        'normalization': {'mean': [float(v) for v in transform.image_mean],
+                          'std': [float(v) for v in transform.image_std], 'applied_in_graph': True},
+        'network_resize': {'min_size': settings['min_size'], 'max_size': settings['max_size'],
+                           'applied_in_graph': True},
+        'score_threshold': float(settings['conf_threshold']),
+        'nms_iou_threshold': float(settings['nms_iou_threshold']),
+        'max_detections': int(settings['max_detections']),
+        'outputs': {'boxes': '[N, 4] float32 x1, y1, x2, y2', 'labels': '[N] int64 class ids (id_to_label_map)',
+                    'scores': '[N] float32, descending per class'},
+        'id_to_label_map': {str(k): v for k, v in sorted(id_to_label.items())},
+        'opset': OPSET,
+    }
+
+
+def export_onnx(model_dir: str, output_path: str, size: Optional[Sequence[int]] = None) -> str:
+    """Write `output_path` (ONNX, input `image` [3, H, W]) and `output_path + '.json'`; return `output_path`.
+
+    `size` is (height, width); default: a `min_size` square. Raises ExportError for a bad
+    model folder or size.
+    """
+    if importlib.util.find_spec('onnx') is None:  # torch's exporter needs it; the runner image does not ship it
+        raise ExportError('ONNX export needs the onnx package: pip install -r requirements-dev.txt')
+    model, settings, id_to_label = load_network(model_dir)
+    height, width = _check_size(size, settings)
+    directory = os.path.dirname(os.path.abspath(output_path))
+    os.makedirs(directory, exist_ok=True)
+    example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
+    tmp_path = output_path + '.tmp'
+    with warnings.catch_warnings():
+        # the tracer warns about every Python-side shape computation it freezes at this size, and
+        # torchvision's box code about tensor copies: expected for a fixed-size export, noise to a user
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        warnings.filterwarnings('ignore', message='To copy construct from a tensor', category=UserWarning)
+        warnings.filterwarnings('ignore', message='Exporting aten::index operator', category=UserWarning)
+        warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+        torch.onnx.export(model, ([example],), tmp_path, dynamo=False, opset_version=OPSET,
+                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          dynamic_axes={name: {0: 'detections'} for name in OUTPUT_NAMES})
+    os.replace(tmp_path, output_path)
+    with open(sidecar_path(output_path) + '.tmp', 'w') as f:
+        json.dump(describe(model, settings, id_to_label, height, width), f, indent=2)
+    os.replace(sidecar_path(output_path) + '.tmp', sidecar_path(output_path))
+    logger.info('exported %s at %dx%d (HxW) to %s (+ %s)', settings['model_variant'], height, width,
+                output_path, os.path.basename(sidecar_path(output_path)))
+    return output_path
