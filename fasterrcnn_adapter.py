@@ -22,15 +22,16 @@ from torchvision.transforms.functional import pil_to_tensor
 from utils import config as config_lib
 from utils import device as device_lib
 from utils import model_factory
+from utils.atomic import atomic_write
 from utils.embeddings import fpn_embedding
 from utils.images import ImageDecodeError, load_image
+from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
+from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
 
 logger = logging.getLogger('fasterrcnn.adapter')
 
 INDEX_FILENAME = 'fasterrcnn_index.json'
 ANNOTATION_TYPES_FOR_TRAINING = ['box', 'segment', 'binary', 'ellipse']
-LOSS_KEYS = ('loss', 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg')
-VALIDATION_LEGENDS = {'mAP': 'mAP@[.5:.95]', 'mAP_50': 'mAP@.5', 'mAP_75': 'mAP@.75', 'AR_100': 'AR@100'}
 
 
 @dataclasses.dataclass
@@ -93,7 +94,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         configuration = self.model_entity.configuration
         stored = configuration.get('id_to_label_map')
         if stored:
-            mapping = {int(k): str(v) for k, v in stored.items()}
+            mapping = parse_id_to_label(stored)
         else:
             mapping = {i + 1: str(label) for i, label in enumerate(self.model_entity.labels or [])}
         if 0 in mapping:
@@ -102,9 +103,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         return mapping
 
     def _set_label_map(self, id_to_label_map: Dict[int, str]) -> None:
-        configuration = self.model_entity.configuration
-        configuration['id_to_label_map'] = {str(k): v for k, v in sorted(id_to_label_map.items())}
-        configuration['label_to_id_map'] = {v: int(k) for k, v in sorted(id_to_label_map.items())}
+        self.model_entity.configuration.update(configuration_entries(id_to_label_map))
 
     # ------------------------------------------------------------- load / save
     def load(self, local_path, **kwargs):
@@ -122,7 +121,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         if local_path and os.path.isfile(weights_path):
             checkpoint = model_factory.load_checkpoint(weights_path)
             model_factory.check_compatible(checkpoint, weights_path, variant, num_classes)
-            saved_labels = {int(k): v for k, v in (checkpoint.get('id_to_label_map') or {}).items()}
+            saved_labels = parse_id_to_label(checkpoint.get('id_to_label_map'))
             if saved_labels and saved_labels != id_to_label_map:
                 logger.warning('the label map saved with %s differs from the model\'s; using the model\'s: %s',
                                weights_path, id_to_label_map)
@@ -147,12 +146,10 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         best = self.best_checkpoint_path
         if best and os.path.isfile(best):
             if os.path.abspath(best) != os.path.abspath(target):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.copyfile(best, target + '.tmp')
-                os.replace(target + '.tmp', target)
+                with open(best, 'rb') as source, atomic_write(target, 'wb') as f:
+                    shutil.copyfileobj(source, f)
         else:
-            payload = model_factory.make_checkpoint(self.model, settings['model_variant'], self.id_to_label_map(),
-                                                    settings['min_size'], settings['max_size'])
+            payload = model_factory.make_checkpoint(self.model, settings['model_variant'], self.id_to_label_map())
             model_factory.save_checkpoint(payload, target)
         self.model_entity.configuration['weights_filename'] = settings['weights_filename']
         logger.info('saved weights to %s', target)
@@ -348,10 +345,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.best_checkpoint_path = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.BEST_NAME)
         result = trainer.fit(
             self.model, export.subsets.get('train', []), export.subsets.get('validation', []),
-            label_to_id={label: i for i, label in id_to_label_map.items()},
+            label_to_id=label_to_id(id_to_label_map),
             output_path=output_path, settings=settings, device=self.device,
-            checkpoint_info=dict(variant=settings['model_variant'], id_to_label_map=id_to_label_map,
-                                 min_size=settings['min_size'], max_size=settings['max_size']),
+            checkpoint_info=dict(variant=settings['model_variant'], id_to_label_map=id_to_label_map),
             on_epoch_end=kwargs.get('on_epoch_end_callback'),
             publish_metrics=self._publish_metrics)
         last = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME)
@@ -401,6 +397,6 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         x = epoch + 1
         samples = [dl.PlotSample(figure='training loss', legend=key, x=x, y=float(metrics[key]))
                    for key in LOSS_KEYS if key in metrics]
-        samples += [dl.PlotSample(figure='validation', legend=legend, x=x, y=float(metrics[key]))
-                    for key, legend in VALIDATION_LEGENDS.items() if key in metrics]
+        samples += [dl.PlotSample(figure='validation', legend=LEGENDS[key], x=x, y=float(metrics[key]))
+                    for key in EVAL_KEYS if key in metrics]
         self.model_entity.metrics.create(samples=samples, dataset_id=self.model_entity.dataset_id)

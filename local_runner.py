@@ -18,7 +18,6 @@ anything else is a bug and keeps its traceback. Heavy imports (torch, dtlpy)
 happen after the arguments and paths are checked, so a wrong path fails fast.
 """
 import argparse
-import contextlib
 import json
 import logging
 import mimetypes
@@ -29,7 +28,9 @@ import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from utils import config as config_lib
+from utils.atomic import atomic_write
 from utils.config import ConfigError
+from utils.label_map import configuration_entries, label_to_id as label_to_id_of, labels_in_id_order, parse_id_to_label
 
 logger = logging.getLogger('local_runner')
 
@@ -196,12 +197,6 @@ def find_model_files(model_dir: str) -> Tuple[Optional[str], str]:
     return None, weights
 
 
-def image_extensions() -> frozenset:
-    from PIL import Image
-    Image.init()
-    return frozenset(ext.lower() for ext in Image.registered_extensions())
-
-
 def list_images(path: str, exclude: Optional[str] = None) -> List[Tuple[str, str]]:
     """(path, path relative to the input) of the images to predict on: a file, or a folder's image files
     (recursively; hidden files and the folder `exclude`, where results go, are left out)."""
@@ -209,6 +204,7 @@ def list_images(path: str, exclude: Optional[str] = None) -> List[Tuple[str, str
         raise FileNotFoundError(f'--input {path}: no such file or folder')
     if os.path.isfile(path):
         return [(path, os.path.basename(path))]
+    from utils.images import image_extensions
     extensions = image_extensions()
     excluded = os.path.realpath(exclude) if exclude else None
     found, others = [], 0
@@ -290,18 +286,16 @@ def load_model_dir(model_dir: str, configuration: Optional[Dict[str, Any]] = Non
         # describes itself (variant, label map, sizes)
         from utils import model_factory
         checkpoint = model_factory.load_checkpoint(weights)
-        id_to_label = {int(k): str(v) for k, v in (checkpoint.get('id_to_label_map') or {}).items()}
+        id_to_label = parse_id_to_label(checkpoint.get('id_to_label_map'))
         if not id_to_label or 'model_variant' not in checkpoint:
             raise ValueError(f'--model {model_dir}: no {MODEL_FILE}, and {weights} does not say its variant '
                              f'and labels')
         logger.warning('%s has no %s: rebuilding the model from %s (variant %s, %d labels)', model_dir,
                        MODEL_FILE, weights, checkpoint['model_variant'], len(id_to_label))
         saved = {'model_variant': checkpoint['model_variant'], 'pretrained': False,
-                 'min_size': int(checkpoint.get('min_size', config_lib.DEFAULTS['min_size'])),
-                 'max_size': int(checkpoint.get('max_size', config_lib.DEFAULTS['max_size'])),
-                 'id_to_label_map': {str(k): v for k, v in sorted(id_to_label.items())},
-                 'label_to_id_map': {v: k for k, v in sorted(id_to_label.items())}}
-        labels = [id_to_label[k] for k in sorted(id_to_label)]
+                 'min_size': checkpoint.get('min_size'), 'max_size': checkpoint.get('max_size'),
+                 **configuration_entries(id_to_label)}
+        labels = labels_in_id_order(id_to_label)
         name = os.path.basename(os.path.abspath(model_dir))
     saved.update(configuration or {})
     adapter = _new_adapter(saved, labels, name)
@@ -317,8 +311,7 @@ def write_model_description(adapter, output_dir: str, data_dir: str, result) -> 
     """OUT/model.json: everything `load_model_dir` needs to rebuild the model, plus how it was trained."""
     configuration = adapter.model_entity.configuration
     saved = {key: configuration[key] for key in config_lib.OPTIONS if key in configuration}
-    saved['id_to_label_map'] = {str(k): v for k, v in sorted(adapter.id_to_label_map().items())}
-    saved['label_to_id_map'] = {v: int(k) for k, v in sorted(adapter.id_to_label_map().items())}
+    saved.update(configuration_entries(adapter.id_to_label_map()))
     training = {'data': os.path.abspath(data_dir)}
     if result is not None:
         best = next((row for row in result.history if row.get('epoch') == result.best_epoch), {})
@@ -326,13 +319,11 @@ def write_model_description(adapter, output_dir: str, data_dir: str, result) -> 
                         best_epoch=result.best_epoch,
                         best_metrics={k: best[k] for k in ('mAP', 'mAP_50', 'mAP_75', 'AR_100') if k in best})
     description = {'format': MODEL_FORMAT, 'name': adapter.model_entity.name,
-                   'labels': [adapter.id_to_label_map()[k] for k in sorted(adapter.id_to_label_map())],
+                   'labels': labels_in_id_order(adapter.id_to_label_map()),
                    'configuration': saved, 'training': training}
     path = os.path.join(output_dir, MODEL_FILE)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    with atomic_write(path, 'w') as f:
         json.dump(_json_safe(description), f, indent=2)
-    os.replace(tmp, path)
     return path
 
 
@@ -455,7 +446,7 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
     from utils.images import ImageDecodeError, load_image
 
     settings = config_lib.resolve(adapter.model_entity.configuration)
-    label_to_id = {label: int(i) for i, label in adapter.id_to_label_map().items()}
+    label_to_id = label_to_id_of(adapter.id_to_label_map())
     names = output_names(inputs)
     targets = [(os.path.join(output_dir, name + '.json'), os.path.join(output_dir, name + '.png')) for name in names]
     sources = {os.path.realpath(path) for path, _ in inputs}
@@ -522,56 +513,6 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
 METRIC_NAMES = (('mAP', 'mAP@[.5:.95]'), ('mAP_50', 'mAP@.5'), ('mAP_75', 'mAP@.75'), ('AR_100', 'AR@100'))
 
 
-@contextlib.contextmanager
-def _recording_coco_evaluator():
-    """Keep the `CocoEvaluator` that `utils.engine.evaluate` builds, for its per-class precision array."""
-    from utils import engine
-    original = engine.CocoEvaluator
-    captured: list = []
-
-    class RecordingCocoEvaluator(original):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            captured.append(self)
-
-    engine.CocoEvaluator = RecordingCocoEvaluator
-    try:
-        yield captured
-    finally:
-        engine.CocoEvaluator = original
-
-
-def per_class_ap(coco_eval, coco_gt, id_to_label: Dict[int, str]) -> Dict[str, Dict[str, Any]]:
-    """Per label: AP@[.5:.95], AP@.5 (area all, 100 detections) from COCOeval's precision array
-    ``[T iou, R recall, K class, A area, M maxDets]``, the number of ground-truth boxes and the
-    precision-recall curve at IoU .5. AP is None for a class without ground truth; 0.0 when it
-    has ground truth but no detection (or `coco_eval` is None: no detection at all)."""
-    import numpy as np
-    rows: Dict[str, Dict[str, Any]] = {}
-    index = {}
-    if coco_eval is not None:
-        index = {int(cat): k for k, cat in enumerate(coco_eval.params.catIds)}
-        precision = coco_eval.eval['precision']
-        recall_thresholds = [float(r) for r in coco_eval.params.recThrs]
-        iou50 = int(np.argmin(np.abs(np.asarray(coco_eval.params.iouThrs) - 0.5)))
-    for class_id, label in sorted(id_to_label.items()):
-        n_gt = len(coco_gt.getAnnIds(catIds=[int(class_id)])) if coco_gt is not None else 0
-        row: Dict[str, Any] = {'id': int(class_id), 'gt_boxes': n_gt, 'AP': None, 'AP_50': None, 'pr_50': None}
-        if n_gt:
-            row['AP'] = row['AP_50'] = 0.0
-            k = index.get(int(class_id))
-            if k is not None:
-                p = precision[:, :, k, 0, -1]
-                if (p > -1).any():
-                    row['AP'] = float(p[p > -1].mean())
-                p50 = precision[iou50, :, k, 0, -1]
-                if (p50 > -1).any():
-                    row['AP_50'] = float(p50[p50 > -1].mean())
-                    row['pr_50'] = {'recall': recall_thresholds, 'precision': [max(0.0, float(v)) for v in p50]}
-        rows[label] = row
-    return rows
-
-
 def write_pr_plot(per_class: Dict[str, Dict[str, Any]], path: str, title: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -622,12 +563,10 @@ def evaluate_model(adapter, data_dir: str, subset: str, output_dir: str) -> Dict
     import torch
 
     from utils import engine
-    from utils.coco_eval import STAT_NAMES
-    from utils.coco_utils import get_coco_api_from_dataset
+    from utils.data_loading import collate_fn
     from utils.dataloop_reader import read_dataloop_export
     from utils.detection_dataset import DetectionDataset
     from utils.transforms import get_transform
-    from utils.utils import collate_fn
 
     settings = config_lib.resolve(adapter.model_entity.configuration)
     id_to_label = adapter.id_to_label_map()
@@ -645,28 +584,22 @@ def evaluate_model(adapter, data_dir: str, subset: str, output_dir: str) -> Dict
     if dropped:
         logger.warning('%s: %d box(es) with labels the model does not know were left out of the evaluation '
                        '(labels in the data: %s)', subset, dropped, export.labels_found)
-    label_to_id = {label: int(i) for i, label in id_to_label.items()}
+    label_to_id = label_to_id_of(id_to_label)
     dataset = DetectionDataset(records, label_to_id, get_transform(False, settings))
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings['batch_size'], shuffle=False,
                                          num_workers=settings['num_workers'], collate_fn=collate_fn)
     logger.info('evaluating on %d %s image(s) from %s', len(dataset), subset, data_dir)
-    with _recording_coco_evaluator() as captured:
-        metrics = engine.evaluate(adapter.model, loader, adapter.device)
-    evaluator = captured[-1] if captured else None
-    if evaluator is None:
-        logger.warning('utils.engine.evaluate did not build a CocoEvaluator this runner could read: '
-                       'per-class AP and the precision-recall plot are left empty')
-    coco_eval = evaluator.coco_eval.get('bbox') if evaluator is not None else None
-    per_class = per_class_ap(coco_eval, get_coco_api_from_dataset(dataset), id_to_label)
+    evaluation = engine.evaluate(adapter.model, loader, adapter.device)
+    metrics = dict(evaluation)
+    per_class = evaluation.per_class(id_to_label)
 
     os.makedirs(output_dir, exist_ok=True)
     table = format_metrics_table(metrics, per_class)
     json_path = os.path.join(output_dir, f'evaluation_{subset}.json')
     txt_path = os.path.join(output_dir, f'evaluation_{subset}.txt')
     png_path = os.path.join(output_dir, f'pr_curve_{subset}.png')
-    stats = evaluator.stats.tolist() if evaluator is not None else [0.0] * len(STAT_NAMES)
     document = {'data': os.path.abspath(data_dir), 'subset': subset, 'images': len(dataset),
-                'metrics': metrics, 'coco_stats': dict(zip(STAT_NAMES, stats)), 'per_class': per_class}
+                'metrics': metrics, 'coco_stats': evaluation.coco_stats, 'per_class': per_class}
     with open(json_path, 'w') as f:
         json.dump(_json_safe(document), f, indent=1)
     with open(txt_path, 'w') as f:

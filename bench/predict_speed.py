@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from torchvision.models import detection  # noqa: E402
 
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
+from utils import model_factory  # noqa: E402
 from utils.local_model import local_model  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 
@@ -47,7 +48,8 @@ def main():
     images = [(np.random.default_rng(i).random((args.height, args.width, 3)) * 255).astype(np.uint8)
               for i in range(args.batch)]
 
-    sizes = {key: adapter.settings[key] for key in ('min_size', 'max_size')}  # same input resolution on both sides
+    min_size, max_size = model_factory.input_sizes(adapter.model)  # same input resolution on both sides
+    sizes = dict(min_size=min_size, max_size=max_size)
     bare = getattr(detection, args.variant)(weights=None, weights_backbone=None, num_classes=91, **sizes).to(device).eval()
     bare.load_state_dict(adapter.model.state_dict())
     bare.roi_heads.score_thresh = adapter.model.roi_heads.score_thresh = 0.5

@@ -25,7 +25,7 @@ from utils.detection_dataset import DetectionDataset  # noqa: E402
 from utils.model_factory import build_model  # noqa: E402
 from utils.synthetic import make_synthetic_export  # noqa: E402
 from utils.transforms import get_transform  # noqa: E402
-from utils.utils import collate_fn  # noqa: E402
+from utils.data_loading import collate_fn  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 
 

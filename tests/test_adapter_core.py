@@ -194,3 +194,17 @@ def test_training_sampler_sizes_reach_the_network():
     adapter = make_adapter({'rpn_post_nms_top_n_train': 500, 'box_batch_size_per_image': 64})
     assert adapter.model.rpn._post_nms_top_n['training'] == 500
     assert adapter.model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+
+
+@pytest.mark.parametrize('variant, own_sizes', [('fasterrcnn_mobilenet_v3_large_320_fpn', (320, 640)),
+                                                ('fasterrcnn_mobilenet_v3_large_fpn', (800, 1333))])
+def test_min_and_max_size_null_mean_the_variants_own_and_the_checkpoint_records_them(tmp_path, variant, own_sizes):
+    assert config_lib.DEFAULTS['min_size'] is None and config_lib.DEFAULTS['max_size'] is None
+    adapter = make_adapter({'model_variant': variant, 'min_size': None, 'max_size': None})
+    assert model_factory.input_sizes(adapter.model) == own_sizes
+    adapter.save(str(tmp_path))
+    checkpoint = model_factory.load_checkpoint(str(tmp_path / 'weights' / 'best.pth'))
+    assert (checkpoint['min_size'], checkpoint['max_size']) == own_sizes
+    # a size that is set still wins over the variant's own
+    sized = make_adapter({'model_variant': variant, 'min_size': 160, 'max_size': None})
+    assert model_factory.input_sizes(sized.model) == (160, own_sizes[1])

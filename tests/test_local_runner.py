@@ -250,7 +250,7 @@ def test_evaluate_prints_the_map_table_per_class_ap_and_writes_a_pr_plot(trained
 
 
 def test_per_class_ap_reads_the_cocoeval_precision_array():
-    from utils.coco_eval import CocoEvaluator
+    from utils.coco_eval import CocoEvaluator, per_class_ap
     from utils.coco_utils import coco_from_dict
     gt = {'images': [{'id': 0, 'width': 100, 'height': 100}, {'id': 1, 'width': 100, 'height': 100}],
           'annotations': [
@@ -266,7 +266,7 @@ def test_per_class_ap_reads_the_cocoeval_precision_array():
                       1: {'boxes': torch.tensor([[50., 50., 70., 90.], [0., 0., 10., 10.]]),
                           'scores': torch.tensor([0.8, 0.3]), 'labels': torch.tensor([1, 3])}})
     evaluator.accumulate()
-    rows = local_runner.per_class_ap(evaluator.coco_eval['bbox'], coco_gt, {1: 'a', 2: 'b', 3: 'c'})
+    rows = per_class_ap(evaluator.coco_eval['bbox'], coco_gt, {1: 'a', 2: 'b', 3: 'c'})
     assert rows['a']['AP'] == pytest.approx(1.0) and rows['a']['AP_50'] == pytest.approx(1.0)
     assert rows['a']['gt_boxes'] == 2 and min(rows['a']['pr_50']['precision']) == pytest.approx(1.0)
     assert rows['b']['AP'] == 0.0 and rows['b']['gt_boxes'] == 1

@@ -26,7 +26,7 @@ from utils.detection_dataset import DetectionDataset
 from utils.model_factory import build_model, load_checkpoint
 from utils.transforms import (Compose, RandomHorizontalFlip, RandomPhotometricDistort, RandomVerticalFlip,
                               get_transform)
-from utils.utils import collate_fn
+from utils.data_loading import collate_fn
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
 SIZE = 128
@@ -259,6 +259,13 @@ def test_evaluate_perfect_none_and_empty(tmp_path, backend):
     assert set(metrics) == {'mAP', 'mAP_50', 'mAP_75', 'AR_100'}
     assert metrics == pytest.approx({'mAP': 1.0, 'mAP_50': 1.0, 'mAP_75': 1.0, 'AR_100': 1.0})
     assert all(s == engine.EVAL_ROI_SETTINGS for s in perfect.seen_settings)
+    # the evaluation carries what per-class results need
+    assert metrics.n_images == 4 and metrics.coco_stats['AP'] == pytest.approx(1.0)
+    per_class = metrics.per_class(ID_TO_LABEL)
+    assert set(per_class) == set(ID_TO_LABEL.values())
+    for row in per_class.values():
+        if row['gt_boxes']:
+            assert row['AP'] == pytest.approx(1.0) and row['pr_50']['precision'][0] == pytest.approx(1.0)
     assert vars(perfect.roi_heads) == dict(score_thresh=0.7, nms_thresh=0.3, detections_per_img=7)  # restored
     assert perfect.training  # mode restored
 

@@ -39,8 +39,9 @@ OPTIONS: Dict[str, Option] = {
     'conf_threshold': Option(0.5, _NUM, minimum=0.0, maximum=1.0),
     'nms_iou_threshold': Option(0.5, _NUM, minimum=0.0, maximum=1.0),
     'max_detections': Option(100, (int,), minimum=1),
-    'min_size': Option(800, (int,), minimum=32),
-    'max_size': Option(1333, (int,), minimum=32),
+    # None: the variant's own input size (the builder's default), as torchvision does
+    'min_size': Option(None, (int,), minimum=32, nullable=True),
+    'max_size': Option(None, (int,), minimum=32, nullable=True),
     'batch_size': Option(2, (int,), minimum=1),
     # the FPN width: embed always returns 256 values, and the SDK drops vectors of any other length
     'embeddings_size': Option(256, (int,), choices=(256,)),
@@ -69,8 +70,9 @@ OPTIONS: Dict[str, Option] = {
 DEFAULTS: Dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
 TRAINING_KEYS = tuple(key for key, option in OPTIONS.items() if option.training)
 
-# Keys dtlpy's BaseModelAdapter writes into the configuration; having them present
-# up front keeps the SDK from PATCHing the model just because one is missing.
+# The SDK's bookkeeping, not settings of this adapter: dtlpy's BaseModelAdapter writes these
+# keys into the configuration (1.126 acts on neither upload_annotations nor clean_annotations);
+# having them present up front keeps the SDK from PATCHing the model because one is missing.
 SDK_KEYS = {
     'upload_annotations': True,
     'clean_annotations': True,
@@ -124,7 +126,7 @@ def resolve(configuration: Optional[dict]) -> Dict[str, Any]:
         raise ConfigError(f'yaml_config has unknown key(s) {unknown}; valid keys are {sorted(TRAINING_KEYS)}')
     for key, value in extra.items():
         settings[key] = _check(key, value)
-    if settings['max_size'] < settings['min_size']:
+    if None not in (settings['min_size'], settings['max_size']) and settings['max_size'] < settings['min_size']:
         raise ConfigError(f"configuration key 'max_size' ({settings['max_size']}) must be >= "
                           f"'min_size' ({settings['min_size']})")
     return settings

@@ -8,59 +8,28 @@ import csv
 import logging
 import math
 import os
-import tempfile
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 # The Agg canvas directly (no pyplot): no global backend switch, no GUI, safe in any thread.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from utils.atomic import atomic_write
+from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
+
 logger = logging.getLogger(__name__)
 
-LOSS_COLUMNS = ('loss', 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg')
-METRIC_COLUMNS = ('mAP', 'mAP_50', 'mAP_75', 'AR_100')
-COLUMNS = ('epoch',) + LOSS_COLUMNS + ('lr',) + METRIC_COLUMNS
+COLUMNS = ('epoch',) + LOSS_KEYS + ('lr',) + EVAL_KEYS
 CSV_NAME = 'curves.csv'
 PNG_NAME = 'curves.png'
 
-_LEGEND = {
-    'loss': 'total', 'loss_classifier': 'classifier', 'loss_box_reg': 'box regression',
-    'loss_objectness': 'RPN objectness', 'loss_rpn_box_reg': 'RPN box regression',
-    'mAP': 'mAP@[.5:.95]', 'mAP_50': 'mAP@.5', 'mAP_75': 'mAP@.75', 'AR_100': 'AR@100',
-}
-
-
-def _temp_path(path: str) -> str:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    # mkstemp makes the file owner-only (0600); give it the permissions a plain open() would
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
-
-
-def _replace(tmp: str, path: str) -> None:
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def write_csv(history: Sequence[Mapping[str, Any]], path: str) -> str:
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction='ignore')
-            writer.writeheader()
-            for row in history:
-                writer.writerow({key: row.get(key, '') for key in COLUMNS})
-    except BaseException:
-        os.remove(tmp)
-        raise
-    _replace(tmp, path)
+    with atomic_write(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction='ignore')
+        writer.writeheader()
+        for row in history:
+            writer.writerow({key: row.get(key, '') for key in COLUMNS})
     return path
 
 
@@ -78,19 +47,19 @@ def write_png(history: Sequence[Mapping[str, Any]], path: str) -> str:
     figure = Figure(figsize=(12, 4.8), dpi=100, layout='constrained')
     FigureCanvasAgg(figure)
     loss_ax, map_ax = figure.subplots(1, 2)
-    for key in LOSS_COLUMNS:
+    for key in LOSS_KEYS:
         xs, ys = _series(history, key)
         if xs:
             loss_ax.plot(xs, ys, marker='o', markersize=3, linewidth=2.2 if key == 'loss' else 1.3,
-                         label=_LEGEND[key])
+                         label=LEGENDS[key])
     loss_ax.set_title('Training losses')
     loss_ax.set_xlabel('epoch')
     loss_ax.set_ylabel('loss (epoch average)')
-    for key in METRIC_COLUMNS:
+    for key in EVAL_KEYS:
         xs, ys = _series(history, key)
         if xs:
             map_ax.plot(xs, ys, marker='o', markersize=3, linewidth=2.2 if key == 'mAP' else 1.3,
-                        label=_LEGEND[key])
+                        label=LEGENDS[key])
     best = max((row for row in history if isinstance(row.get('mAP'), (int, float))),
                key=lambda row: row['mAP'], default=None)
     if best is not None:
@@ -105,13 +74,8 @@ def write_png(history: Sequence[Mapping[str, Any]], path: str) -> str:
         ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc='best', fontsize='small')
-    tmp = _temp_path(path)
-    try:
-        figure.savefig(tmp, format='png')
-    except BaseException:
-        os.remove(tmp)
-        raise
-    _replace(tmp, path)
+    with atomic_write(path, 'wb') as f:
+        figure.savefig(f, format='png')
     return path
 
 

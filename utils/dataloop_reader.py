@@ -46,14 +46,14 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from utils.images import ImageDecodeError, image_size
+from utils.atomic import atomic_write
+from utils.images import ImageDecodeError, image_extensions, image_size
 
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 'fasterrcnn-dataloop-index/1'
 MASK_THRESHOLD = 128  # alpha >= 128 is inside: more than half opaque
 PROGRESS_EVERY = 2000
-_IMAGE_EXTENSIONS = None  # filled lazily from PIL's registry
 
 
 class _Skip(Exception):
@@ -133,14 +133,6 @@ def _xy(point) -> Tuple[float, float]:
 
 def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
-
-
-def _image_extensions() -> frozenset:
-    global _IMAGE_EXTENSIONS
-    if _IMAGE_EXTENSIONS is None:
-        Image.init()
-        _IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
-    return _IMAGE_EXTENSIONS
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -316,7 +308,7 @@ class _SubsetReader:
                 names = []
             self._listing[folder] = names
         candidates = [n for n in names if n == stem or os.path.splitext(n)[0] == stem]
-        candidates.sort(key=lambda n: os.path.splitext(n)[1].lower() not in _image_extensions())
+        candidates.sort(key=lambda n: os.path.splitext(n)[1].lower() not in image_extensions())
         for name in candidates:
             if os.path.isfile(os.path.join(folder, name)):
                 return os.path.join(folder, name)
@@ -511,10 +503,8 @@ def save_index(export: DataloopExport, path) -> None:
            'subsets': {s: [dict(r, image_path=rel(r['image_path'])) for r in records]
                        for s, records in export.subsets.items()},
            'reports': {s: rep.to_json() for s, rep in export.reports.items()}}
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
+    with atomic_write(path, 'w') as f:
         json.dump(doc, f)
-    os.replace(tmp, path)
 
 
 def load_index(path) -> DataloopExport:

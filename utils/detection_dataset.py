@@ -12,7 +12,7 @@ returns ``(image, target)`` with ``target`` holding ``boxes`` (float32 ``[N, 4]`
 truth (`utils.coco_utils`) is built from them without decoding any image.
 
 An image that cannot be decoded at training time is logged (naming the item)
-and the sample comes back as ``None``; `utils.utils.collate_fn` drops it.
+and the sample comes back as ``None``; `utils.data_loading.collate_fn` drops it.
 """
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple

@@ -1,4 +1,5 @@
 """Decode any image file the way a viewer shows it: EXIF orientation applied, 8-bit RGB."""
+import functools
 import io
 import os
 from typing import Union
@@ -62,3 +63,10 @@ def image_size(path: Union[str, os.PathLike]) -> tuple:
     if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
         width, height = height, width
     return width, height
+
+
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> frozenset:
+    """Lower-case file extensions (with the dot) that PIL can open: what counts as an image file."""
+    Image.init()
+    return frozenset(ext.lower() for ext in Image.registered_extensions())

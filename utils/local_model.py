@@ -4,6 +4,8 @@ import json
 import os
 from typing import Any, Dict, Iterable, Optional
 
+from utils.label_map import configuration_entries
+
 MANIFEST_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'dataloop.json')
 
 
@@ -30,8 +32,7 @@ def local_model(configuration: Optional[Dict[str, Any]] = None, labels: Optional
     if labels is not None:
         labels = [str(label) for label in labels]
         block['labels'] = labels
-        model_configuration['id_to_label_map'] = {str(i + 1): label for i, label in enumerate(labels)}
-        model_configuration['label_to_id_map'] = {label: i + 1 for i, label in enumerate(labels)}
+        model_configuration.update(configuration_entries({i + 1: label for i, label in enumerate(labels)}))
     model_configuration.update(configuration or {})
     model_json = {
         'id': model_id,

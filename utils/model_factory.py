@@ -1,13 +1,14 @@
 """Build torchvision Faster R-CNN variants and (de)serialize adapter checkpoints."""
 import collections
 import logging
-import os
-import tempfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torchvision.models import detection
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+from utils.atomic import atomic_write
+from utils.label_map import parse_id_to_label
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +37,19 @@ def num_classes_for(id_to_label_map: Mapping[int, str]) -> int:
     return max(int(i) for i in id_to_label_map) + 1
 
 
-def build_model(variant: str, num_classes: int, min_size: int, max_size: int,
+def build_model(variant: str, num_classes: int, min_size: Optional[int] = None, max_size: Optional[int] = None,
                 coco_weights: bool = False, keep_coco_head: bool = False, **options: Any) -> torch.nn.Module:
     """Faster R-CNN of `variant` with `num_classes` outputs (background included).
 
-    With `coco_weights`, torchvision's COCO checkpoint is loaded through its Weights
+    `min_size` / `max_size` None keep the builder's own input size (800 / 1333, or
+    320 / 640 for the 320 variant), as torchvision's builders do. With `coco_weights`, torchvision's COCO checkpoint is loaded through its Weights
     API (so a copy cached under TORCH_HOME is used, no download when present); the
     box predictor is then replaced for `num_classes` unless `keep_coco_head`.
     `options` are further FasterRCNN keyword arguments (e.g. rpn_post_nms_top_n_train).
     """
     builder, weights_enum = BUILDERS[variant]
-    sizes = dict(min_size=min_size, max_size=max_size, **options)
+    sizes = {key: value for key, value in (('min_size', min_size), ('max_size', max_size)) if value is not None}
+    sizes.update(options)
     if not coco_weights:
         return builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
     model = builder(weights=weights_enum.COCO_V1, **sizes)
@@ -64,37 +67,36 @@ def replace_box_predictor(model: torch.nn.Module, num_classes: int) -> torch.nn.
     return model
 
 
+def input_sizes(model: torch.nn.Module) -> Tuple[int, int]:
+    """(min_size, max_size) the network resizes its inputs to."""
+    transform = model.transform
+    min_size = transform.min_size[-1] if isinstance(transform.min_size, (tuple, list)) else transform.min_size
+    return int(min_size), int(transform.max_size)
+
+
 def make_checkpoint(model: torch.nn.Module, variant: str, id_to_label_map: Mapping[int, str],
-                    min_size: int, max_size: int, **extra: Any) -> Dict[str, Any]:
-    """Everything needed to rebuild the network without the platform: weights, variant, labels, sizes."""
+                    min_size: Optional[int] = None, max_size: Optional[int] = None, **extra: Any) -> Dict[str, Any]:
+    """Everything needed to rebuild the network without the platform: weights, variant, labels, sizes.
+
+    The sizes recorded are the network's own unless given.
+    """
+    own_min, own_max = input_sizes(model)
     return {
         'format': CHECKPOINT_FORMAT,
         'model_variant': variant,
         'num_classes': num_classes_for(id_to_label_map),
-        'id_to_label_map': {int(k): str(v) for k, v in id_to_label_map.items()},
-        'min_size': int(min_size),
-        'max_size': int(max_size),
+        'id_to_label_map': parse_id_to_label(id_to_label_map),
+        'min_size': int(own_min if min_size is None else min_size),
+        'max_size': int(own_max if max_size is None else max_size),
         'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **extra,
     }
 
 
 def save_checkpoint(payload: Mapping[str, Any], path: str) -> str:
-    """Write atomically: a crash or preemption mid-write never leaves a half file at `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.pth')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(dict(payload), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o644)  # mkstemp makes it owner-only; a weights file is meant to be shared
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """Write atomically and to disk: a crash or preemption mid-write never leaves a half file at `path`."""
+    with atomic_write(path, 'wb', fsync=True) as f:
+        torch.save(dict(payload), f)
     return path
 
 

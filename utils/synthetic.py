@@ -37,7 +37,6 @@ SHAPE_COLORS: Dict[str, Tuple[int, int, int]] = {
     'cross': (160, 50, 200),     # purple
 }
 DEFAULT_LABELS = ('circle', 'square', 'triangle')
-SUBSETS = ('train', 'validation')
 _SUBSET_KEYS = {'train': 1, 'validation': 2}
 
 

@@ -21,18 +21,20 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from utils import engine
 from utils.config import DEFAULTS
 from utils.curves import write_curves
+from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.detection_dataset import DetectionDataset
+from utils.label_map import parse_id_to_label
+from utils.metric_names import EVAL_KEYS, LOSS_KEYS
 from utils.model_factory import (check_compatible, load_checkpoint, make_checkpoint, num_classes_for,
                                  save_checkpoint)
 from utils.transforms import get_transform
-from utils.utils import collate_fn, make_generator, seed_everything, seed_worker
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,47 @@ class FitResult:
     epochs_run: int
     stopped_early: bool
     history: List[dict]
+
+    @property
+    def best_record(self) -> Dict[str, Any]:
+        """The history row of the best epoch ({} when there is none)."""
+        return next((row for row in self.history if row.get('epoch') == self.best_epoch), {})
+
+
+@dataclasses.dataclass
+class _Run:
+    """The state of one run: what the epochs update and what weights/last.pth holds to resume it."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: Optional[torch.amp.GradScaler]
+    generator: torch.Generator
+    checkpoint_info: Dict[str, Any]
+    epochs: int
+    patience: int
+    has_val: bool
+    history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+    last_epoch: int = -1  # the last finished epoch
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    stale: int = 0
+    stopped_early: bool = False
+
+    def add(self, record: Dict[str, Any]) -> bool:
+        """Append an epoch's record; True when it is the best so far (every epoch, without validation)."""
+        self.history.append(record)
+        self.last_epoch = record['epoch']
+        improved = (not self.has_val) or record['mAP'] > self.best_score
+        if improved:
+            self.best_score, self.best_epoch, self.stale = record['mAP'], record['epoch'], 0
+        else:
+            self.stale += 1
+        self.stopped_early = bool(self.has_val and self.patience and self.stale >= self.patience)
+        return improved
+
+    def result(self) -> FitResult:
+        return FitResult(best_score=self.best_score, best_epoch=self.best_epoch, epochs_run=len(self.history),
+                         stopped_early=self.stopped_early, history=self.history)
 
 
 def lr_milestones(lr_steps: Sequence[float], epochs: int) -> List[int]:
@@ -82,13 +125,6 @@ def _float(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def _result_from(checkpoint: Mapping[str, Any]) -> FitResult:
-    history = list(checkpoint.get('history') or [])
-    return FitResult(best_score=float(checkpoint['best_score']), best_epoch=int(checkpoint['best_epoch']),
-                     epochs_run=len(history), stopped_early=bool(checkpoint.get('stopped_early', False)),
-                     history=history)
-
-
 def _summary_line(record: Mapping[str, Any], epochs: int, best_score: float, best_epoch: int) -> str:
     return (f"epoch {record['epoch'] + 1}/{epochs}: loss {record['loss']:.4f} "
             f"(cls {record['loss_classifier']:.4f}, box {record['loss_box_reg']:.4f}, "
@@ -108,7 +144,8 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     """Train `model` for ``settings['epochs']`` epochs (or until early stopping); see the module doc.
 
     - `settings`: the resolved configuration (`utils.config.resolve`); missing keys take defaults.
-    - `checkpoint_info`: `make_checkpoint` kwargs: variant, id_to_label_map, min_size, max_size.
+    - `checkpoint_info`: `make_checkpoint` kwargs: variant, id_to_label_map (and optionally
+      min_size, max_size; by default the network's own).
     - `on_epoch_end(epoch, epochs)`: called last in each epoch, after the checkpoints are
       written; an exception from it stops training (and `fit` can resume later).
     - `publish_metrics(epoch, metrics)`: once per epoch with the loss components, lr,
@@ -116,151 +153,167 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     """
     settings = {**DEFAULTS, **(settings or {})}
     device = torch.device(device)
-    epochs = int(settings['epochs'])
-    patience = int(settings['early_stopping_patience'])
-    weights_dir = os.path.join(output_path, WEIGHTS_DIR)
-    last_path = os.path.join(weights_dir, LAST_NAME)
-    best_path = os.path.join(weights_dir, BEST_NAME)
-    os.makedirs(weights_dir, exist_ok=True)
+    last_path, best_path = _checkpoint_paths(output_path)
+    train_loader, val_loader, generator = _data(train_records, val_records, label_to_id, settings, device)
+    run = _new_run(model, settings, device, generator, checkpoint_info, has_val=val_loader is not None)
+    source = resume_path or (last_path if os.path.exists(last_path) else None)
+    if source and _resume(run, source, best_path):
+        return run.result()  # that run had finished
+    logger.info('training %s for %d epoch(s) on %s: %d train / %d validation image(s), batch %d, %d batch(es)/epoch',
+                checkpoint_info.get('variant'), run.epochs, device, len(train_records), len(val_records or []),
+                settings['batch_size'], len(train_loader))
+    for epoch in range(run.last_epoch + 1, run.epochs):
+        record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
+        improved = run.add(record)
+        metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
+        _publish(publish_metrics, epoch, metrics)
+        try:
+            write_curves(run.history, output_path)
+        except Exception as err:
+            logger.warning('could not write the training curves: %s: %s', type(err).__name__, err)
+        _write_checkpoints(run, epoch, metrics, last_path, best_path if improved else None)
+        logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, run.epochs)
+        if run.stopped_early:
+            logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
+                        'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
+                        epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
+            break
+    _load_best(model, best_path, run.best_epoch, run.last_epoch, None)
+    logger.info('training done: %d epoch(s)%s, best mAP %.4f at epoch %d; weights in %s', len(run.history),
+                ' (stopped early)' if run.stopped_early else '', run.best_score, run.best_epoch + 1,
+                os.path.dirname(last_path))
+    return run.result()
 
+
+def _checkpoint_paths(output_path: str) -> Tuple[str, str]:
+    """(weights/last.pth, weights/best.pth) under `output_path`; the folder is created."""
+    weights_dir = os.path.join(output_path, WEIGHTS_DIR)
+    os.makedirs(weights_dir, exist_ok=True)
+    return os.path.join(weights_dir, LAST_NAME), os.path.join(weights_dir, BEST_NAME)
+
+
+def _data(train_records, val_records, label_to_id, settings, device):
+    """(train loader, validation loader or None, the seeded generator that shuffles the training set)."""
     if not train_records:
         raise ValueError('no training images: the train subset is empty (check the dataset filters '
                          'and that the items have box/polygon/mask annotations with known labels)')
-    has_val = bool(val_records)
-    if not has_val:
+    if not val_records:
         logger.warning('no validation images: mAP is reported as 0.0, best.pth follows the latest epoch'
-                       + (' and early stopping is off' if patience else ''))
-
+                       + (' and early stopping is off' if int(settings['early_stopping_patience']) else ''))
     seed_everything(int(settings['seed']))
     train_set = DetectionDataset(train_records, label_to_id, get_transform(True, settings))
-    val_set = DetectionDataset(val_records or [], label_to_id, get_transform(False, settings))
     generator = make_generator(int(settings['seed']))
     train_loader = _loader(train_set, settings, device, shuffle=True, generator=generator)
-    val_loader = _loader(val_set, settings, device, shuffle=False, generator=None) if has_val else None
+    val_loader = None
+    if val_records:
+        val_set = DetectionDataset(val_records, label_to_id, get_transform(False, settings))
+        val_loader = _loader(val_set, settings, device, shuffle=False, generator=None)
+    return train_loader, val_loader, generator
 
+
+def _new_run(model, settings, device, generator, checkpoint_info, has_val: bool) -> _Run:
+    """The model on `device` with a fresh SGD optimizer, lr scheduler and (CUDA + amp) GradScaler."""
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=settings['learning_rate'], momentum=settings['momentum'],
                                 weight_decay=settings['weight_decay'])
-    lr_scheduler = build_lr_scheduler(optimizer, settings)
     scaler = torch.amp.GradScaler('cuda') if settings['amp'] and device.type == 'cuda' else None
+    return _Run(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, settings),
+                scaler=scaler, generator=generator, checkpoint_info=checkpoint_info,
+                epochs=int(settings['epochs']), patience=int(settings['early_stopping_patience']), has_val=has_val)
 
-    history: List[Dict[str, Any]] = []
-    best_score, best_epoch, start_epoch = -math.inf, -1, 0
-    source = resume_path or (last_path if os.path.exists(last_path) else None)
-    if source:
-        checkpoint = load_checkpoint(source)
-        num_classes = num_classes_for(checkpoint_info['id_to_label_map'])
-        check_compatible(checkpoint, source, checkpoint_info['variant'], num_classes)
-        saved_map = {int(k): str(v) for k, v in (checkpoint.get('id_to_label_map') or {}).items()}
-        wanted_map = {int(k): str(v) for k, v in checkpoint_info['id_to_label_map'].items()}
-        if saved_map != wanted_map:
-            raise ValueError(f'cannot resume from {source!r}: it was trained with labels {saved_map}, '
-                             f'this model has {wanted_map}; use a new output_path to start over')
-        if 'optimizer' not in checkpoint:
-            raise ValueError(f'cannot resume from {source!r}: it holds weights only (no optimizer state); '
-                             f'resume from a weights/{LAST_NAME}')
-        if checkpoint.get('stopped_early') or int(checkpoint['epoch']) + 1 >= epochs:
-            result = _result_from(checkpoint)
-            logger.info('%s: training already finished (%d epoch(s)%s, best mAP %.4f at epoch %d): nothing to do',
-                        source, result.epochs_run, ', stopped early' if result.stopped_early else '',
-                        result.best_score, result.best_epoch + 1)
-            _load_best(model, best_path, result.best_epoch, int(checkpoint['epoch']), checkpoint)
-            return result
-        model.load_state_dict(checkpoint['state_dict'])
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        if scaler is not None and checkpoint.get('scaler'):
-            scaler.load_state_dict(checkpoint['scaler'])
-        rng = checkpoint.get('rng') or {}
-        if 'torch' in rng:
-            torch.set_rng_state(rng['torch'])
-        if 'loader' in rng:
-            generator.set_state(rng['loader'])
-        history = list(checkpoint.get('history') or [])
-        best_score, best_epoch = float(checkpoint['best_score']), int(checkpoint['best_epoch'])
-        start_epoch = int(checkpoint['epoch']) + 1
-        if int(checkpoint.get('epochs', epochs)) != epochs:
-            logger.warning('resuming a run planned for %s epochs with epochs=%d: the learning rate schedule '
-                           'keeps its saved milestones', checkpoint.get('epochs'), epochs)
-        logger.info('resumed from %s: continuing at epoch %d/%d (best mAP so far %.4f at epoch %d)',
-                    source, start_epoch + 1, epochs, best_score, best_epoch + 1)
 
-    stale = _epochs_since_best(history, best_epoch)
-    stopped_early = False
-    logger.info('training %s for %d epoch(s) on %s: %d train / %d validation image(s), batch %d, %d batch(es)/epoch',
-                checkpoint_info.get('variant'), epochs, device, len(train_set), len(val_set),
-                settings['batch_size'], len(train_loader))
-    last_epoch = start_epoch - 1
-    for epoch in range(start_epoch, epochs):
-        tic = time.time()
-        losses = engine.train_one_epoch(model, optimizer, train_loader, device, epoch, scaler=scaler,
-                                        warmup_iters=int(settings['warmup_iters']),
-                                        max_grad_norm=float(settings['max_grad_norm']), total_epochs=epochs)
-        train_time = time.time() - tic
-        lr_used = float(losses.pop('lr'))
-        engine.step_scheduler(lr_scheduler)  # (quiet if every step of the epoch was skipped)
+def _resume(run: _Run, source: str, best_path: str) -> bool:
+    """Continue the run saved in `source` (a last.pth); True when that run had already finished
+    (the model then holds its best weights and `run` its history)."""
+    checkpoint = load_checkpoint(source)
+    info = run.checkpoint_info
+    check_compatible(checkpoint, source, info['variant'], num_classes_for(info['id_to_label_map']))
+    saved_map = parse_id_to_label(checkpoint.get('id_to_label_map'))
+    wanted_map = parse_id_to_label(info['id_to_label_map'])
+    if saved_map != wanted_map:
+        raise ValueError(f'cannot resume from {source!r}: it was trained with labels {saved_map}, '
+                         f'this model has {wanted_map}; use a new output_path to start over')
+    if 'optimizer' not in checkpoint:
+        raise ValueError(f'cannot resume from {source!r}: it holds weights only (no optimizer state); '
+                         f'resume from a weights/{LAST_NAME}')
+    run.history = list(checkpoint.get('history') or [])
+    run.last_epoch = int(checkpoint['epoch'])
+    run.best_score, run.best_epoch = float(checkpoint['best_score']), int(checkpoint['best_epoch'])
+    run.stale = _epochs_since_best(run.history, run.best_epoch)
+    if checkpoint.get('stopped_early') or int(checkpoint['epoch']) + 1 >= run.epochs:
+        run.stopped_early = bool(checkpoint.get('stopped_early', False))
+        logger.info('%s: training already finished (%d epoch(s)%s, best mAP %.4f at epoch %d): nothing to do',
+                    source, len(run.history), ', stopped early' if run.stopped_early else '',
+                    run.best_score, run.best_epoch + 1)
+        _load_best(run.model, best_path, run.best_epoch, run.last_epoch, checkpoint)
+        return True
+    run.model.load_state_dict(checkpoint['state_dict'])
+    run.optimizer.load_state_dict(checkpoint['optimizer'])
+    run.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    if run.scaler is not None and checkpoint.get('scaler'):
+        run.scaler.load_state_dict(checkpoint['scaler'])
+    rng = checkpoint.get('rng') or {}
+    if 'torch' in rng:
+        torch.set_rng_state(rng['torch'])
+    if 'loader' in rng:
+        run.generator.set_state(rng['loader'])
+    if int(checkpoint.get('epochs', run.epochs)) != run.epochs:
+        logger.warning('resuming a run planned for %s epochs with epochs=%d: the learning rate schedule '
+                       'keeps its saved milestones', checkpoint.get('epochs'), run.epochs)
+    logger.info('resumed from %s: continuing at epoch %d/%d (best mAP so far %.4f at epoch %d)',
+                source, run.last_epoch + 2, run.epochs, run.best_score, run.best_epoch + 1)
+    return False
 
-        tic = time.time()
-        if has_val:
-            scores = engine.evaluate(model, val_loader, device)
-        else:
-            scores = {key: 0.0 for key in engine.EVAL_KEYS}
-        eval_time = time.time() - tic
 
-        record: Dict[str, Any] = {'epoch': epoch}
-        record.update({key: _float(losses[key]) for key in engine.LOSS_KEYS})
-        record['lr'] = lr_used
-        record.update({key: _float(scores[key]) for key in engine.EVAL_KEYS})
-        record.update(train_time=train_time, eval_time=eval_time,
-                      images_per_s=len(train_set) / train_time if train_time > 0 else 0.0)
-        history.append(record)
+def _train_and_evaluate(run: _Run, train_loader, val_loader, device, epoch: int, settings) -> Dict[str, Any]:
+    """One epoch of training, the lr scheduler's step and the validation: the epoch's history record."""
+    tic = time.time()
+    losses = engine.train_one_epoch(run.model, run.optimizer, train_loader, device, epoch, scaler=run.scaler,
+                                    warmup_iters=int(settings['warmup_iters']),
+                                    max_grad_norm=float(settings['max_grad_norm']), total_epochs=run.epochs)
+    train_time = time.time() - tic
+    lr_used = float(losses.pop('lr'))
+    engine.step_scheduler(run.lr_scheduler)  # (quiet if every step of the epoch was skipped)
 
-        score = record['mAP']
-        improved = (not has_val) or score > best_score
-        if improved:
-            best_score, best_epoch, stale = score, epoch, 0
-        else:
-            stale += 1
+    tic = time.time()
+    scores = engine.evaluate(run.model, val_loader, device) if val_loader is not None else {}
+    eval_time = time.time() - tic
 
-        metrics = {key: record[key] for key in engine.LOSS_KEYS + ('lr',) + engine.EVAL_KEYS}
-        if publish_metrics is not None:
-            try:
-                publish_metrics(epoch, dict(metrics))
-            except Exception as err:  # the platform's metrics are nice to have, the run is not at stake
-                logger.warning('could not publish the metrics of epoch %d: %s: %s', epoch + 1,
-                               type(err).__name__, err, exc_info=logger.isEnabledFor(logging.DEBUG))
-        try:
-            write_curves(history, output_path)
-        except Exception as err:
-            logger.warning('could not write the training curves: %s: %s', type(err).__name__, err)
+    record: Dict[str, Any] = {'epoch': epoch}
+    record.update({key: _float(losses[key]) for key in LOSS_KEYS})
+    record['lr'] = lr_used
+    record.update({key: _float(scores.get(key, 0.0)) for key in EVAL_KEYS})
+    n_train = len(train_loader.dataset)
+    record.update(train_time=train_time, eval_time=eval_time,
+                  images_per_s=n_train / train_time if train_time > 0 else 0.0)
+    return record
 
-        if improved:
-            save_checkpoint(make_checkpoint(model, **checkpoint_info, epoch=epoch, metrics=metrics), best_path)
-        if has_val and patience and stale >= patience:
-            stopped_early = True
-        save_checkpoint(make_checkpoint(
-            model, **checkpoint_info,
-            optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(),
-            scaler=scaler.state_dict() if scaler is not None else None,
-            epoch=epoch, epochs=epochs, best_score=best_score, best_epoch=best_epoch, history=history,
-            stopped_early=stopped_early,
-            rng={'torch': torch.get_rng_state(), 'loader': generator.get_state()}), last_path)
-        last_epoch = epoch
-        logger.info(_summary_line(record, epochs, best_score, best_epoch))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, epochs)
-        if stopped_early:
-            logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
-                        'stopping after epoch %d/%d, best mAP %.4f at epoch %d',
-                        stale, patience, epoch + 1, epochs, best_score, best_epoch + 1)
-            break
 
-    _load_best(model, best_path, best_epoch, last_epoch, None)
-    logger.info('training done: %d epoch(s)%s, best mAP %.4f at epoch %d; weights in %s',
-                len(history), ' (stopped early)' if stopped_early else '', best_score, best_epoch + 1, weights_dir)
-    return FitResult(best_score=best_score, best_epoch=best_epoch, epochs_run=len(history),
-                     stopped_early=stopped_early, history=history)
+def _publish(publish_metrics, epoch: int, metrics: Dict[str, float]) -> None:
+    if publish_metrics is None:
+        return
+    try:
+        publish_metrics(epoch, dict(metrics))
+    except Exception as err:  # the platform's metrics are nice to have, the run is not at stake
+        logger.warning('could not publish the metrics of epoch %d: %s: %s', epoch + 1,
+                       type(err).__name__, err, exc_info=logger.isEnabledFor(logging.DEBUG))
+
+
+def _write_checkpoints(run: _Run, epoch: int, metrics: Dict[str, float], last_path: str,
+                       best_path: Optional[str]) -> None:
+    """best.pth (weights + metrics) when `best_path` is given, then last.pth with everything to resume."""
+    if best_path is not None:
+        save_checkpoint(make_checkpoint(run.model, **run.checkpoint_info, epoch=epoch, metrics=metrics), best_path)
+    save_checkpoint(make_checkpoint(
+        run.model, **run.checkpoint_info,
+        optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(),
+        scaler=run.scaler.state_dict() if run.scaler is not None else None,
+        epoch=epoch, epochs=run.epochs, best_score=run.best_score, best_epoch=run.best_epoch, history=run.history,
+        stopped_early=run.stopped_early,
+        rng={'torch': torch.get_rng_state(), 'loader': run.generator.get_state()}), last_path)
 
 
 def _epochs_since_best(history: Sequence[Mapping[str, Any]], best_epoch: int) -> int:

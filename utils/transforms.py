@@ -77,16 +77,6 @@ class ConvertImageDtype:
         return f'{type(self).__name__}({self.dtype})'
 
 
-class ToTensor(Compose):
-    """PIL image -> float32 tensor in [0, 1]: `PILToTensor` then `ConvertImageDtype`."""
-
-    def __init__(self):
-        super().__init__([PILToTensor(), ConvertImageDtype(torch.float32)])
-
-    def __repr__(self) -> str:
-        return f'{type(self).__name__}()'
-
-
 class _RandomFlip:
     """Mirror the image with probability `p`; boxes follow along the flipped axis: a1' = S - a2, a2' = S - a1.
 
