@@ -42,6 +42,9 @@ OPTIONS: Dict[str, Option] = {
     'min_size': Option(800, (int,), minimum=32),
     'max_size': Option(1333, (int,), minimum=32),
     'batch_size': Option(2, (int,), minimum=1),
+    'rpn_pre_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
+    'rpn_post_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
+    'padding_bucket': Option(128, (int,), minimum=32),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(0.0025, _NUM, minimum=0.0, training=True),
@@ -102,6 +105,9 @@ def _check(key: str, value: Any) -> Any:
     if key == 'lr_steps' and not all(isinstance(v, _NUM) and not isinstance(v, bool) and v > 0 for v in value):
         raise ConfigError(f"configuration key 'lr_steps' must be a list of positive numbers "
                           f"(epoch fractions < 1 or epoch numbers), got {value!r}")
+    if key == 'padding_bucket' and value % 32:
+        raise ConfigError(f"configuration key 'padding_bucket' must be a multiple of 32 (the network's stride), "
+                          f"got {value!r}")
     return value
 
 

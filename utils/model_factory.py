@@ -1,13 +1,16 @@
 """Build torchvision Faster R-CNN variants and (de)serialize adapter checkpoints."""
 import collections
 import logging
+import math
 import os
 import tempfile
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
+import torchvision
 from torchvision.models import detection
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +40,84 @@ def num_classes_for(id_to_label_map: Mapping[int, str]) -> int:
 
 
 def build_model(variant: str, num_classes: int, min_size: int, max_size: int,
-                coco_weights: bool = False, keep_coco_head: bool = False, **options: Any) -> torch.nn.Module:
+                coco_weights: bool = False, keep_coco_head: bool = False, padding_bucket: int = 32,
+                **options: Any) -> torch.nn.Module:
     """Faster R-CNN of `variant` with `num_classes` outputs (background included).
 
     With `coco_weights`, torchvision's COCO checkpoint is loaded through its Weights
     API (so a copy cached under TORCH_HOME is used, no download when present); the
     box predictor is then replaced for `num_classes` unless `keep_coco_head`.
+    `padding_bucket` > 32 pads batches to `BucketedTransform`'s coarser grid.
     `options` are further FasterRCNN keyword arguments (e.g. rpn_post_nms_top_n_train).
     """
     builder, weights_enum = BUILDERS[variant]
     sizes = dict(min_size=min_size, max_size=max_size, **options)
     if not coco_weights:
-        return builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
-    model = builder(weights=weights_enum.COCO_V1, **sizes)
-    if not keep_coco_head:
-        replace_box_predictor(model, num_classes)
+        model = builder(weights=None, weights_backbone=None, num_classes=num_classes, **sizes)
+    else:
+        model = builder(weights=weights_enum.COCO_V1, **sizes)
+        if not keep_coco_head:
+            replace_box_predictor(model, num_classes)
+    if padding_bucket > model.transform.size_divisible:
+        model.transform = BucketedTransform(model.transform, padding_bucket)
     return model
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def bucketed_side(side: int, anchor: int, step: int, cap: int) -> int:
+    """The smallest value >= `side` on the grid `anchor + k * step` (k any integer), at most `cap`.
+
+    The grid is anchored at the network's `min_size`: most images are resized so one side is
+    exactly `min_size`, and that side then pays no padding at all.
+    """
+    if side <= anchor:
+        value = anchor - ((anchor - side) // step) * step
+    else:
+        value = anchor + _round_up(side - anchor, step)
+    return max(side, min(value, cap))
+
+
+class BucketedTransform(GeneralizedRCNNTransform):
+    """torchvision's transform, padding each batch to a coarse grid of sizes instead of the next 32 px.
+
+    With images of many sizes, padding to 32 px makes nearly every batch a new input
+    shape, and every new shape pays again for cuDNN's autotuning (`cudnn.benchmark`)
+    and for fresh blocks from the CUDA allocator. Rounding the padded height and
+    width up to `min_size + k * padding_bucket` (capped at `max_size`) leaves a handful
+    of shapes per orientation. Padding is zeros after normalisation and lies outside
+    every image's `image_sizes`, so proposals and detections are clipped to the real
+    image as before; only features near the bottom/right edge see a little more zero
+    context, as with any batch padding.
+    """
+
+    def __init__(self, transform: GeneralizedRCNNTransform, padding_bucket: int):
+        super().__init__(transform.min_size, transform.max_size, transform.image_mean, transform.image_std,
+                         size_divisible=transform.size_divisible, fixed_size=transform.fixed_size,
+                         _skip_resize=transform._skip_resize)
+        if padding_bucket % transform.size_divisible:
+            raise ValueError(f'padding_bucket must be a multiple of {transform.size_divisible}, got {padding_bucket}')
+        self.padding_bucket = int(padding_bucket)
+
+    def padded_size(self, height: int, width: int, size_divisible: int) -> List[int]:
+        """The padded (height, width) of a batch whose largest image is height x width."""
+        anchor = _round_up(max(self.min_size), size_divisible)
+        cap = max(anchor, _round_up(self.max_size, size_divisible))
+        return [bucketed_side(_round_up(side, size_divisible), anchor, self.padding_bucket, cap)
+                for side in (height, width)]
+
+    def batch_images(self, images: List[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
+        if torchvision._is_tracing():  # ONNX export: torchvision's own traceable path
+            return super().batch_images(images, size_divisible)
+        channels = max(image.shape[0] for image in images)
+        height, width = self.padded_size(max(image.shape[1] for image in images),
+                                         max(image.shape[2] for image in images), size_divisible)
+        batched = images[0].new_zeros((len(images), channels, height, width))
+        for slot, image in zip(batched, images):
+            slot[:image.shape[0], :image.shape[1], :image.shape[2]].copy_(image)
+        return batched
 
 
 def replace_box_predictor(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
