@@ -58,30 +58,29 @@ def test_grouped_sampler_drives_a_dataloader():
 
 # ----------------------------------------------------------------------------- padding buckets
 
-def batched_shapes(model, sizes):
-    shapes = set()
-    for height, width in sizes:
-        image_list, _ = model.transform([torch.rand(3, height, width)])
-        shapes.add(tuple(image_list.tensors.shape[-2:]))
-    return shapes
-
-
 def test_padded_shapes_fall_on_the_bucket_grid():
-    sizes = [(h, w) for h in range(240, 481, 37) for w in range(320, 641, 41)]
     plain = build_model(VARIANT, 4, 320, 640).eval()
     bucketed = build_model(VARIANT, 4, 320, 640, padding_bucket=128).eval()
     assert isinstance(bucketed.transform, BucketedTransform) and not isinstance(plain.transform, BucketedTransform)
     grid = {320 + k * 128 for k in range(-2, 3)} | {640}
-    shapes = batched_shapes(bucketed, sizes)
+    shapes, plain_shapes = set(), set()
+    for height in range(240, 481, 37):
+        for width in range(320, 641, 41):
+            image_list, _ = plain.transform([torch.zeros(3, height, width)])
+            plain_shapes.add(tuple(image_list.tensors.shape[-2:]))
+            shapes.add(tuple(bucketed.transform.pad([image_list.tensors[0]]).shape[-2:]))
     assert all(h in grid and w in grid for h, w in shapes), shapes
-    assert len(shapes) < len(batched_shapes(plain, sizes)) / 2
+    assert len(shapes) < len(plain_shapes) / 2
+
     # the images themselves are untouched: same resize, same content, zeros around, same image_sizes
     images = [torch.rand(3, 300, 450), torch.rand(3, 250, 460)]
     (a, _), (b, _) = plain.transform(images), bucketed.transform(images)
-    assert a.image_sizes == b.image_sizes
+    assert a.image_sizes == b.image_sizes and torch.equal(a.tensors, b.tensors)  # CPU: torchvision's padding
+    padded = bucketed.transform.pad([image[:, :h, :w] for image, (h, w) in zip(a.tensors, a.image_sizes)])
     height, width = a.tensors.shape[-2:]
-    assert torch.equal(a.tensors, b.tensors[..., :height, :width])
-    assert b.tensors[..., height:, :].abs().sum() == 0 and b.tensors[..., width:].abs().sum() == 0
+    assert tuple(padded.shape[-2:]) == (320, 640)  # the short side is min_size: no padding; 589 -> the cap
+    assert torch.equal(a.tensors, padded[..., :height, :width])
+    assert padded[..., height:, :].abs().sum() == 0 and padded[..., width:].abs().sum() == 0
 
 
 def test_bucket_of_32_is_torchvisions_padding():

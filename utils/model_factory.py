@@ -87,7 +87,7 @@ class BucketedTransform(GeneralizedRCNNTransform):
     shape, and every new shape pays again for cuDNN's autotuning (`cudnn.benchmark`)
     and for fresh blocks from the CUDA allocator. Rounding the padded height and
     width up to `min_size + k * padding_bucket` (capped at `max_size`) leaves a handful
-    of shapes per orientation. Padding is zeros after normalisation and lies outside
+    of shapes per orientation. GPU only: CPU batches get torchvision's padding. Padding is zeros after normalisation and lies outside
     every image's `image_sizes`, so proposals and detections are clipped to the real
     image as before; only features near the bottom/right edge see a little more zero
     context, as with any batch padding.
@@ -109,8 +109,14 @@ class BucketedTransform(GeneralizedRCNNTransform):
                 for side in (height, width)]
 
     def batch_images(self, images: List[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
-        if torchvision._is_tracing():  # ONNX export: torchvision's own traceable path
+        # ONNX export takes torchvision's traceable path; on the CPU there is no autotuner to feed and
+        # extra padding is only extra work, so CPU batches are padded exactly as torchvision does
+        if torchvision._is_tracing() or images[0].device.type != 'cuda':
             return super().batch_images(images, size_divisible)
+        return self.pad(images, size_divisible)
+
+    def pad(self, images: List[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
+        """The batch, zero-padded to `padded_size`, images in the top-left corner."""
         channels = max(image.shape[0] for image in images)
         height, width = self.padded_size(max(image.shape[1] for image in images),
                                          max(image.shape[2] for image in images), size_divisible)
