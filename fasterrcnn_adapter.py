@@ -21,6 +21,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from utils import config as config_lib
 from utils import device as device_lib
+from utils import inference
 from utils import model_factory
 from utils.atomic import atomic_write
 from utils.embeddings import fpn_embedding
@@ -32,6 +33,7 @@ logger = logging.getLogger('fasterrcnn.adapter')
 
 INDEX_FILENAME = 'fasterrcnn_index.json'
 ANNOTATION_TYPES_FOR_TRAINING = ['box', 'segment', 'binary', 'ellipse']
+RPN_TEST_KEYS = ('rpn_pre_nms_top_n_test', 'rpn_post_nms_top_n_test')
 
 
 @dataclasses.dataclass
@@ -59,6 +61,26 @@ def _fill_sdk_keys(model_entity: dl.Model) -> None:
     configuration.setdefault('predict_embed_timeout', _sdk_adapter.PREDICT_EMBED_DEFAULT_TIMEOUT)
 
 
+def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: str,
+                        model_id: Optional[str]) -> dl.AnnotationCollection:
+    """One image's rows [left, top, right, bottom, score, label id] as an AnnotationCollection of boxes.
+
+    Same annotations as `collection.add(annotation_definition=dl.Box(...), model_info=...)` per box,
+    built with `dl.Annotation.new` directly: `add`'s per-call checks (video frames, object ids,
+    model_info validation) do not apply to image boxes whose confidences are already in [0, 1].
+    """
+    collection = dl.AnnotationCollection()
+    new, box, append = dl.Annotation.new, dl.Box, collection.annotations.append
+    for left, top, right, bottom, score, label_id in rows:
+        label_id = int(label_id)
+        confidence = round(min(max(score, 0.0), 1.0), 4)
+        metadata = {'user': {'model': {'confidence': confidence, 'name': model_name, 'model_id': model_id}}}
+        append(new(annotation_definition=box(left=left, top=top, right=right, bottom=bottom,
+                                             label=labels.get(label_id, str(label_id))),
+                   automated=True, metadata=metadata))
+    return collection
+
+
 class FasterRCNNAdapter(dl.BaseModelAdapter):
     """load / save / train / predict / convert_from_dtlpy for `fasterrcnn_*` variants."""
 
@@ -68,6 +90,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.artifacts_path: Optional[str] = None
         self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
         self.unreadable_items: List[UnreadableItem] = []
+        self._prefetchers: List[inference.Prefetcher] = []  # one per predict_items call in flight
+        self._inference_cache = (None, None, None)  # (network it was made from, its weights version, the copy)
         super().__init__(model_entity)
 
     # ------------------------------------------------------------------ entity
@@ -115,7 +139,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         num_classes = model_factory.num_classes_for(id_to_label_map)
         sizes = dict(min_size=settings['min_size'], max_size=settings['max_size'],
                      rpn_post_nms_top_n_train=settings['rpn_post_nms_top_n_train'],
-                     box_batch_size_per_image=settings['box_batch_size_per_image'])
+                     box_batch_size_per_image=settings['box_batch_size_per_image'],
+                     padding_bucket=settings['padding_bucket'],
+                     **{key: settings[key] for key in RPN_TEST_KEYS if settings[key] is not None})
         self.artifacts_path = local_path
         weights_path = os.path.join(local_path or '', settings['weights_filename'])
         if local_path and os.path.isfile(weights_path):
@@ -156,7 +182,17 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     # ----------------------------------------------------------------- predict
     def prepare_item_func(self, item: dl.Item):
-        """Download and decode one item; an unreadable one becomes an `UnreadableItem`, not an exception."""
+        """Download and decode one item; an unreadable one becomes an `UnreadableItem`, not an exception.
+
+        Inside `predict_items` the item was usually decoded already, while the previous batch ran.
+        """
+        for prefetcher in list(self._prefetchers):
+            loaded = prefetcher.take(item)
+            if loaded is not inference.Prefetcher.MISSING:
+                return loaded
+        return self._decode_item(item)
+
+    def _decode_item(self, item: dl.Item):
         name = getattr(item, 'filename', None) or getattr(item, 'name', '?')
         try:
             buffer = item.download(save_locally=False)
@@ -185,29 +221,21 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def predict(self, batch, **kwargs):
         """One forward pass over the whole batch; one AnnotationCollection of boxes per input."""
         settings = self._resolve_settings()
-        roi_heads = self.model.roi_heads
+        network = self._inference_network()
+        roi_heads = network.roi_heads
         roi_heads.score_thresh = float(settings['conf_threshold'])
         roi_heads.nms_thresh = float(settings['nms_iou_threshold'])
         roi_heads.detections_per_img = int(settings['max_detections'])
+        for key, counts in zip(RPN_TEST_KEYS, (network.rpn._pre_nms_top_n, network.rpn._post_nms_top_n)):
+            if settings[key] is not None:  # None: the variant's default, set when the network was built
+                counts['testing'] = int(settings[key])
         labels = self.id_to_label_map()
         images, positions = self._readable(batch)
-        outputs = self._forward(images) if images else []
+        rows = self._forward(network, images, float(settings['conf_threshold'])) if images else []
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
-        for position, image, output in zip(positions, images, outputs):
-            height, width = image.shape[-2:]
-            boxes = output['boxes'].clamp(min=0)
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(max=width)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(max=height)
-            keep = output['scores'] >= settings['conf_threshold']
-            for box, score, label_id in zip(boxes[keep].tolist(), output['scores'][keep].tolist(),
-                                            output['labels'][keep].tolist()):
-                left, top, right, bottom = box
-                collections[position].add(
-                    annotation_definition=dl.Box(left=left, top=top, right=right, bottom=bottom,
-                                                 label=labels.get(int(label_id), str(label_id))),
-                    model_info={'name': model_name, 'model_id': model_id,
-                                'confidence': round(min(max(float(score), 0.0), 1.0), 4)})
+        for position, image_rows in zip(positions, rows):
+            collections[position] = boxes_to_collection(image_rows, labels, model_name, model_id)
         return collections
 
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
@@ -228,23 +256,61 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     @contextlib.contextmanager
     def _inference_context(self):
-        """No autograd; half precision where it pays (CUDA), full precision on CPU."""
-        with torch.inference_mode(), torch.autocast('cuda', enabled=self.device.type == 'cuda'):
+        """No autograd; fp16 on CUDA (the inference copy keeps anchors and box decoding in fp32), fp32 on CPU."""
+        cuda = self.device.type == 'cuda'
+        cudnn = torch.backends.cudnn
+        # padding_bucket keeps the input shapes few, so cuDNN's per-shape autotuning pays off
+        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16, enabled=cuda), \
+                cudnn.flags(enabled=cudnn.enabled, benchmark=cuda or cudnn.benchmark,
+                            deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
             yield
 
-    def _forward(self, images: List[torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
+    def _inference_network(self) -> torch.nn.Module:
+        """On CUDA, the fp16-ready copy of the network (remade when the weights change); else the network itself."""
+        if self.device.type != 'cuda':
+            return self.model
+        source, version, network = self._inference_cache
+        if source is not self.model or version != inference.weights_version(self.model):
+            network = inference.inference_network(self.model)
+            self._inference_cache = (self.model, inference.weights_version(self.model), network)
+        return network
+
+    def _forward(self, network: torch.nn.Module, images: List[torch.Tensor], conf_threshold: float) -> List[list]:
+        """Per image, rows [left, top, right, bottom, score, label id] clipped to the image, scores >= threshold.
+
+        The rows of the whole batch come back to the host in one copy (one sync, not three per image).
+        """
         inputs = self._device_inputs(images)
         with self._inference_context():
-            outputs = self.model(inputs)
-        return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+            outputs = network(inputs)
+            per_image = []
+            for image, output in zip(images, outputs):
+                height, width = image.shape[-2:]
+                boxes = output['boxes'].float()
+                limits = boxes.new_tensor([width, height, width, height])
+                boxes = torch.minimum(boxes.clamp(min=0), limits)
+                per_image.append(torch.cat([boxes, output['scores'].float()[:, None],
+                                            output['labels'].float()[:, None]], dim=1))
+            counts = [len(rows) for rows in per_image]
+            table = torch.cat(per_image).cpu() if per_image else torch.zeros((0, 6))
+        return [block[block[:, 4] >= conf_threshold].tolist() for block in table.split(counts)]
 
     @dl.Package.decorators.function(display_name='Predict Items',
                                     inputs={'items': 'Item[]'},
                                     outputs={'items': 'Item[]', 'annotations': 'Annotation[]'})
     def predict_items(self, items: list, batch_size=None, **kwargs):
-        """The SDK's predict_items, then one error naming every item that could not be read."""
+        """The SDK's predict_items, decoding a batch ahead; then one error naming every item that could not be read."""
         self.unreadable_items = []
-        result = super().predict_items(items, batch_size=batch_size, **kwargs)
+        size = int(batch_size or self.model_entity.configuration.get('batch_size') or config_lib.DEFAULTS['batch_size'])
+        # two batches ahead: the next one is ready when the GPU finishes this one, and one more is on its way
+        prefetcher = inference.Prefetcher(self._decode_item, items, lookahead=2 * size,
+                                          workers=min(16, max(2, os.cpu_count() or 1)))
+        self._prefetchers.append(prefetcher)
+        try:
+            result = super().predict_items(items, batch_size=batch_size, **kwargs)
+        finally:
+            self._prefetchers.remove(prefetcher)
+            prefetcher.close()
         self._raise_unreadable(len(items), 'got no annotations (the others were annotated)')
         return result
 
@@ -265,9 +331,10 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         images, positions = self._readable(batch)
         vectors: List[Optional[List[float]]] = [None] * len(batch)
         if images:
+            network = self._inference_network()
             with self._inference_context():
-                image_list, _ = self.model.transform(self._device_inputs(images))
-                features = self.model.backbone(image_list.tensors)
+                image_list, _ = network.transform(self._device_inputs(images))
+                features = network.backbone(image_list.tensors)
             pooled = fpn_embedding(features, image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
             for position, vector in zip(positions, pooled.cpu().tolist()):
                 vectors[position] = vector

@@ -364,6 +364,44 @@ def test_predict_items_uploads_replaces_and_reports_unreadable_items(platform, p
     assert_no_gaps(emu)
 
 
+def test_predict_items_decodes_ahead_keeps_order_and_reports_unreadable_items(platform, pod):
+    """The next items are downloaded while the current batch is predicted; results stay per item, in order."""
+    emu, dataset = platform['emu'], platform['dataset']
+    model = predicting_model(platform, 'ahead', batch_size=1)
+    images = [synthetic(31, k)[0] for k in range(5)]
+    images[2] = images[2][:500]  # truncated JPEG: its own error, the rest go on
+    seeded = [emu.seed_item(dataset['id'], 'a{}.jpg'.format(k), data, dir='/ahead') for k, data in enumerate(images)]
+    pod('service')
+    service = FasterRCNNAdapter(dl.models.get(model_id=model['id']))
+    items = [dl.items.get(item_id=item['id']) for item in seeded]
+    start = len(emu.requests)
+    with pytest.raises(ValueError) as err:
+        service.predict_items(items)
+    assert 'a2.jpg' in str(err.value) and seeded[2]['id'] in str(err.value)
+    assert sum(item['id'] in str(err.value) for item in seeded) == 1
+
+    # batch k+1 was downloaded before batch k's annotations were uploaded (the SDK alone does it after)
+    order = [r.path for r in emu.requests[start:]]
+    def first(suffix, item):
+        return order.index('/api/v1/items/{}/{}'.format(item['id'], suffix))
+    for current, following in zip(seeded, seeded[1:]):
+        if current is not seeded[2]:  # the unreadable item gets no upload
+            assert first('stream', following) < first('annotations', current), order
+
+    # each item got the boxes of its own image: the same as predicting it alone, without prefetching
+    for item, data in zip(seeded, images):
+        made = made_by(emu, item['id'], 'ahead')
+        if item is seeded[2]:
+            assert made == []
+            continue
+        alone = service.predict([service._decode_item(dl.items.get(item_id=item['id']))])[0]
+        expected = sorted((a.label, round(a.left, 2), round(a.top, 2)) for a in alone.annotations)
+        assert sorted((a['label'], round(a['coordinates'][0]['x'], 2), round(a['coordinates'][0]['y'], 2))
+                      for a in made) == expected
+    assert service._prefetchers == []  # released, threads included
+    assert_no_gaps(emu)
+
+
 def _exif_jpeg(pixels, orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation

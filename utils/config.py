@@ -45,6 +45,9 @@ OPTIONS: Dict[str, Option] = {
     'batch_size': Option(2, (int,), minimum=1),
     # the FPN width: embed always returns 256 values, and the SDK drops vectors of any other length
     'embeddings_size': Option(256, (int,), choices=(256,)),
+    'rpn_pre_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
+    'rpn_post_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
+    'padding_bucket': Option(128, (int,), minimum=32),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(0.0025, _NUM, minimum=0.0, training=True),
@@ -106,6 +109,9 @@ def _check(key: str, value: Any) -> Any:
     if key == 'lr_steps' and not all(isinstance(v, _NUM) and not isinstance(v, bool) and v > 0 for v in value):
         raise ConfigError(f"configuration key 'lr_steps' must be a list of positive numbers "
                           f"(epoch fractions < 1 or epoch numbers), got {value!r}")
+    if key == 'padding_bucket' and value % 32:
+        raise ConfigError(f"configuration key 'padding_bucket' must be a multiple of 32 (the network's stride), "
+                          f"got {value!r}")
     return value
 
 

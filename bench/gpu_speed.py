@@ -1,0 +1,327 @@
+"""Issue 8's table in one run: each row of this project beside plain torchvision, measured in the same process.
+
+    python bench/gpu_speed.py                       # on the GPU: resnet50_fpn, 640x480, min_size 800 (~5 min on an H100)
+    python bench/gpu_speed.py --device cpu --tiny   # dry run on CPU: mobilenet_320 at 160 px, a couple of minutes
+
+Random weights (no download), entities built offline (no platform calls: the SDK's
+annotation upload is the one step left out of "end to end"). Rows:
+  1. predict end to end: JPEG bytes -> prepare_item_func -> predict -> AnnotationCollection,
+     through the adapter's predict_items (decoding a batch ahead), batch 1 / 2 / 16,
+     vs plain fp16 (autocast) batch-16 channels_last forward on decoded tensors (and fp32 batch 1);
+  2. adapter.predict alone on decoded images vs the bare forward at the same batch (same precision);
+  3. training steps on fixed-size vs mixed-size images, with and without grouping + padding buckets
+     (steady state, and the first pass with its per-shape start-up costs);
+  4. utils.engine.train_one_epoch vs a bare torchvision loop at the same precision;
+  5. a short train() (adapter.train: evaluation, checkpoints, curves) vs the bare loop, wall clock;
+  6. JPEG decode (prepare_item_func) on 1 thread and on many;
+  7. building boxes: collection.add per box vs the adapter's bulk builder.
+Detections are made plentiful (score threshold 0, up to 100 per image) on both sides, so
+post-processing and annotation building are priced in.
+"""
+import argparse
+import io
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp())
+os.environ.setdefault('TQDM_DISABLE', '1')  # the SDK's and the trainer's progress bars
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dtlpy as dl  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bench.timing import seconds  # noqa: E402
+from fasterrcnn_adapter import FasterRCNNAdapter, boxes_to_collection  # noqa: E402
+from utils import engine  # noqa: E402
+from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
+from utils.local_model import local_model  # noqa: E402
+from utils.model_factory import build_model  # noqa: E402
+from utils.synthetic import make_synthetic_export  # noqa: E402
+
+FULL = dict(variant='fasterrcnn_resnet50_fpn', min_size=800, max_size=1333, width=640, height=480, items=64,
+            runs=3, train_batch=4, train_steps=20, fixed=(480, 640), mixed=((240, 480), (320, 640)),
+            run_images=40, run_size=400, run_epochs=30)
+TINY = dict(variant='fasterrcnn_mobilenet_v3_large_320_fpn', min_size=160, max_size=240, width=160, height=120,
+            items=16, runs=1, train_batch=2, train_steps=3, fixed=(120, 160), mixed=((60, 120), (80, 160)),
+            run_images=8, run_size=128, run_epochs=2)
+
+
+class MemoryItem:
+    """What prepare_item_func reads of a dl.Item, with the bytes in memory instead of on the platform."""
+
+    def __init__(self, index, data):
+        self.id, self.name, self.filename, self.mimetype = f'item-{index}', f'{index}.jpg', f'/{index}.jpg', 'image/jpeg'
+        self._data = data
+
+    def download(self, save_locally=False, **kwargs):
+        return io.BytesIO(self._data)
+
+
+def jpeg(seed, width, height):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format='JPEG', quality=90)
+    return buffer.getvalue()
+
+
+def median_seconds(fn, device, runs):
+    fn()  # warm-up: cuDNN autotuning, allocator, lazy module loading
+    return statistics.median(seconds(fn, device) for _ in range(runs))
+
+
+def make_adapter(cfg, device, **configuration):
+    adapter = FasterRCNNAdapter()
+    adapter.model_entity = local_model({'pretrained': False, 'model_variant': cfg['variant'], 'device': device.type,
+                                        'min_size': cfg['min_size'], 'max_size': cfg['max_size'],
+                                        'conf_threshold': 0.0, 'max_detections': 100, **configuration})
+    torch.manual_seed(0)
+    adapter.load('/nonexistent')
+    adapter._upload_model_annotations = lambda item, predictions: predictions  # offline: no upload
+    return adapter
+
+
+def bare_network(adapter, cfg, device):
+    network = build_model(cfg['variant'], adapter.model.roi_heads.box_predictor.cls_score.out_features,
+                          cfg['min_size'], cfg['max_size']).to(device).eval()
+    network.load_state_dict(adapter.model.state_dict())
+    network.roi_heads.score_thresh, network.roi_heads.detections_per_img = 0.0, 100
+    return network
+
+
+def bare_forward(network, tensors, device, half):
+    """Plain torchvision: decoded uint8 tensors -> float on the device -> forward (autocast fp16 when `half`)."""
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=half):
+        return network([t.to(device, non_blocking=True).float().div_(255) for t in tensors])
+
+
+def row(name, ours, plain, unit='img/s'):
+    ratio = ours / plain if unit == 'img/s' else plain / ours
+    print(f'  {name:<68} {ours:9.2f} {unit:<8} plain {plain:9.2f} {unit:<8} ratio {ratio:5.2f}', flush=True)
+
+
+def prediction_rows(cfg, device, cuda):
+    adapter = make_adapter(cfg, device)
+    blobs = [jpeg(i, cfg['width'], cfg['height']) for i in range(cfg['items'])]
+    items = [MemoryItem(i, data) for i, data in enumerate(blobs)]
+    tensors = [adapter.prepare_item_func(item) for item in items]
+    network = bare_network(adapter, cfg, device)
+    channels_last = bare_network(adapter, cfg, device).to(memory_format=torch.channels_last)
+    n, runs = len(items), cfg['runs']
+    plain16 = n / median_seconds(lambda: [bare_forward(channels_last, tensors[i:i + 16], device, cuda)
+                                          for i in range(0, n, 16)], device, runs)
+    plain1 = n / median_seconds(lambda: [bare_forward(network, [t], device, False) for t in tensors], device, runs)
+    print(f'1. predict end to end, {n} JPEGs {cfg["width"]}x{cfg["height"]}, {cfg["variant"]} at {cfg["min_size"]} px')
+    for batch in (16, 2, 1):
+        e2e = n / median_seconds(lambda: adapter.predict_items(items, batch_size=batch), device, runs)
+        plain, what = (plain1, 'fp32 batch 1') if batch == 1 else (plain16, f'{"fp16" * cuda or "fp32"} batch-16 '
+                                                                            'channels_last')
+        row(f'batch {batch:<2} vs plain {what} forward on decoded tensors', e2e, plain)
+    print('2. adapter.predict alone (decoded images) vs bare forward, same batch and precision')
+    for batch in (2, 16):
+        chunks = [tensors[i:i + batch] for i in range(0, n, batch)]
+        ours = n / median_seconds(lambda: [adapter.predict(c) for c in chunks], device, runs)
+        plain = n / median_seconds(lambda: [bare_forward(network, c, device, cuda) for c in chunks], device, runs)
+        row(f'batch {batch}', ours, plain)
+    return items, adapter
+
+
+def mixed_sizes(count, cfg, seed):
+    rng = np.random.default_rng(seed)
+    (h0, h1), (w0, w1) = cfg['mixed']
+    sizes = [(int(rng.integers(h0, h1 + 1)), int(rng.integers(w0, w1 + 1))) for _ in range(count)]
+    return [size if rng.random() < 0.7 else size[::-1] for size in sizes]  # some portrait images too
+
+
+def training_rows(cfg, device, cuda):
+    """Bare torchvision steps (AMP on CUDA) over images of one size vs many, grouped + bucketed or not."""
+    batch, steps = cfg['train_batch'], cfg['train_steps']
+    count = batch * steps
+
+    def images_of(sizes):
+        g = torch.Generator().manual_seed(0)
+        return [(torch.rand(3, h, w, generator=g), {'boxes': torch.tensor([[w * .2, h * .2, w * .6, h * .7]]),
+                                                     'labels': torch.tensor([1])}) for h, w in sizes]
+
+    def run(data, batches, bucket):
+        torch.manual_seed(0)
+        model = build_model(cfg['variant'], 3, cfg['min_size'], cfg['max_size'], padding_bucket=bucket).to(device)
+        model.train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9)
+        scaler = torch.amp.GradScaler('cuda', enabled=cuda)
+
+        def epoch():
+            for indices in batches:
+                images = [data[i][0].to(device, non_blocking=True) for i in indices]
+                targets = [{k: v.to(device) for k, v in data[i][1].items()} for i in indices]
+                with torch.autocast(device.type, enabled=cuda):
+                    loss = sum(model(images, targets).values())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        first = seconds(epoch, device)
+        steady = statistics.median(seconds(epoch, device) for _ in range(cfg['runs']))
+        return first / len(batches) * 1000, steady / len(batches) * 1000
+
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # as a GPU user would: autotune each input shape once
+    try:
+        fixed = images_of([cfg['fixed']] * count)
+        sizes = mixed_sizes(count, cfg, seed=1)
+        mixed = images_of(sizes)
+        plain_batches = [list(range(i, i + batch)) for i in range(0, count, batch)]
+        grouped = list(build_grouped_batch_sampler(sizes, batch, seed=0))
+        base_first, base = run(fixed, plain_batches, 32)
+        print(f'3. training step, {cfg["variant"]} batch {batch} {"AMP" if cuda else "fp32"}, cudnn.benchmark on; '
+              f'fixed {cfg["fixed"][0]}x{cfg["fixed"][1]} vs mixed sizes {cfg["mixed"]} (30 % portrait)')
+        print(f'  {"fixed size, padding to 32 (torchvision)":<68} {base:9.1f} ms/step  first pass {base_first:9.1f}')
+        for name, data, batches, bucket in (('fixed size, padding_bucket 128', fixed, plain_batches, 128),
+                                            ('mixed, random batches, padding to 32', mixed, plain_batches, 32),
+                                            ('mixed, grouped by aspect ratio, padding to 32', mixed, grouped, 32),
+                                            ('mixed, grouped + padding_bucket 128', mixed, grouped, 128)):
+            first, steady = run(data, batches, bucket)
+            print(f'  {name:<68} {steady:9.1f} ms/step  first pass {first:9.1f}  '
+                  f'throughput vs fixed/32 {base / steady:5.2f}', flush=True)
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
+def synthetic_loader(cfg, device, root):
+    from utils.dataloop_reader import read_dataloop_export
+    from utils.detection_dataset import DetectionDataset
+    from utils.transforms import get_transform
+    from utils.utils import collate_fn
+    export = read_dataloop_export(root)
+    label_to_id = {label: i + 1 for i, label in enumerate(export.labels_found)}
+    dataset = DetectionDataset(export.subsets['train'], label_to_id, get_transform(train=False))
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg['train_batch'], shuffle=True, num_workers=2,
+                                       collate_fn=collate_fn, pin_memory=device.type == 'cuda',
+                                       persistent_workers=True), len(label_to_id) + 1
+
+
+def bare_epoch(model, optimizer, scaler, loader, device, amp):
+    """torchvision's detection tutorial step, nothing else."""
+    model.train()
+    for images, targets in loader:
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+        with torch.autocast(device.type, enabled=amp):
+            loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+
+def engine_rows(cfg, device, cuda):
+    root = tempfile.mkdtemp()
+    size = cfg['run_size']
+    make_synthetic_export(root, n_train=cfg['run_images'], n_val=max(4, cfg['run_images'] // 5),
+                          image_size=(size, size), seed=0)
+    loader, num_classes = synthetic_loader(cfg, device, root)
+    n = len(loader.dataset)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(cfg['variant'], num_classes, size, size).to(device)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
+        return model, optimizer, torch.amp.GradScaler('cuda', enabled=cuda)
+
+    model, optimizer, scaler = fresh()
+    plain = n / median_seconds(lambda: bare_epoch(model, optimizer, scaler, loader, device, cuda), device, cfg['runs'])
+    model, optimizer, scaler = fresh()
+    ours = n / median_seconds(lambda: engine.train_one_epoch(model, optimizer, loader, device, epoch=1,
+                                                             scaler=scaler if cuda else None, warmup_iters=0,
+                                                             progress=False), device, cfg['runs'])
+    print(f'4. one epoch, {n} synthetic images {size} px, batch {cfg["train_batch"]}, {"AMP" if cuda else "fp32"}')
+    row('utils.engine.train_one_epoch vs bare torchvision loop', ours, plain)
+
+    model, optimizer, scaler = fresh()
+    epochs = cfg['run_epochs']
+    plain_wall = seconds(lambda: [bare_epoch(model, optimizer, scaler, loader, device, cuda)
+                                  for _ in range(epochs)], device)
+    adapter = FasterRCNNAdapter()
+    adapter.model_entity = local_model({'pretrained': False, 'model_variant': cfg['variant'], 'device': device.type,
+                                        'min_size': size, 'max_size': size, 'batch_size': cfg['train_batch'],
+                                        'epochs': epochs, 'num_workers': 2, 'amp': cuda, 'warmup_iters': 0,
+                                        'learning_rate': 0.005}, labels=['circle', 'square', 'triangle'])
+    torch.manual_seed(0)
+    adapter.load('/nonexistent')
+    adapter.convert_from_dtlpy(root)
+    ours_wall = seconds(lambda: adapter.train(root, tempfile.mkdtemp()), device)
+    print(f'5. {epochs} epochs on {n} images (+{len(os.listdir(os.path.join(root, "validation", "items")))} '
+          f'validation), wall clock')
+    row('adapter.train (eval, checkpoints, curves each epoch) vs bare loop', ours_wall, plain_wall, unit='s')
+
+
+def decode_rows(items, adapter, cfg):
+    one = len(items) / median_seconds(lambda: [adapter.prepare_item_func(i) for i in items],
+                                      torch.device('cpu'), cfg['runs'])
+    workers = min(16, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        many = len(items) / median_seconds(lambda: list(pool.map(adapter.prepare_item_func, items)),
+                                           torch.device('cpu'), cfg['runs'])
+    print(f'6. JPEG decode (prepare_item_func), {cfg["width"]}x{cfg["height"]}')
+    print(f'  {"1 thread":<68} {one:9.1f} img/s')
+    print(f'  {f"{workers} threads":<68} {many:9.1f} img/s')
+
+
+def box_rows():
+    rng = np.random.default_rng(0)
+    rows = [[*sorted(rng.random(2) * 600), *sorted(rng.random(2) * 400), float(rng.random()), int(rng.integers(1, 91))]
+            for _ in range(100)]
+    rows = [[r[0], r[2], r[1], r[3], r[4], r[5]] for r in rows]
+    labels = {i: f'label-{i}' for i in range(1, 91)}
+
+    def per_box():
+        collection = dl.AnnotationCollection()
+        for left, top, right, bottom, score, label in rows:
+            collection.add(annotation_definition=dl.Box(left=left, top=top, right=right, bottom=bottom,
+                                                         label=labels[label]),
+                           model_info={'name': 'm', 'model_id': 'id', 'confidence': round(score, 4)})
+
+    cpu = torch.device('cpu')
+    add = min(seconds(per_box, cpu) for _ in range(20)) / len(rows) * 1e6
+    bulk = min(seconds(lambda: boxes_to_collection(rows, labels, 'm', 'id'), cpu) for _ in range(20)) / len(rows) * 1e6
+    print('7. building boxes, 100 per image')
+    row('boxes_to_collection vs dl.Box + collection.add per box (us per box)', bulk, add, unit='us')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--tiny', action='store_true', help='small network and images: a CPU dry run')
+    parser.add_argument('--only', default='1234567', help='which rows to run, e.g. 127')
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger('dtlpy').setLevel(logging.ERROR)
+    cfg = TINY if args.tiny else FULL
+    device = torch.device(args.device)
+    cuda = device.type == 'cuda'
+    name = torch.cuda.get_device_name(device) if cuda else f'CPU x{torch.get_num_threads()} threads'
+    print(f'{name}, torch {torch.__version__}; ratio = ours / plain (>1: ours faster)', flush=True)
+    start = time.perf_counter()
+    items = adapter = None
+    if '1' in args.only or '2' in args.only or '6' in args.only:
+        items, adapter = prediction_rows(cfg, device, cuda)
+    if '3' in args.only:
+        training_rows(cfg, device, cuda)
+    if '4' in args.only or '5' in args.only:
+        engine_rows(cfg, device, cuda)
+    if '6' in args.only:
+        decode_rows(items, adapter, cfg)
+    if '7' in args.only:
+        box_rows()
+    print(f'total {time.perf_counter() - start:.0f} s')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,193 @@
+"""The speed pieces of issue 8 on CPU: grouped batches, padding buckets, the GPU inference copy, bulk boxes."""
+import collections
+
+import dtlpy as dl
+import pytest
+import torch
+
+from fasterrcnn_adapter import boxes_to_collection
+from torchvision.models.detection._utils import BoxCoder
+
+from utils.group_by_aspect_ratio import aspect_ratio_groups, build_grouped_batch_sampler
+from utils.inference import Prefetcher, fold_batch_norms, inference_network
+from utils.model_factory import BucketedTransform, build_model
+
+VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
+
+
+# ----------------------------------------------------------------------------- grouped batches
+
+SIZES = [(480, 640)] * 7 + [(640, 480)] * 5 + [(400, 400)] * 3 + [(200, 800)]  # (height, width)
+
+
+def epoch_batches(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return [list(batch) for batch in sampler]
+
+
+def test_grouped_batches_cover_every_index_within_one_group():
+    groups = aspect_ratio_groups(SIZES)
+    assert len(set(groups[:7])) == len(set(groups[7:12])) == len(set(groups[12:15])) == 1
+    assert len({groups[0], groups[7], groups[12], groups[15]}) == 4  # landscape, portrait, square, panorama
+    sampler = build_grouped_batch_sampler(SIZES, batch_size=4, seed=3)
+    batches = epoch_batches(sampler, 0)
+    assert len(batches) == len(sampler) == 2 + 2 + 1 + 1  # ceil(7/4) + ceil(5/4) + ceil(3/4) + ceil(1/4)
+    assert all(len(batch) == 4 for batch in batches)
+    assert all(len({groups[i] for i in batch}) == 1 for batch in batches)
+    counts = collections.Counter(i for batch in batches for i in batch)
+    assert set(counts) == set(range(len(SIZES)))  # every index, every epoch
+    # repeats only top up a group's last partial batch, with members of that group
+    assert sum(counts.values()) - len(SIZES) == sum(-n % 4 for n in (7, 5, 3, 1))
+
+
+def test_grouped_batches_are_seeded_per_epoch():
+    sampler = build_grouped_batch_sampler(SIZES, batch_size=4, seed=3)
+    first = epoch_batches(sampler, 0)
+    assert epoch_batches(build_grouped_batch_sampler(SIZES, batch_size=4, seed=3), 0) == first
+    assert epoch_batches(sampler, 1) != first
+    assert epoch_batches(build_grouped_batch_sampler(SIZES, batch_size=4, seed=4), 0) != first
+    with pytest.raises(ValueError, match='image 1 has size 0x5'):
+        aspect_ratio_groups([(4, 4), (0, 5)])
+
+
+def test_grouped_sampler_drives_a_dataloader():
+    sampler = build_grouped_batch_sampler(SIZES, batch_size=3, seed=0)
+    loader = torch.utils.data.DataLoader(list(range(len(SIZES))), batch_sampler=sampler)
+    assert sorted(set(torch.cat(list(loader)).tolist())) == list(range(len(SIZES)))
+
+
+# ----------------------------------------------------------------------------- padding buckets
+
+def test_padded_shapes_fall_on_the_bucket_grid():
+    plain = build_model(VARIANT, 4, 320, 640).eval()
+    bucketed = build_model(VARIANT, 4, 320, 640, padding_bucket=128).eval()
+    assert isinstance(bucketed.transform, BucketedTransform) and not isinstance(plain.transform, BucketedTransform)
+    grid = {320 + k * 128 for k in range(-2, 3)} | {640}
+    shapes, plain_shapes = set(), set()
+    for height in range(240, 481, 37):
+        for width in range(320, 641, 41):
+            image_list, _ = plain.transform([torch.zeros(3, height, width)])
+            plain_shapes.add(tuple(image_list.tensors.shape[-2:]))
+            shapes.add(tuple(bucketed.transform.pad([image_list.tensors[0]]).shape[-2:]))
+    assert all(h in grid and w in grid for h, w in shapes), shapes
+    assert len(shapes) < len(plain_shapes) / 2
+
+    # the images themselves are untouched: same resize, same content, zeros around, same image_sizes
+    images = [torch.rand(3, 300, 450), torch.rand(3, 250, 460)]
+    (a, _), (b, _) = plain.transform(images), bucketed.transform(images)
+    assert a.image_sizes == b.image_sizes and torch.equal(a.tensors, b.tensors)  # CPU: torchvision's padding
+    padded = bucketed.transform.pad([image[:, :h, :w] for image, (h, w) in zip(a.tensors, a.image_sizes)])
+    height, width = a.tensors.shape[-2:]
+    assert tuple(padded.shape[-2:]) == (320, 640)  # the short side is min_size: no padding; 589 -> the cap
+    assert torch.equal(a.tensors, padded[..., :height, :width])
+    assert padded[..., height:, :].abs().sum() == 0 and padded[..., width:].abs().sum() == 0
+
+
+def test_bucket_of_32_is_torchvisions_padding():
+    model = build_model(VARIANT, 4, 320, 640, padding_bucket=32)
+    assert not isinstance(model.transform, BucketedTransform)
+    bucketed = BucketedTransform(model.transform, 64)
+    assert bucketed.padded_size(330, 500, 32) == [384, 512]  # 320 + 64, 320 + 192
+    assert bucketed.padded_size(200, 640, 32) == [256, 640]  # below min_size: 320 - 64; capped at max_size
+    with pytest.raises(ValueError, match='multiple of 32'):
+        BucketedTransform(model.transform, 100)
+
+
+def varied_model(padding_bucket=32):
+    """A fixed random network whose scores and boxes vary (the default init scores every box alike)."""
+    torch.manual_seed(0)
+    model = build_model(VARIANT, 4, 160, 240, padding_bucket=padding_bucket).eval()
+    torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.3)
+    torch.nn.init.normal_(model.roi_heads.box_predictor.bbox_pred.weight, std=0.05)
+    for module in model.backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.1)
+    model.roi_heads.score_thresh = 0.3
+    return model
+
+
+def test_bucketed_detections_stay_inside_each_image():
+    model = varied_model(padding_bucket=128)
+    images = [torch.rand(3, 240, 320, generator=torch.Generator().manual_seed(1)), torch.rand(3, 100, 90)]
+    with torch.inference_mode():
+        outputs = model(images)
+    assert len(outputs[0]['boxes']) > 0
+    for image, output in zip(images, outputs):
+        boxes = output['boxes']
+        assert (boxes[:, 2] <= image.shape[2]).all() and (boxes[:, 3] <= image.shape[1]).all()
+
+
+# ----------------------------------------------------------------------------- the GPU inference copy
+
+def test_inference_copy_folds_batch_norms_and_keeps_the_detections():
+    model = varied_model()
+    network = inference_network(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in network.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    assert fold_batch_norms(network) == 0
+    images = [torch.rand(3, 240, 320, generator=torch.Generator().manual_seed(1))]
+    with torch.inference_mode():
+        expected, got = model(images)[0], network(images)[0]
+    assert len(expected['boxes']) > 5
+    assert torch.equal(expected['labels'], got['labels'])
+    assert torch.allclose(expected['boxes'], got['boxes'], atol=1e-2)
+    assert torch.allclose(expected['scores'], got['scores'], atol=1e-4)
+
+
+def test_inference_copy_keeps_anchors_and_box_decoding_in_fp32_under_fp16():
+    """In fp16, coordinates near 1000 px are 0.5 px apart: decoded from fp16 anchors, boxes drift by ~1 px."""
+    network = inference_network(build_model(VARIANT, 4, 800, 1333).eval())
+    image_list, _ = network.transform([torch.rand(3, 800, 1200)])
+    levels = len(network.rpn.anchor_generator.anchor_generator.sizes)
+    features = [torch.zeros(1, 4, 800 // s, 1216 // s, dtype=torch.float16) for s in (16, 32, 64, 128)[:levels]]
+    anchors = network.rpn.anchor_generator(image_list, features)
+    reference = network.rpn.anchor_generator.anchor_generator(image_list, [f.float() for f in features])
+    assert anchors[0].dtype == torch.float32 and torch.equal(anchors[0], reference[0])
+
+    deltas = (torch.randn(len(anchors[0]), 4, generator=torch.Generator().manual_seed(0)) * 0.1).half()
+    exact = BoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(deltas.double(), anchors[0].double())
+    ours = network.rpn.box_coder.decode_single(deltas, anchors[0])
+    assert ours.dtype == torch.float32 and (ours - exact).abs().max() < 1e-3
+    half = BoxCoder((1.0, 1.0, 1.0, 1.0)).decode_single(deltas, anchors[0].half())  # torchvision under autocast
+    assert (half.double() - exact).abs().max() > 0.25  # what the fp32 decoding avoids
+
+
+# ----------------------------------------------------------------------------- boxes and prefetching
+
+def test_bulk_boxes_equal_collection_add():
+    rows = [[1.5, 2.0, 30.25, 40.0, 0.87654, 1], [0.0, 0.0, 5.0, 6.0, 1.0, 7]]
+    labels = {1: 'cat'}
+    reference = dl.AnnotationCollection()
+    for left, top, right, bottom, score, label_id in rows:
+        reference.add(annotation_definition=dl.Box(left=left, top=top, right=right, bottom=bottom,
+                                                   label=labels.get(label_id, str(label_id))),
+                      model_info={'name': 'm', 'model_id': 'id-1', 'confidence': round(score, 4)})
+    built = boxes_to_collection(rows, labels, 'm', 'id-1')
+    assert [a.to_json() for a in built.annotations] == [a.to_json() for a in reference.annotations]
+
+
+def test_prefetcher_returns_in_order_and_passes_errors_through():
+    started = []
+
+    def load(item):
+        started.append(item)
+        if item == 'bad':
+            raise OSError('cannot read bad')
+        return item.upper()
+
+    items = ['a', 'b', 'bad', 'c', 'd']
+    prefetcher = Prefetcher(load, items, lookahead=2, workers=2)
+    try:
+        assert prefetcher.take('a') == 'A'
+        assert prefetcher.take('b') == 'B'
+        with pytest.raises(OSError, match='cannot read bad'):
+            prefetcher.take('bad')
+        assert prefetcher.take('other') is Prefetcher.MISSING
+        assert [prefetcher.take(item) for item in ('c', 'd')] == ['C', 'D']
+        assert prefetcher.take('d') is Prefetcher.MISSING  # each occurrence is handed out once
+    finally:
+        prefetcher.close()
+    assert sorted(started) == sorted(items)
