@@ -25,6 +25,7 @@ from utils import inference
 from utils import model_factory
 from utils.atomic import atomic_write
 from utils.embeddings import fpn_embedding
+from utils.errors import InputError
 from utils.images import ImageDecodeError, load_image
 from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
@@ -385,7 +386,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         labels = [str(label) for label in (self.model_entity.labels or [])] or None
         export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'])
         if labels and not set(labels) & set(export.labels_found):
-            raise ValueError(f'none of the labels in the data {export.labels_found} is one of the model\'s labels '
+            raise InputError(f'none of the labels in the data {export.labels_found} is one of the model\'s labels '
                              f'{labels}: set the model\'s labels to the dataset\'s (model.labels = [...]; '
                              f'model.update()) or clone the model with labels=')
         require_training_subsets(export)

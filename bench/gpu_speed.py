@@ -198,7 +198,7 @@ def synthetic_loader(cfg, device, root):
     from utils.dataloop_reader import read_dataloop_export
     from utils.detection_dataset import DetectionDataset
     from utils.transforms import get_transform
-    from utils.utils import collate_fn
+    from utils.data_loading import collate_fn
     export = read_dataloop_export(root)
     label_to_id = {label: i + 1 for i, label in enumerate(export.labels_found)}
     dataset = DetectionDataset(export.subsets['train'], label_to_id, get_transform(train=False))

@@ -12,7 +12,7 @@ import stat
 import pytest
 import torch
 
-import local_runner
+from local_runner.cli import main as local_runner_main
 from fasterrcnn_adapter import FasterRCNNAdapter
 from utils import device as device_lib
 from utils.local_model import local_model
@@ -111,7 +111,7 @@ def test_explicit_cuda_without_gpu_in_the_local_runner_exits_2_with_one_line(no_
     make_synthetic_export(str(data), n_train=2, n_val=1, image_size=(64, 64), seed=0)
     config = tmp_path / 'config.json'
     config.write_text(json.dumps({**TINY, 'device': 'cuda', 'epochs': 1, 'num_workers': 0}))
-    code = local_runner.main(['-q', 'train', '--data', str(data), '--output', str(tmp_path / 'out'),
+    code = local_runner_main(['-q', 'train', '--data', str(data), '--output', str(tmp_path / 'out'),
                               '--config', str(config)])
     assert code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

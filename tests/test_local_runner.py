@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import local_runner
+from local_runner import demo, inputs, report
+from local_runner.cli import main
 from utils.synthetic import make_synthetic_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +58,7 @@ def config_file(tmp_path_factory):
 def trained(export_dir, config_file, tmp_path_factory):
     """A `train` output folder (trained in-process), shared by the tests below."""
     output = str(tmp_path_factory.mktemp('runs') / 'model')
-    assert local_runner.main(['train', '--data', export_dir, '--output', output, '--config', config_file]) == 0
+    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) == 0
     return output
 
 
@@ -97,7 +98,7 @@ def test_train_writes_weights_curves_and_a_model_description(trained, export_dir
 
 def test_train_refuses_to_overwrite_a_finished_run(trained, export_dir, config_file, capsys):
     before = os.path.getmtime(os.path.join(trained, 'weights', 'best.pth'))
-    code = local_runner.main(['train', '--data', export_dir, '--output', trained, '--config', config_file])
+    code = main(['train', '--data', export_dir, '--output', trained, '--config', config_file])
     assert code == 2
     assert_one_line_error(capsys.readouterr().err, 'already holds a finished training run')
     assert os.path.getmtime(os.path.join(trained, 'weights', 'best.pth')) == before
@@ -106,19 +107,19 @@ def test_train_refuses_to_overwrite_a_finished_run(trained, export_dir, config_f
 def test_train_config_with_an_unknown_key_or_a_bad_value_is_a_one_line_error(export_dir, tmp_path, capsys):
     bad_key = tmp_path / 'bad_key.json'
     bad_key.write_text(json.dumps({**TINY, 'epohcs': 3}))
-    assert local_runner.main(['train', '--data', export_dir, '--output', str(tmp_path / 'a'),
+    assert main(['train', '--data', export_dir, '--output', str(tmp_path / 'a'),
                               '--config', str(bad_key)]) == 2
     assert_one_line_error(capsys.readouterr().err, "unknown configuration key(s) ['epohcs']", "'epochs'")
 
     bad_value = tmp_path / 'bad_value.json'
     bad_value.write_text(json.dumps({**TINY, 'model_variant': 'yolo'}))
-    assert local_runner.main(['train', '--data', export_dir, '--output', str(tmp_path / 'b'),
+    assert main(['train', '--data', export_dir, '--output', str(tmp_path / 'b'),
                               '--config', str(bad_value)]) == 2
     assert_one_line_error(capsys.readouterr().err, "'model_variant'", 'yolo')
 
     not_json = tmp_path / 'not.json'
     not_json.write_text('{epochs: 3')
-    assert local_runner.main(['train', '--data', export_dir, '--output', str(tmp_path / 'c'),
+    assert main(['train', '--data', export_dir, '--output', str(tmp_path / 'c'),
                               '--config', str(not_json)]) == 2
     assert_one_line_error(capsys.readouterr().err, 'not valid JSON')
     assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
@@ -126,7 +127,7 @@ def test_train_config_with_an_unknown_key_or_a_bad_value_is_a_one_line_error(exp
 
 def test_train_with_labels_the_data_does_not_have_fails_before_training(export_dir, config_file, tmp_path, capsys):
     output = tmp_path / 'model'
-    code = local_runner.main(['-q', 'train', '--data', export_dir, '--output', str(output), '--config', config_file,
+    code = main(['-q', 'train', '--data', export_dir, '--output', str(output), '--config', config_file,
                               '--labels', 'car,person'])
     assert code == 2
     err = capsys.readouterr().err
@@ -149,7 +150,7 @@ def test_predict_writes_loadable_json_and_pictures_matching_adapter_predict(trai
     (images / 'notes.txt').write_text('not an image, not even by name')
     output = tmp_path / 'predictions'
     conf = 0.01
-    code = local_runner.main(['predict', '--model', trained, '--input', str(images), '--output', str(output),
+    code = main(['predict', '--model', trained, '--input', str(images), '--output', str(output),
                               '--conf', str(conf)])
     captured = capsys.readouterr()
     assert code == 0
@@ -199,7 +200,7 @@ def test_predict_exits_non_zero_only_when_no_image_can_be_read(trained, tmp_path
     images.mkdir()
     (images / 'a.jpg').write_bytes(b'\xff\xd8\xff truncated')
     (images / 'b.png').write_text('plain text')
-    code = local_runner.main(['predict', '--model', trained, '--input', str(images), '--output', str(tmp_path / 'o')])
+    code = main(['predict', '--model', trained, '--input', str(images), '--output', str(tmp_path / 'o')])
     err = capsys.readouterr().err
     assert code == 2
     assert 'a.jpg' in err and 'b.png' in err
@@ -224,7 +225,7 @@ def test_predict_in_a_subprocess_on_one_file(trained, export_dir, tmp_path):
 # ----------------------------------------------------------------------------- evaluate
 
 def test_evaluate_prints_the_map_table_per_class_ap_and_writes_a_pr_plot(trained, export_dir, tmp_path, capsys):
-    code = local_runner.main(['evaluate', '--model', trained, '--data', export_dir, '--output', str(tmp_path)])
+    code = main(['evaluate', '--model', trained, '--data', export_dir, '--output', str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
     for name in ('mAP@[.5:.95]', 'mAP@.5', 'mAP@.75', 'AR@100', *LABELS):
@@ -249,30 +250,14 @@ def test_evaluate_prints_the_map_table_per_class_ap_and_writes_a_pr_plot(trained
         assert plot.format == 'PNG' and plot.size[0] > 300
 
 
-def test_per_class_ap_reads_the_cocoeval_precision_array():
-    from utils.coco_eval import CocoEvaluator, per_class_ap
-    from utils.coco_utils import coco_from_dict
-    gt = {'images': [{'id': 0, 'width': 100, 'height': 100}, {'id': 1, 'width': 100, 'height': 100}],
-          'annotations': [
-              {'id': 1, 'image_id': 0, 'category_id': 1, 'bbox': [10, 10, 30, 30], 'area': 900, 'iscrowd': 0},
-              {'id': 2, 'image_id': 1, 'category_id': 1, 'bbox': [50, 50, 20, 40], 'area': 800, 'iscrowd': 0},
-              {'id': 3, 'image_id': 1, 'category_id': 2, 'bbox': [5, 60, 30, 30], 'area': 900, 'iscrowd': 0}],
-          'categories': [{'id': 1, 'name': 'a'}, {'id': 2, 'name': 'b'}, {'id': 3, 'name': 'c'}]}
-    coco_gt = coco_from_dict(gt)
-    evaluator = CocoEvaluator(coco_gt)
-    # class a: both boxes found exactly; class b: nothing found; class c: no ground truth at all
-    evaluator.update({0: {'boxes': torch.tensor([[10., 10., 40., 40.]]), 'scores': torch.tensor([0.9]),
-                          'labels': torch.tensor([1])},
-                      1: {'boxes': torch.tensor([[50., 50., 70., 90.], [0., 0., 10., 10.]]),
-                          'scores': torch.tensor([0.8, 0.3]), 'labels': torch.tensor([1, 3])}})
-    evaluator.accumulate()
-    rows = per_class_ap(evaluator.coco_eval['bbox'], coco_gt, {1: 'a', 2: 'b', 3: 'c'})
-    assert rows['a']['AP'] == pytest.approx(1.0) and rows['a']['AP_50'] == pytest.approx(1.0)
-    assert rows['a']['gt_boxes'] == 2 and min(rows['a']['pr_50']['precision']) == pytest.approx(1.0)
-    assert rows['b']['AP'] == 0.0 and rows['b']['gt_boxes'] == 1
-    assert rows['c']['AP'] is None and rows['c']['gt_boxes'] == 0
-    table = local_runner.format_metrics_table({'mAP': 0.5}, rows)
-    assert 'n/a' in table.splitlines()[-1]
+def test_the_metrics_table_lists_per_class_ap_and_marks_classes_without_ground_truth():
+    rows = {'a': {'id': 1, 'gt_boxes': 2, 'AP': 1.0, 'AP_50': 1.0, 'pr_50': None},
+            'c': {'id': 3, 'gt_boxes': 0, 'AP': None, 'AP_50': None, 'pr_50': None}}
+    table = report.format_metrics_table({'mAP': 0.5}, rows)
+    lines = table.splitlines()
+    assert lines[1].split() == ['mAP@[.5:.95]', '0.5000'] and lines[2].split() == ['mAP@.5', '0.0000']
+    assert lines[-2].split() == ['a', '1.0000', '1.0000', '2']
+    assert 'n/a' in lines[-1]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -313,11 +298,11 @@ def test_model_folder_problems_exit_2_with_one_line(tmp_path, export_dir):
 
 
 def test_predict_input_problems_exit_2(trained, tmp_path, capsys):
-    assert local_runner.main(['predict', '--model', trained, '--input', str(tmp_path / 'nope'),
+    assert main(['predict', '--model', trained, '--input', str(tmp_path / 'nope'),
                               '--output', str(tmp_path / 'o')]) == 2
     assert_one_line_error(capsys.readouterr().err, 'no such file or folder')
     (tmp_path / 'empty').mkdir()
-    assert local_runner.main(['predict', '--model', trained, '--input', str(tmp_path / 'empty'),
+    assert main(['predict', '--model', trained, '--input', str(tmp_path / 'empty'),
                               '--output', str(tmp_path / 'o')]) == 2
     assert_one_line_error(capsys.readouterr().err, 'has no image files')
 
@@ -330,34 +315,53 @@ def test_predict_never_reads_its_own_results_back_as_inputs(trained, tmp_path, c
     Image.new('RGB', (40, 30), 'black').save(images / 'sub' / 'a.jpg')
     (images / 'predictions').mkdir()
     Image.new('RGB', (40, 30), 'red').save(images / 'predictions' / 'a.png')  # an earlier run's picture
-    listed = local_runner.list_images(str(images), exclude=str(images / 'predictions'))
+    listed = inputs.list_images(str(images), exclude=str(images / 'predictions'))
     assert [rel for _, rel in listed] == ['a.jpg', os.path.join('sub', 'a.jpg'), os.path.join('sub', 'a.png')]
     # two inputs with one stem keep their extension in the output name
-    assert local_runner.output_names(listed) == ['a', os.path.join('sub', 'a.jpg'), os.path.join('sub', 'a.png')]
-    assert local_runner.main(['predict', '--model', trained, '--input', str(images), '--output', str(images)]) == 2
+    assert inputs.output_names(listed) == ['a', os.path.join('sub', 'a.jpg'), os.path.join('sub', 'a.png')]
+    assert main(['predict', '--model', trained, '--input', str(images), '--output', str(images)]) == 2
     assert_one_line_error(capsys.readouterr().err, 'is the --input folder')
+
+
+def test_only_the_projects_input_errors_become_one_line_exits(tmp_path, capsys, monkeypatch):
+    """An InputError is the user's to fix: one line, exit 2. Any other error (a ValueError from torch or
+    PIL, say) is a bug and keeps its traceback."""
+    from local_runner import cli
+    from utils.errors import InputError
+
+    def bad_input(*args, **kwargs):
+        raise InputError('the folder holds\nnothing usable')
+    monkeypatch.setattr(cli.demo, 'run_demo', bad_input)
+    assert main(['demo', '--output', str(tmp_path / 'a')]) == 2
+    assert_one_line_error(capsys.readouterr().err, 'local_runner demo: error: the folder holds nothing usable')
+
+    def bug(*args, **kwargs):
+        raise ValueError('expected 4D input (got 3D input)')
+    monkeypatch.setattr(cli.demo, 'run_demo', bug)
+    with pytest.raises(ValueError, match='4D input'):
+        main(['demo', '--output', str(tmp_path / 'b')])
 
 
 # ----------------------------------------------------------------------------- demo
 
 def test_demo_settings_are_one_place_and_valid():
     from utils import config
-    assert set(local_runner.DEMO_SETTINGS) <= set(config.OPTIONS)
-    settings = local_runner.resolve_configuration(local_runner.DEMO_SETTINGS)
+    assert set(demo.DEMO_SETTINGS) <= set(config.OPTIONS)
+    settings = inputs.resolve_configuration(demo.DEMO_SETTINGS)
     assert settings['pretrained'] is False  # the demo never downloads
-    assert settings['min_size'] <= min(local_runner.DEMO_DATA['image_size'])
+    assert settings['min_size'] <= min(demo.DEMO_DATA['image_size'])
 
 
 def test_demo_runs_end_to_end_and_prints_the_summary(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(local_runner.DEMO_DATA, 'image_size', (96, 96))
+    monkeypatch.setitem(demo.DEMO_DATA, 'image_size', (96, 96))
     for key in ('min_size', 'max_size'):
-        monkeypatch.setitem(local_runner.DEMO_SETTINGS, key, 128)
-    monkeypatch.setitem(local_runner.DEMO_SETTINGS, 'num_workers', 0)
-    monkeypatch.setitem(local_runner.DEMO_SETTINGS, 'batch_size', 2)
-    monkeypatch.setitem(local_runner.DEMO_SETTINGS, 'warmup_iters', 2)
-    monkeypatch.setitem(local_runner.DEMO_SETTINGS, 'device', 'cpu')
+        monkeypatch.setitem(demo.DEMO_SETTINGS, key, 128)
+    monkeypatch.setitem(demo.DEMO_SETTINGS, 'num_workers', 0)
+    monkeypatch.setitem(demo.DEMO_SETTINGS, 'batch_size', 2)
+    monkeypatch.setitem(demo.DEMO_SETTINGS, 'warmup_iters', 2)
+    monkeypatch.setitem(demo.DEMO_SETTINGS, 'device', 'cpu')
     output = tmp_path / 'demo'
-    code = local_runner.main(['demo', '--output', str(output), '--epochs', '1', '--n-train', '4', '--n-val', '2'])
+    code = main(['demo', '--output', str(output), '--epochs', '1', '--n-train', '4', '--n-val', '2'])
     out = capsys.readouterr().out
     assert code == 0
     for fragment in ('Demo done', 'data', 'train', 'evaluate', 'predict', 'total', 'mAP@.5', 'AR@100',
@@ -374,6 +378,6 @@ def test_demo_runs_end_to_end_and_prints_the_summary(tmp_path, capsys, monkeypat
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / 'precious.txt').write_text('keep me')
-    assert local_runner.main(['demo', '--output', str(tmp_path), '--epochs', '1']) == 2
+    assert main(['demo', '--output', str(tmp_path), '--epochs', '1']) == 2
     assert_one_line_error(capsys.readouterr().err, 'not written by the demo')
     assert (tmp_path / 'precious.txt').read_text() == 'keep me'

@@ -299,6 +299,30 @@ def test_evaluator_ignores_images_it_was_not_given(tmp_path):
     assert evaluator.summarize()[0] == pytest.approx(1.0)
 
 
+def test_per_class_ap_reads_the_cocoeval_precision_array():
+    from utils.coco_eval import per_class_ap
+    from utils.coco_utils import coco_from_dict
+    gt = {'images': [{'id': 0, 'width': 100, 'height': 100}, {'id': 1, 'width': 100, 'height': 100}],
+          'annotations': [
+              {'id': 1, 'image_id': 0, 'category_id': 1, 'bbox': [10, 10, 30, 30], 'area': 900, 'iscrowd': 0},
+              {'id': 2, 'image_id': 1, 'category_id': 1, 'bbox': [50, 50, 20, 40], 'area': 800, 'iscrowd': 0},
+              {'id': 3, 'image_id': 1, 'category_id': 2, 'bbox': [5, 60, 30, 30], 'area': 900, 'iscrowd': 0}],
+          'categories': [{'id': 1, 'name': 'a'}, {'id': 2, 'name': 'b'}, {'id': 3, 'name': 'c'}]}
+    coco_gt = coco_from_dict(gt)
+    evaluator = CocoEvaluator(coco_gt)
+    # class a: both boxes found exactly; class b: nothing found; class c: no ground truth at all
+    evaluator.update({0: {'boxes': torch.tensor([[10., 10., 40., 40.]]), 'scores': torch.tensor([0.9]),
+                          'labels': torch.tensor([1])},
+                      1: {'boxes': torch.tensor([[50., 50., 70., 90.], [0., 0., 10., 10.]]),
+                          'scores': torch.tensor([0.8, 0.3]), 'labels': torch.tensor([1, 3])}})
+    evaluator.accumulate()
+    rows = per_class_ap(evaluator.coco_eval['bbox'], coco_gt, {1: 'a', 2: 'b', 3: 'c'})
+    assert rows['a']['AP'] == pytest.approx(1.0) and rows['a']['AP_50'] == pytest.approx(1.0)
+    assert rows['a']['gt_boxes'] == 2 and min(rows['a']['pr_50']['precision']) == pytest.approx(1.0)
+    assert rows['b']['AP'] == 0.0 and rows['b']['gt_boxes'] == 1
+    assert rows['c']['AP'] is None and rows['c']['gt_boxes'] == 0
+
+
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_coco_backends_agree(tmp_path, backend):
     """The optional faster-coco-eval backend gives pycocotools' numbers (skipped when not installed)."""

@@ -6,9 +6,10 @@ goes to a temporary file in the target's folder (same filesystem, so the final
 `os.replace` is atomic), which then replaces the target in one step.
 """
 import contextlib
+import json
 import os
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Iterator, Optional
 
 
 def _umask() -> int:
@@ -44,3 +45,11 @@ def atomic_write(path: str, mode: str = 'w', fsync: bool = False, **open_kwargs)
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path: str, document: Any, indent: Optional[int] = None) -> str:
+    """`document` as JSON at `path`, atomically; values JSON does not know (paths, numpy numbers) as strings."""
+    text = json.dumps(document, indent=indent, default=str)
+    with atomic_write(path, 'w') as f:
+        f.write(text)
+    return path

@@ -8,6 +8,8 @@ that reading never writes back to the platform.
 import dataclasses
 from typing import Any, Dict, Optional, Tuple
 
+from utils.errors import InputError
+
 VARIANTS = (
     'fasterrcnn_resnet50_fpn',
     'fasterrcnn_resnet50_fpn_v2',
@@ -87,7 +89,7 @@ SDK_KEYS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value has the wrong type or is out of range."""
 
 

@@ -16,12 +16,11 @@ from matplotlib.figure import Figure
 
 from utils.atomic import atomic_write
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
+from utils.output_layout import CURVES_CSV, CURVES_PNG
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ('epoch',) + LOSS_KEYS + ('lr',) + EVAL_KEYS
-CSV_NAME = 'curves.csv'
-PNG_NAME = 'curves.png'
 
 
 def write_csv(history: Sequence[Mapping[str, Any]], path: str) -> str:
@@ -82,8 +81,8 @@ def write_png(history: Sequence[Mapping[str, Any]], path: str) -> str:
 def write_curves(history: Sequence[Mapping[str, Any]], output_path: str) -> Tuple[str, str]:
     """Write ``output_path/curves.csv`` and ``output_path/curves.png``; return both paths."""
     os.makedirs(output_path, exist_ok=True)
-    csv_path = write_csv(history, os.path.join(output_path, CSV_NAME))
-    png_path = write_png(history, os.path.join(output_path, PNG_NAME))
+    csv_path = write_csv(history, os.path.join(output_path, CURVES_CSV))
+    png_path = write_png(history, os.path.join(output_path, CURVES_PNG))
     return csv_path, png_path
 
 

@@ -47,6 +47,7 @@ import numpy as np
 from PIL import Image
 
 from utils.atomic import atomic_write
+from utils.errors import InputError
 from utils.images import ImageDecodeError, image_extensions, image_size
 
 logger = logging.getLogger(__name__)
@@ -477,15 +478,15 @@ def require_training_subsets(export: DataloopExport) -> None:
     found = sorted(export.subsets)
     for subset in ('train', 'validation'):
         if subset not in export.subsets:
-            raise ValueError(f'no {subset!r} subset in the downloaded data (found {found}): {fix}')
+            raise InputError(f'no {subset!r} subset in the downloaded data (found {found}): {fix}')
     train = export.reports['train']
     if not any(record['boxes'] for record in export.subsets['train']):
-        raise ValueError(
+        raise InputError(
             f"no box at all in the 'train' subset ({train.summary()}). Labels found in usable "
             f'annotations: {export.labels_found or "none"}. Annotate objects as box, polygon, mask or '
             f"ellipse, with labels in the model's label map; see the warnings above for skipped items")
     if not export.subsets['validation']:
-        raise ValueError(f"no usable item in the 'validation' subset ({export.reports['validation'].summary()}): "
+        raise InputError(f"no usable item in the 'validation' subset ({export.reports['validation'].summary()}): "
                          f'{fix}; see the warnings above for skipped items')
 
 
@@ -512,7 +513,7 @@ def load_index(path) -> DataloopExport:
     with open(path) as f:
         doc = json.load(f)
     if not isinstance(doc, dict) or doc.get('format') != INDEX_FORMAT:
-        raise ValueError(f'{path} is not a {INDEX_FORMAT} index: rerun convert_from_dtlpy')
+        raise InputError(f'{path} is not a {INDEX_FORMAT} index: rerun convert_from_dtlpy')
     base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     subsets = {s: [dict(r, image_path=os.path.normpath(os.path.join(base, r['image_path'])))
                    for r in records] for s, records in doc['subsets'].items()}

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from utils.errors import InputError
 from utils.images import ImageDecodeError, load_image
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class DetectionDataset(torch.utils.data.Dataset):
             boxes = np.asarray(record.get('boxes') or [], dtype=np.float32).reshape(-1, 4)
             names = [str(name) for name in (record.get('labels') or [])]
             if len(names) != len(boxes):
-                raise ValueError(f'{describe(record)} has {len(boxes)} boxes but {len(names)} labels')
+                raise InputError(f'{describe(record)} has {len(boxes)} boxes but {len(names)} labels')
             for name in names:
                 if name not in self.label_to_id:
                     unknown.setdefault(name, []).append(describe(record))
@@ -67,7 +68,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         if unknown:
             details = '; '.join(f'{name!r} on {items[0]}' + (f' and {len(items) - 1} more' if len(items) > 1 else '')
                                 for name, items in sorted(unknown.items()))
-            raise ValueError(f'label(s) not in the model\'s label map {sorted(self.label_to_id)}: {details}. '
+            raise InputError(f'label(s) not in the model\'s label map {sorted(self.label_to_id)}: {details}. '
                              f'Add them to the model\'s labels / label_to_id_map or remove those annotations')
         if dropped:
             logger.warning('dropped %d degenerate box(es) in total', dropped)

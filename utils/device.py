@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from utils.errors import InputError
+
 logger = logging.getLogger('fasterrcnn.device')
 
 # The GPU runner image (docker/gpu.Dockerfile) sets it: that image exists to run on a GPU.
@@ -22,7 +24,7 @@ EXPECT_GPU_ENV = 'FASTERRCNN_EXPECT_GPU'
 NVIDIA_SMI_TIMEOUT_S = 15
 
 
-class DeviceError(ValueError):
+class DeviceError(InputError):
     """`device: cuda` where torch sees no usable GPU."""
 
 

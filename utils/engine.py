@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from utils.coco_eval import CocoEvaluator, Evaluation
 from utils.coco_utils import get_coco_api_from_dataset
 from utils.meters import MetricLogger, SmoothedValue
-from utils.metric_names import EVAL_KEYS, LOSS_KEYS  # noqa: F401  (EVAL_KEYS: part of this module's API)
+from utils.metric_names import LOSS_KEYS
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,13 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from utils.errors import InputError
+
 # Refuse decompression bombs but allow large aerial/medical images.
 Image.MAX_IMAGE_PIXELS = 400_000_000
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(InputError):
     """The file is not an image PIL can fully decode (truncated, text, video...)."""
 
 

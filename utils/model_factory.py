@@ -11,6 +11,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from utils.atomic import atomic_write
+from utils.errors import InputError
 from utils.label_map import parse_id_to_label
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def coco_id_to_label_map() -> Dict[int, str]:
 def num_classes_for(id_to_label_map: Mapping[int, str]) -> int:
     """Class count of the network: background slot 0 plus the highest label id."""
     if not id_to_label_map:
-        raise ValueError('the model has no labels: set the model\'s labels or id_to_label_map')
+        raise InputError('the model has no labels: set the model\'s labels or id_to_label_map')
     return max(int(i) for i in id_to_label_map) + 1
 
 
@@ -46,7 +47,8 @@ def build_model(variant: str, num_classes: int, min_size: Optional[int] = None, 
     """Faster R-CNN of `variant` with `num_classes` outputs (background included).
 
     `min_size` / `max_size` None keep the builder's own input size (800 / 1333, or
-    320 / 640 for the 320 variant), as torchvision's builders do. With `coco_weights`, torchvision's COCO checkpoint is loaded through its Weights
+    320 / 640 for the 320 variant), as torchvision's builders do.
+    With `coco_weights`, torchvision's COCO checkpoint is loaded through its Weights
     API (so a copy cached under TORCH_HOME is used, no download when present); the
     box predictor is then replaced for `num_classes` unless `keep_coco_head`.
     `padding_bucket` > 32 pads batches to `BucketedTransform`'s coarser grid.
@@ -178,7 +180,7 @@ def load_checkpoint(path: str, map_location: Optional[str] = 'cpu') -> Dict[str,
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:
-            raise ValueError(f'refusing to load checkpoint {path!r}: it is not a plain weights file '
+            raise InputError(f'refusing to load checkpoint {path!r}: it is not a plain weights file '
                              f'(only tensors and plain containers are accepted): {err}') from err
 
 
@@ -190,7 +192,7 @@ def check_compatible(checkpoint: Mapping[str, Any], path: str, variant: str, num
         weight = checkpoint['state_dict'].get('roi_heads.box_predictor.cls_score.weight')
         ckpt_classes = int(weight.shape[0]) if weight is not None else num_classes
     if ckpt_variant != variant or ckpt_classes != num_classes:
-        raise ValueError(
+        raise InputError(
             f'checkpoint {path!r} holds {ckpt_variant!r} with {ckpt_classes} classes, but the model is '
             f'configured as {variant!r} with {num_classes} classes (labels + background): '
             f'fix model_variant / the label map, or remove weights_filename to start from pretrained weights')

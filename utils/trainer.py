@@ -30,17 +30,16 @@ from utils.config import DEFAULTS
 from utils.curves import write_curves
 from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.detection_dataset import DetectionDataset
+from utils.errors import InputError
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
+from utils.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR  # noqa: F401  (part of this module's API)
 from utils.model_factory import (check_compatible, load_checkpoint, make_checkpoint, num_classes_for,
                                  save_checkpoint)
 from utils.transforms import get_transform
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR = 'weights'
-LAST_NAME = 'last.pth'
-BEST_NAME = 'best.pth'
 
 
 @dataclasses.dataclass
@@ -197,7 +196,7 @@ def _checkpoint_paths(output_path: str) -> Tuple[str, str]:
 def _data(train_records, val_records, label_to_id, settings, device):
     """(train loader, validation loader or None, the seeded generator that shuffles the training set)."""
     if not train_records:
-        raise ValueError('no training images: the train subset is empty (check the dataset filters '
+        raise InputError('no training images: the train subset is empty (check the dataset filters '
                          'and that the items have box/polygon/mask annotations with known labels)')
     if not val_records:
         logger.warning('no validation images: mAP is reported as 0.0, best.pth follows the latest epoch'
@@ -234,10 +233,10 @@ def _resume(run: _Run, source: str, best_path: str) -> bool:
     saved_map = parse_id_to_label(checkpoint.get('id_to_label_map'))
     wanted_map = parse_id_to_label(info['id_to_label_map'])
     if saved_map != wanted_map:
-        raise ValueError(f'cannot resume from {source!r}: it was trained with labels {saved_map}, '
+        raise InputError(f'cannot resume from {source!r}: it was trained with labels {saved_map}, '
                          f'this model has {wanted_map}; use a new output_path to start over')
     if 'optimizer' not in checkpoint:
-        raise ValueError(f'cannot resume from {source!r}: it holds weights only (no optimizer state); '
+        raise InputError(f'cannot resume from {source!r}: it holds weights only (no optimizer state); '
                          f'resume from a weights/{LAST_NAME}')
     run.history = list(checkpoint.get('history') or [])
     run.last_epoch = int(checkpoint['epoch'])

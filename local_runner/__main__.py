@@ -1,0 +1,6 @@
+"""`python -m local_runner ...`"""
+import sys
+
+from local_runner.cli import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""Checks of the command line's arguments and paths, before anything heavy is imported.
+
+Each check raises `InputError` with a message naming the option and the path,
+so a wrong path fails in a fraction of a second with one line.
+"""
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from utils import config as config_lib
+from utils.config import ConfigError
+from utils.errors import InputError
+from utils.images import image_extensions
+
+logger = logging.getLogger('local_runner')
+
+
+def _listdir(path: str) -> List[str]:
+    return sorted(name for name in os.listdir(path) if not name.startswith('.'))
+
+
+def check_data_dir(path: str, subsets: Sequence[str], option: str = '--data') -> str:
+    """`path` must be a folder holding each of `subsets` (Dataloop download layout)."""
+    if not os.path.exists(path):
+        raise InputError(f'{option} {path}: no such folder')
+    if not os.path.isdir(path):
+        raise InputError(f'{option} {path} is a file, not a folder with {"/ and ".join(subsets)}/ inside')
+    found = _listdir(path)
+    layout = 'Dataloop download layout: <subset>/items/ images and <subset>/json/ item JSONs'
+    if not found:
+        raise InputError(f'{option} {path} is empty: expected {" and ".join(s + "/" for s in subsets)} ({layout})')
+    for subset in subsets:
+        if not os.path.isdir(os.path.join(path, subset)):
+            raise InputError(f'{option} {path} has no {subset}/ folder (found: {", ".join(found)}); '
+                             f'expected {" and ".join(s + "/" for s in subsets)} ({layout})')
+    return path
+
+
+def resolve_configuration(configuration: Dict[str, Any]) -> Dict[str, Any]:
+    """`configuration` over the manifest's defaults, validated by `utils.config.resolve`.
+
+    Used to check what a user gives before any work starts; once an adapter
+    exists, its `settings` are the resolved configuration.
+    """
+    from utils.local_model import manifest_model_block
+    return config_lib.resolve({**manifest_model_block()['configuration'], **configuration})
+
+
+def read_config_file(path: Optional[str]) -> Dict[str, Any]:
+    """The JSON object of configuration keys in `path`; unknown keys and bad values are ConfigErrors."""
+    if path is None:
+        return {}
+    if not os.path.isfile(path):
+        raise InputError(f'--config {path}: no such file')
+    try:
+        with open(path) as f:
+            configuration = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f'--config {path} is not valid JSON: {err}') from None
+    if not isinstance(configuration, dict):
+        raise ConfigError(f'--config {path} must hold a JSON object of configuration keys, '
+                          f'got a {type(configuration).__name__}')
+    unknown = sorted(set(configuration) - set(config_lib.OPTIONS))
+    if unknown:
+        raise ConfigError(f'--config {path}: unknown configuration key(s) {unknown}; '
+                          f'valid keys are {sorted(config_lib.OPTIONS)}')
+    resolve_configuration(configuration)
+    return configuration
+
+
+def parse_labels(text: Optional[str]) -> Optional[List[str]]:
+    if text is None:
+        return None
+    labels = [label.strip() for label in text.split(',') if label.strip()]
+    if not labels:
+        raise InputError(f'--labels {text!r} names no label: give a comma-separated list such as a,b,c')
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise InputError(f'--labels names {duplicates} more than once')
+    return labels
+
+
+def list_images(path: str, exclude: Optional[str] = None) -> List[Tuple[str, str]]:
+    """(path, path relative to the input) of the images to predict on: a file, or a folder's image files
+    (recursively; hidden files and the folder `exclude`, where results go, are left out)."""
+    if not os.path.exists(path):
+        raise InputError(f'--input {path}: no such file or folder')
+    if os.path.isfile(path):
+        return [(path, os.path.basename(path))]
+    extensions = image_extensions()
+    excluded = os.path.realpath(exclude) if exclude else None
+    found, others = [], 0
+    for folder, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.')
+                         and os.path.realpath(os.path.join(folder, d)) != excluded)
+        for name in sorted(files):
+            if name.startswith('.'):
+                continue
+            if os.path.splitext(name)[1].lower() in extensions:
+                full = os.path.join(folder, name)
+                found.append((full, os.path.relpath(full, path)))
+            else:
+                others += 1
+    if not found:
+        what = f'{others} file(s), none with an image extension' if others else 'nothing'
+        raise InputError(f'--input {path} has no image files ({what}; looked for .jpg, .jpeg, .png, .bmp, .tif, ...)')
+    if others:
+        logger.info('--input %s: %d file(s) without an image extension ignored', path, others)
+    return found
+
+
+def output_names(inputs: Sequence[Tuple[str, str]]) -> List[str]:
+    """Per input, the output path stem (relative): `dir/stem`, or `dir/name` when two inputs share a stem."""
+    stems = [os.path.splitext(rel)[0] for _, rel in inputs]
+    counts: Dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    return [stem if counts[stem] == 1 else rel for stem, (_, rel) in zip(stems, inputs)]

@@ -1,0 +1,172 @@
+"""A model folder: what `train` writes, and how `predict` / `evaluate` load it back.
+
+    OUT/weights/best.pth   the adapter's checkpoint (self-describing: variant, labels, sizes)
+    OUT/model.json         configuration + label map (what the model is rebuilt from), how it was trained
+    OUT/curves.csv/.png    the trainer's curves
+
+The adapter is the platform's `FasterRCNNAdapter` on a `dl.Model` built offline;
+its `settings` are the resolved configuration every step here reads.
+"""
+import json
+import logging
+import os
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from utils import config as config_lib
+from utils.atomic import write_json
+from utils.errors import InputError
+from utils.label_map import configuration_entries, labels_in_id_order, parse_id_to_label
+from utils.metric_names import EVAL_KEYS
+from utils.output_layout import BEST_NAME, CURVES_PNG, LAST_NAME, WEIGHTS_DIR
+
+logger = logging.getLogger('local_runner')
+
+MODEL_FILE = 'model.json'
+MODEL_FORMAT = 'fasterrcnn-local-model/1'
+DEFAULT_WEIGHTS = config_lib.DEFAULTS['weights_filename']
+
+
+def check_train_output(path: str) -> None:
+    """Refuse to overwrite a finished run; an interrupted one (weights/last.pth) is resumed."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f'--output {path} is a file, not a folder')
+    best = os.path.join(path, WEIGHTS_DIR, BEST_NAME)
+    last = os.path.join(path, WEIGHTS_DIR, LAST_NAME)
+    if os.path.isfile(best) and not os.path.isfile(last):
+        raise InputError(f'--output {path} already holds a finished training run ({best}): '
+                         f'choose a new --output folder, or delete that one to train again')
+
+
+def find_model_files(model_dir: str) -> Tuple[Optional[str], str]:
+    """(model.json path or None, weights path); InputError naming what is missing."""
+    if not os.path.exists(model_dir):
+        raise InputError(f'--model {model_dir}: no such folder')
+    if not os.path.isdir(model_dir):
+        raise InputError(f'--model {model_dir} is a file: give the folder `train` wrote '
+                         f'(with {MODEL_FILE} and {DEFAULT_WEIGHTS})')
+    model_json = os.path.join(model_dir, MODEL_FILE)
+    if os.path.isfile(model_json):
+        try:
+            with open(model_json) as f:
+                weights_filename = json.load(f).get('configuration', {}).get('weights_filename', DEFAULT_WEIGHTS)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+            raise InputError(f'--model {model_dir}: {MODEL_FILE} is not a model description: {err}') from None
+        weights = os.path.join(model_dir, weights_filename)
+        if not os.path.isfile(weights):
+            raise InputError(f'--model {model_dir} has {MODEL_FILE} but no weights at {weights} '
+                             f'(did training finish?)')
+        return model_json, weights
+    weights = os.path.join(model_dir, DEFAULT_WEIGHTS)
+    if not os.path.isfile(weights):
+        raise InputError(f'--model {model_dir} has no {MODEL_FILE} and no {DEFAULT_WEIGHTS}: '
+                         f'not a folder written by `local_runner train`')
+    return None, weights
+
+
+def _local_adapter_class():
+    from fasterrcnn_adapter import FasterRCNNAdapter
+
+    class LocalFasterRCNNAdapter(FasterRCNNAdapter):
+        """The platform adapter, unchanged except that per-epoch metrics are not sent to the platform
+        (there is none here): they are in the trainer's curves.csv / curves.png and the log."""
+
+        def _publish_metrics(self, epoch: int, metrics: Dict[str, float]) -> None:
+            return None
+
+    return LocalFasterRCNNAdapter
+
+
+def new_adapter(configuration: Dict[str, Any], labels: Optional[Sequence[str]], name: str,
+                local_path: Optional[str]):
+    """A loaded adapter on an offline model entity; weights from `local_path` (a model folder), else
+    pretrained or random. A failed download of COCO weights is an InputError saying what to do."""
+    from utils.local_model import local_model
+    adapter = _local_adapter_class()()
+    adapter.model_entity = local_model(configuration=configuration, labels=labels, name=name)
+    try:
+        adapter.load(local_path)
+    except OSError as err:  # urllib's URLError and socket errors are OSErrors
+        settings = adapter.settings  # resolved by load() before it reached for the weights
+        weights = os.path.join(local_path or '', settings['weights_filename'])
+        if not settings['pretrained'] or (local_path and os.path.isfile(weights)):
+            raise
+        raise InputError(f"cannot get torchvision's COCO weights for {settings['model_variant']} ({err}): "
+                         f'put them under $TORCH_HOME/hub/checkpoints, or set "pretrained": false in --config '
+                         f'to start from random weights') from None
+    return adapter
+
+
+def load_model_dir(model_dir: str, configuration: Optional[Dict[str, Any]] = None):
+    """A loaded `FasterRCNNAdapter` from a `train` output folder; `configuration` overrides model.json's."""
+    model_json, weights = find_model_files(model_dir)
+    if model_json is not None:
+        with open(model_json) as f:
+            description = json.load(f)
+        saved = dict(description.get('configuration') or {})
+        labels = description.get('labels')
+        name = description.get('name') or os.path.basename(os.path.abspath(model_dir))
+    else:
+        # weights without model.json (e.g. artifacts downloaded from the platform): the checkpoint
+        # describes itself (variant, label map, sizes)
+        from utils import model_factory
+        checkpoint = model_factory.load_checkpoint(weights)
+        id_to_label = parse_id_to_label(checkpoint.get('id_to_label_map'))
+        if not id_to_label or 'model_variant' not in checkpoint:
+            raise InputError(f'--model {model_dir}: no {MODEL_FILE}, and {weights} does not say its variant '
+                             f'and labels')
+        logger.warning('%s has no %s: rebuilding the model from %s (variant %s, %d labels)', model_dir,
+                       MODEL_FILE, weights, checkpoint['model_variant'], len(id_to_label))
+        saved = {'model_variant': checkpoint['model_variant'], 'pretrained': False,
+                 'min_size': checkpoint.get('min_size'), 'max_size': checkpoint.get('max_size'),
+                 **configuration_entries(id_to_label)}
+        labels = labels_in_id_order(id_to_label)
+        name = os.path.basename(os.path.abspath(model_dir))
+    saved.update(configuration or {})
+    return new_adapter(saved, labels, name, model_dir)
+
+
+def write_model_description(adapter, output_dir: str, data_dir: str, result) -> str:
+    """OUT/model.json: everything `load_model_dir` needs to rebuild the model, plus how it was trained."""
+    configuration = adapter.model_entity.configuration
+    id_to_label = adapter.id_to_label_map()
+    saved = {key: configuration[key] for key in config_lib.OPTIONS if key in configuration}
+    saved.update(configuration_entries(id_to_label))
+    training: Dict[str, Any] = {'data': os.path.abspath(data_dir)}
+    if result is not None:
+        best = result.best_record
+        training.update(epochs_run=result.epochs_run, stopped_early=result.stopped_early,
+                        best_epoch=result.best_epoch,
+                        best_metrics={k: best[k] for k in EVAL_KEYS if k in best})
+    description = {'format': MODEL_FORMAT, 'name': adapter.model_entity.name,
+                   'labels': labels_in_id_order(id_to_label), 'configuration': saved, 'training': training}
+    return write_json(os.path.join(output_dir, MODEL_FILE), description, indent=2)
+
+
+def train_on_folder(data_dir: str, output_dir: str, configuration: Dict[str, Any],
+                    labels: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """convert_from_dtlpy + train + save on a local export; returns paths and the best epoch's metrics."""
+    if labels is None:
+        from local_runner.inputs import resolve_configuration
+        from utils.dataloop_reader import read_dataloop_export
+        include_background = resolve_configuration(configuration)['include_background']
+        labels = read_dataloop_export(data_dir, include_background=include_background).labels_found
+        if not labels:
+            raise InputError(f'--data {data_dir}: no usable box, polygon, mask or ellipse annotation with a label '
+                             f'in any subset; see the warnings above for skipped items')
+        logger.info('labels found in the data (ids 1..%d in this order): %s', len(labels), labels)
+    # no artifacts folder: pretrained or random weights; an interrupted run in output_dir
+    # (weights/last.pth) is resumed by the trainer itself
+    adapter = new_adapter(configuration, labels, os.path.basename(os.path.abspath(output_dir)) or 'fasterrcnn', None)
+    os.makedirs(output_dir, exist_ok=True)
+    adapter.convert_from_dtlpy(data_dir)
+    from utils.engine import NonFiniteLossError
+    try:
+        result = adapter.train(data_dir, output_dir)
+    except NonFiniteLossError as err:  # a settings problem, explained in the message: no traceback
+        raise InputError(f'{err} (checkpoints of the finished epochs are in {output_dir}/{WEIGHTS_DIR})') from err
+    adapter.save(output_dir)
+    model_json = write_model_description(adapter, output_dir, data_dir, result)
+    return {'output': output_dir, 'model_json': model_json,
+            'weights': os.path.join(output_dir, adapter.settings['weights_filename']),
+            'curves': os.path.join(output_dir, CURVES_PNG), 'labels': list(labels),
+            'epochs_run': result.epochs_run, 'best_epoch': result.best_epoch, 'metrics': result.best_record}

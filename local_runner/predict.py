@@ -1,0 +1,96 @@
+"""Predictions on local image files, written the way the platform would see them.
+
+Per image: ``<name>.json`` (a Dataloop item JSON whose ``annotations`` are what
+``predict_items`` uploads; it loads with ``dl.AnnotationCollection.from_json``)
+and ``<name>.png`` (the image with boxes, labels and scores drawn).
+"""
+import logging
+import mimetypes
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+from local_runner.draw import detections_from_json, draw_detections
+from local_runner.inputs import output_names
+from utils.atomic import write_json
+from utils.errors import InputError
+from utils.label_map import label_to_id
+
+logger = logging.getLogger('local_runner')
+
+
+def _item_json(path: str, rel: str, image, annotations: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {'filename': '/' + rel.replace(os.sep, '/'), 'name': os.path.basename(rel),
+            'metadata': {'system': {'width': image.width, 'height': image.height,
+                                    'mimetype': mimetypes.guess_type(path)[0] or 'image/unknown'}},
+            'annotations': annotations}
+
+
+def _output_paths(inputs: Sequence[Tuple[str, str]], output_dir: str) -> List[Tuple[str, str]]:
+    """(json, png) per input; an InputError when one would overwrite an input image."""
+    targets = [(os.path.join(output_dir, name + '.json'), os.path.join(output_dir, name + '.png'))
+               for name in output_names(inputs)]
+    sources = {os.path.realpath(path) for path, _ in inputs}
+    clash = [t for pair in targets for t in pair if os.path.realpath(t) in sources]
+    if clash:
+        raise InputError(f'--output {output_dir} would overwrite input image {clash[0]}: choose another --output')
+    return targets
+
+
+def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) -> Dict[str, Any]:
+    """Per readable image: ``<stem>.json`` (Dataloop item JSON with the predicted annotations) and
+    ``<stem>.png`` (the image with the boxes drawn). Unreadable images are logged and skipped."""
+    from torchvision.transforms.functional import pil_to_tensor
+    from tqdm.auto import tqdm
+
+    from utils.images import ImageDecodeError, load_image
+
+    settings = adapter.settings
+    class_ids = label_to_id(adapter.id_to_label_map())
+    targets = _output_paths(inputs, output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    written, unreadable, n_boxes = [], [], 0
+    batch: List[Tuple[int, Any]] = []
+
+    def flush():
+        nonlocal n_boxes
+        if not batch:
+            return
+        collections = adapter.predict([pil_to_tensor(image) for _, image in batch])
+        for (index, image), collection in zip(batch, collections):
+            path, rel = inputs[index]
+            json_path, png_path = targets[index]
+            os.makedirs(os.path.dirname(json_path), exist_ok=True)
+            annotations = collection.to_json()['annotations']
+            write_json(json_path, _item_json(path, rel, image, annotations), indent=1)
+            detections = detections_from_json(annotations)
+            draw_detections(image, detections, class_ids).save(png_path, format='PNG')
+            n_boxes += len(detections)
+            written.append({'image': path, 'json': json_path, 'png': png_path, 'boxes': len(detections)})
+        bar.update(len(batch))
+        batch.clear()
+
+    bar = tqdm(total=len(inputs), desc='predict', unit='image', dynamic_ncols=True)
+    try:
+        for index, (path, _) in enumerate(inputs):
+            try:
+                image = load_image(path)
+            except (ImageDecodeError, OSError) as err:
+                logger.warning('cannot read image %s: %s: skipped', path, err)
+                unreadable.append((path, str(err)))
+                bar.update(1)
+                continue
+            batch.append((index, image))
+            if len(batch) >= settings['batch_size']:
+                flush()
+        flush()
+    finally:
+        bar.close()
+    if unreadable:
+        logger.warning('%d of %d image(s) could not be read: %s', len(unreadable), len(inputs),
+                       ', '.join(path for path, _ in unreadable))
+    if not written:
+        raise InputError(f'none of the {len(inputs)} image file(s) could be read (see the warnings above)')
+    logger.info('predicted %d box(es) on %d image(s) at conf >= %g; results in %s', n_boxes, len(written),
+                settings['conf_threshold'], output_dir)
+    return {'output': output_dir, 'images': written, 'unreadable': unreadable, 'boxes': n_boxes,
+            'conf_threshold': settings['conf_threshold']}

@@ -1,0 +1,10 @@
+"""Names of the files a training run leaves in its output folder (`utils.trainer`, `utils.curves`).
+
+Kept apart from the trainer so that code which only checks a folder (the local
+runner, before any heavy import) uses the same names.
+"""
+WEIGHTS_DIR = 'weights'
+LAST_NAME = 'last.pth'   # every epoch: everything to resume
+BEST_NAME = 'best.pth'   # the best epoch's weights: what the model ships
+CURVES_CSV = 'curves.csv'
+CURVES_PNG = 'curves.png'
