@@ -20,7 +20,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from utils import config as config_lib
 from utils import model_factory
-from utils.images import ImageDecodeError, load_image
+from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image, network_limits
 
 logger = logging.getLogger('fasterrcnn.adapter')
 
@@ -156,12 +156,20 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         logger.info('saved weights to %s', target)
 
     # ----------------------------------------------------------------- predict
+    def image_limits(self):
+        """The image sizes this network takes (`utils.images.ImageLimits`): the pixel limit, and its resize."""
+        if self.model is None:  # not loaded yet: only the pixel limit is known
+            return ImageLimits(self.settings['max_image_pixels'])
+        return network_limits(self.model, self.settings['max_image_pixels'])
+
     def prepare_item_func(self, item: dl.Item):
         """Download and decode one item; an unreadable one becomes an `UnreadableItem`, not an exception."""
         name = getattr(item, 'filename', None) or getattr(item, 'name', '?')
         try:
             buffer = item.download(save_locally=False)
-            return pil_to_tensor(load_image(buffer))
+            return pil_to_tensor(load_image(buffer, self.image_limits()))
+        except ImageSizeError as err:
+            reason = str(err)
         except ImageDecodeError as err:
             reason = f'{err} (mimetype {getattr(item, "mimetype", None)})'
         except Exception as err:  # download failures, odd item types: report, never fail the batch
@@ -192,13 +200,21 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         roi_heads.detections_per_img = int(settings['max_detections'])
         labels = self.id_to_label_map()
         images, positions = [], []
+        limits = self.image_limits()
         for position, entry in enumerate(batch):
-            if isinstance(entry, UnreadableItem) or entry is None:
-                if entry is not None:
-                    self.unreadable_items.append(entry)
+            if entry is None:
                 continue
-            images.append(self._to_tensor(entry))
-            positions.append(position)
+            if not isinstance(entry, UnreadableItem):
+                image = self._to_tensor(entry)
+                try:  # an image the resize would squash to 0 px would fail the whole forward pass
+                    limits.check(image.shape[-1], image.shape[-2])
+                    images.append(image)
+                    positions.append(position)
+                    continue
+                except ImageSizeError as err:
+                    logger.error('cannot predict on batch entry %d: %s', position, err)
+                    entry = UnreadableItem(None, f'batch entry {position}', str(err))
+            self.unreadable_items.append(entry)
         outputs = self._forward(images) if images else []
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
@@ -234,7 +250,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         if self.unreadable_items:
             names = '; '.join(str(entry) for entry in self.unreadable_items)
             raise ValueError(f'{len(self.unreadable_items)} of {len(items)} items could not be read as images '
-                             f'and got no annotations (the others were annotated): {names}')
+                             f'the network takes and got no annotations (the others were annotated): {names}')
         return result
 
     # ---------------------------------------------------------------- training
@@ -269,7 +285,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         from utils.dataloop_reader import read_dataloop_export, require_training_subsets, save_index
         settings = self._resolve_settings()
         labels = [str(label) for label in (self.model_entity.labels or [])] or None
-        export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'])
+        export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'],
+                                      limits=self.image_limits())
         if labels and not set(labels) & set(export.labels_found):
             raise ValueError(f'none of the labels in the data {export.labels_found} is one of the model\'s labels '
                              f'{labels}: set the model\'s labels to the dataset\'s (model.labels = [...]; '

@@ -29,6 +29,7 @@ from utils import engine
 from utils.config import DEFAULTS
 from utils.curves import write_curves
 from utils.detection_dataset import DetectionDataset
+from utils.images import network_limits
 from utils.model_factory import (check_compatible, load_checkpoint, make_checkpoint, num_classes_for,
                                  save_checkpoint)
 from utils.transforms import get_transform
@@ -132,8 +133,9 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
                        + (' and early stopping is off' if patience else ''))
 
     seed_everything(int(settings['seed']))
-    train_set = DetectionDataset(train_records, label_to_id, get_transform(True, settings))
-    val_set = DetectionDataset(val_records or [], label_to_id, get_transform(False, settings))
+    limits = network_limits(model, settings['max_image_pixels'])
+    train_set = DetectionDataset(train_records, label_to_id, get_transform(True, settings), limits)
+    val_set = DetectionDataset(val_records or [], label_to_id, get_transform(False, settings), limits)
     generator = make_generator(int(settings['seed']))
     train_loader = _loader(train_set, settings, device, shuffle=True, generator=generator)
     val_loader = _loader(val_set, settings, device, shuffle=False, generator=None) if has_val else None
