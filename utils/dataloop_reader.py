@@ -394,8 +394,7 @@ class _SubsetReader:
             if not isinstance(filename, str) or not filename:
                 name = '/' + os.path.relpath(image_path, os.path.realpath(self.items_dir)).replace(os.sep, '/')
             try:
-                width, height = image_size(image_path)
-                self.limits.check(width, height)
+                width, height = image_size(image_path, self.limits)
             except ImageSizeError as err:
                 raise _Skip(err.reason, str(err)) from None
             except (ImageDecodeError, Image.DecompressionBombError) as err:

@@ -85,14 +85,6 @@ def _to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert('RGB')
 
 
-def _displayed_size(image: Image.Image) -> tuple:
-    """(width, height) after EXIF orientation, from the header only."""
-    width, height = image.size
-    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-        width, height = height, width
-    return width, height
-
-
 def load_image(source: Union[str, os.PathLike, bytes, io.IOBase],
                limits: Optional[ImageLimits] = None) -> Image.Image:
     """Open a path, bytes or file object and return a fully decoded 8-bit RGB image.
@@ -106,7 +98,8 @@ def load_image(source: Union[str, os.PathLike, bytes, io.IOBase],
     limits = limits or ImageLimits()
     try:
         with Image.open(source) as image:
-            limits.check(*_displayed_size(image))
+            # the stored size: both rules hold under rotation, and reading EXIF can decode (PNG)
+            limits.check(*image.size)
             image.load()  # force full decode: a truncated file fails here, not later
             image = ImageOps.exif_transpose(image)
             if image.mode == 'RGB':
@@ -118,10 +111,21 @@ def load_image(source: Union[str, os.PathLike, bytes, io.IOBase],
         raise ImageDecodeError(f'not a decodable image: {err}') from err
 
 
-def image_size(path: Union[str, os.PathLike]) -> tuple:
-    """(width, height) as displayed, i.e. after EXIF orientation; reads only the header."""
+def image_size(path: Union[str, os.PathLike], limits: Optional[ImageLimits] = None) -> tuple:
+    """(width, height) as displayed, i.e. after EXIF orientation; reads only the header.
+
+    Raises ImageSizeError when `limits` (default: the pixel limit only) refuse the
+    size, before EXIF is read (for a PNG without EXIF up front, PIL decodes to look for it).
+    """
+    limits = limits or ImageLimits()
     try:
         with Image.open(path) as image:
-            return _displayed_size(image)
+            width, height = image.size
+            limits.check(width, height)
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                width, height = height, width
+            return width, height
+    except ImageSizeError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f'not a decodable image: {err}') from err
