@@ -121,7 +121,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                 logger.warning('the label map saved with %s differs from the model\'s; using the model\'s: %s',
                                weights_path, id_to_label_map)
             model = model_factory.build_model(variant, num_classes, **sizes)
-            model.load_state_dict(checkpoint['state_dict'])
+            model_factory.load_state(model, checkpoint, weights_path)
             logger.info('loaded %s weights from %s', variant, weights_path)
         elif settings['pretrained']:
             keep_head = id_to_label_map == model_factory.coco_id_to_label_map()

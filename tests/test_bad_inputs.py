@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import re
 import os
 import struct
 import zlib
@@ -279,6 +280,8 @@ BAD_CHECKPOINTS = {
                            r'fasterrcnn_mobilenet_v3_large_fpn / fasterrcnn_mobilenet_v3_large_320_fpn'),
     'labels vs predictor': (lambda c: _corrupt(c, id_to_label_map={1: 'cat', 9: 'dog'}),
                             r'label id 9 in its id_to_label_map, but its box predictor has 4 classes'),
+    'no BatchNorm statistics': (lambda c: _corrupt(c, drop_tensor='backbone.body.0.1.running_mean'),
+                                r'does not fit the network: .*Missing key\(s\).*"backbone.body.0.1.running_mean"'),
     'other format': (lambda c: _corrupt(c, format='something/2'), r"has format 'something/2'"),
     'NaN weights': (lambda c: _corrupt(c, nan_tensor='rpn.head.conv.0.0.weight'),
                     r"NaN or Infinity in 1 weight tensor\(s\) \(first: 'rpn.head.conv.0.0.weight'\)"),
@@ -293,7 +296,7 @@ def test_bad_checkpoint_is_one_line_naming_the_file_and_what_is_wrong(case, smal
         make_adapter(artifacts=str(tmp_path))
     text = str(err.value)
     assert '\n' not in text and text.startswith(f'checkpoint {path!r}')
-    assert __import__('re').search(message, text), text
+    assert re.search(message, text), text
 
 
 def test_bare_torchvision_state_dict_of_the_right_variant_is_accepted(small_checkpoint, tmp_path):

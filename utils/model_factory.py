@@ -132,23 +132,27 @@ def load_checkpoint(path: str, map_location: Optional[str] = 'cpu') -> Dict[str,
     return validate_checkpoint(loaded, path)
 
 
+# BatchNorm statistics a checkpoint may lack: torchvision's frozen-BN files have no counter, and
+# a BatchNorm built without running statistics has none of them.
+_OPTIONAL_SUFFIXES = ('.running_mean', '.running_var', '.num_batches_tracked')
+
+
 @functools.lru_cache(maxsize=None)
 def _variant_shapes(variant: str) -> Dict[str, tuple]:
-    """Tensor name -> shape of `variant`, box predictor and BatchNorm counters left out
-    (the first depends on the class count, the second is absent from torchvision's frozen-BN files).
+    """Tensor name -> shape of `variant`, the box predictor left out (its shape is the class count).
     Built on the meta device: no memory, a few milliseconds."""
     builder, _ = BUILDERS[variant]
     with torch.device('meta'):
         model = builder(weights=None, weights_backbone=None, num_classes=2)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if not k.startswith(PREDICTOR) and not k.endswith('num_batches_tracked')}
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(PREDICTOR)}
 
 
 def _tensor_mismatch(state_dict: Mapping[str, torch.Tensor], variant: str) -> List[str]:
     """What keeps `state_dict` from filling `variant`, one phrase per problem (empty: it fits)."""
     expected = _variant_shapes(variant)
-    names = {k for k in state_dict if not k.startswith(PREDICTOR) and not k.endswith('num_batches_tracked')}
-    missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected))
+    names = {k for k in state_dict if not k.startswith(PREDICTOR)}
+    missing = sorted(k for k in set(expected) - names if not k.endswith(_OPTIONAL_SUFFIXES))
+    unexpected = sorted(names - set(expected))
     wrong = [k for k in sorted(names & set(expected)) if tuple(state_dict[k].shape) != expected[k]]
     problems = []
     if missing:
@@ -225,6 +229,15 @@ def validate_checkpoint(loaded: Any, path: str) -> Dict[str, Any]:
                               f'(first: {bad[0]!r}): it was saved from a diverged run')
     checkpoint.update(num_classes=classes, variants=variants)
     return checkpoint
+
+
+def load_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path: str) -> None:
+    """Fill `model` from a validated checkpoint; what validation cannot foresee still gets one line."""
+    try:
+        model.load_state_dict(checkpoint['state_dict'])
+    except RuntimeError as err:
+        raise CheckpointError(f'checkpoint {path!r} does not fit the network: '
+                              f"{' '.join(str(err).split())}") from err
 
 
 def check_compatible(checkpoint: Mapping[str, Any], path: str, variant: str, num_classes: int) -> None:
