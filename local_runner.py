@@ -634,7 +634,7 @@ def evaluate_model(adapter, data_dir: str, subset: str, output_dir: str) -> Dict
     settings = config_lib.resolve(adapter.model_entity.configuration)
     id_to_label = adapter.id_to_label_map()
     export = read_dataloop_export(data_dir, labels=list(id_to_label.values()),
-                                  include_background=settings['include_background'])
+                                  include_background=settings['include_background'], limits=adapter.image_limits())
     if subset not in export.subsets:
         raise RunnerError(f'--data {data_dir} has no {subset}/ subset with items/ or json/ '
                           f'(found: {", ".join(sorted(export.subsets)) or "none"})')

@@ -438,3 +438,16 @@ def test_masks_of_another_size_or_over_the_limit_are_counted_under_their_own_rea
     assert 'bad coordinates' not in dropped
     assert 'mask is 50x40, the image 100x80' in caplog.text and 'mask is 20000x10000' in caplog.text
 
+
+
+def test_local_runner_evaluate_skips_thin_images_and_counts_them(weights_only_model, tmp_path, caplog):
+    data = str(tmp_path / 'data')
+    box = [{'type': 'box', 'label': 'a', 'coordinates': [{'x': 5, 'y': 0}, {'x': 50, 'y': 2}]}]
+    _item(data, 'validation', '/ok.png', image=png(96, 96), annotations=box)
+    _item(data, 'validation', '/thin.png', image=png(4000, 2), annotations=box)  # 128 px long side: 0.06 px high
+    with caplog.at_level(logging.WARNING):
+        assert local_runner.main(['evaluate', '--model', weights_only_model, '--data', data,
+                                  '--output', str(tmp_path / 'eval')]) == 0
+    assert '/thin.png' in caplog.text and 'image too thin for the network' in caplog.text
+    with open(tmp_path / 'eval' / 'evaluation_validation.json') as f:
+        assert json.load(f)['images'] == 1
