@@ -26,7 +26,7 @@ from utils import model_factory
 from utils.atomic import atomic_write
 from utils.embeddings import fpn_embedding
 from utils.errors import InputError
-from utils.images import ImageDecodeError, load_image
+from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image, network_limits
 from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
 
@@ -153,7 +153,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                 logger.warning('the label map saved with %s differs from the model\'s; using the model\'s: %s',
                                weights_path, id_to_label_map)
             model = model_factory.build_model(variant, num_classes, **sizes)
-            model.load_state_dict(checkpoint['state_dict'])
+            model_factory.load_state(model, checkpoint, weights_path)
             logger.info('loaded %s weights from %s', variant, weights_path)
         elif settings['pretrained']:
             keep_head = id_to_label_map == model_factory.coco_id_to_label_map()
@@ -182,6 +182,12 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         logger.info('saved weights to %s', target)
 
     # ----------------------------------------------------------------- predict
+    def image_limits(self):
+        """The image sizes this network takes (`utils.images.ImageLimits`): the pixel limit, and its resize."""
+        if self.model is None:  # not loaded yet: only the pixel limit is known
+            return ImageLimits(self.settings['max_image_pixels'])
+        return network_limits(self.model, self.settings['max_image_pixels'])
+
     def prepare_item_func(self, item: dl.Item):
         """Download and decode one item; an unreadable one becomes an `UnreadableItem`, not an exception.
 
@@ -197,7 +203,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         name = getattr(item, 'filename', None) or getattr(item, 'name', '?')
         try:
             buffer = item.download(save_locally=False)
-            return pil_to_tensor(load_image(buffer))
+            return pil_to_tensor(load_image(buffer, self.image_limits()))
+        except ImageSizeError as err:
+            reason = str(err)
         except ImageDecodeError as err:
             reason = f'{err} (mimetype {getattr(item, "mimetype", None)})'
         except Exception as err:  # download failures, odd item types: report, never fail the batch
@@ -242,13 +250,21 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
         """The batch's decoded images (uint8 CHW) and their positions; unreadable entries are kept for the error."""
         images, positions = [], []
+        limits = self.image_limits()
         for position, entry in enumerate(batch):
-            if isinstance(entry, UnreadableItem) or entry is None:
-                if entry is not None:
-                    self.unreadable_items.append(entry)
+            if entry is None:
                 continue
-            images.append(self._to_tensor(entry))
-            positions.append(position)
+            if not isinstance(entry, UnreadableItem):
+                image = self._to_tensor(entry)
+                try:  # an image the resize would squash to 0 px would fail the whole forward pass
+                    limits.check(image.shape[-1], image.shape[-2])
+                    images.append(image)
+                    positions.append(position)
+                    continue
+                except ImageSizeError as err:
+                    logger.error('cannot read batch entry %d: %s', position, err)
+                    entry = UnreadableItem(None, f'batch entry {position}', str(err))
+            self.unreadable_items.append(entry)
         return images, positions
 
     def _device_inputs(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -320,7 +336,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         if self.unreadable_items:
             names = '; '.join(str(entry) for entry in self.unreadable_items)
             raise ValueError(f'{len(self.unreadable_items)} of {total} items could not be read as images '
-                             f'and {consequence}: {names}')
+                             f'the network takes and {consequence}: {names}')
 
     # ------------------------------------------------------------------- embed
     def embed(self, batch, **kwargs):
@@ -384,7 +400,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         from utils.dataloop_reader import read_dataloop_export, require_training_subsets, save_index
         settings = self._resolve_settings()
         labels = [str(label) for label in (self.model_entity.labels or [])] or None
-        export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'])
+        export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'],
+                                      limits=self.image_limits())
         if labels and not set(labels) & set(export.labels_found):
             raise InputError(f'none of the labels in the data {export.labels_found} is one of the model\'s labels '
                              f'{labels}: set the model\'s labels to the dataset\'s (model.labels = [...]; '

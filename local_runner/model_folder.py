@@ -51,6 +51,7 @@ def find_model_files(model_dir: str) -> Tuple[Optional[str], str]:
                 weights_filename = json.load(f).get('configuration', {}).get('weights_filename', DEFAULT_WEIGHTS)
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
             raise InputError(f'--model {model_dir}: {MODEL_FILE} is not a model description: {err}') from None
+        config_lib.resolve({'weights_filename': weights_filename})  # a path inside the folder, or ConfigError
         weights = os.path.join(model_dir, weights_filename)
         if not os.path.isfile(weights):
             raise InputError(f'--model {model_dir} has {MODEL_FILE} but no weights at {weights} '

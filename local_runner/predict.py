@@ -69,12 +69,13 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
         bar.update(len(batch))
         batch.clear()
 
+    limits = adapter.image_limits()
     bar = tqdm(total=len(inputs), desc='predict', unit='image', dynamic_ncols=True)
     try:
         for index, (path, _) in enumerate(inputs):
             try:
-                image = load_image(path)
-            except (ImageDecodeError, OSError) as err:
+                image = load_image(path, limits)
+            except (ImageDecodeError, OSError) as err:  # ImageSizeError too: too large, too thin
                 logger.warning('cannot read image %s: %s: skipped', path, err)
                 unreadable.append((path, str(err)))
                 bar.update(1)

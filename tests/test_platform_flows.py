@@ -466,6 +466,31 @@ def test_predict_items_on_odd_files(platform, pod):
     assert_no_gaps(emu)
 
 
+def test_predict_items_refuses_huge_and_thin_images_per_item(platform, pod):
+    """Issue 11: a 70-byte file claiming 200 MP, and an image the resize would make 0 px high, in the same
+    batch as good items: those two are named with their dimensions, the others are annotated."""
+    from test_bad_inputs import png, png_header
+    emu, dataset = platform['emu'], platform['dataset']
+    model = predicting_model(platform, 'guarded')
+    good = [emu.seed_item(dataset['id'], 'g{}.jpg'.format(k), synthetic(31, k)[0], dir='/guard') for k in range(2)]
+    huge = emu.seed_item(dataset['id'], 'huge.png', png_header(20000, 10000), dir='/guard')
+    thin = emu.seed_item(dataset['id'], 'thin.png', png(2000, 1), dir='/guard')
+    pod('service')
+    service = FasterRCNNAdapter(dl.models.get(model_id=model['id']))
+    items = [dl.items.get(item_id=i['id']) for i in (good[0], huge, thin, good[1])]
+    with pytest.raises(ValueError) as err:
+        service.predict_items(items, batch_size=4)  # one batch: the refused items must not cost the others
+    message = str(err.value)
+    assert '2 of 4 items' in message
+    assert huge['id'] in message and '20000x10000' in message and 'max_image_pixels' in message
+    assert thin['id'] in message and '2000x1' in message and 'under one pixel' in message
+    for item in good:
+        assert item['id'] not in message
+        assert_model_boxes(made_by(emu, item['id'], 'guarded'), model, SIZE, SIZE)
+    assert made_by(emu, huge['id'], 'guarded') == [] and made_by(emu, thin['id'], 'guarded') == []
+    assert_no_gaps(emu)
+
+
 # ----------------------------------------------------------------------------- dataset-level functions
 
 def test_predict_dataset_and_evaluate_model(platform, pod):

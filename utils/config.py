@@ -6,6 +6,8 @@ every key. Settings are read from the model's configuration (a plain dict) so
 that reading never writes back to the platform.
 """
 import dataclasses
+import math
+import posixpath
 from typing import Any, Dict, Optional, Tuple
 
 from utils.errors import InputError
@@ -17,6 +19,13 @@ VARIANTS = (
     'fasterrcnn_mobilenet_v3_large_320_fpn',
 )
 DEVICES = ('auto', 'cpu', 'cuda')
+# Images over `max_image_pixels` are refused from their header, before decoding. The
+# network sees at most max_size x min_size (1333 x 800, about 1 MP): beyond that, pixels
+# only cost memory. 100 MP takes in every camera up to medium format and costs 300 MB
+# decoded as RGB, 1.2 GB as the float32 tensor the network normalizes; past it, a tiny
+# compressed file can exhaust a pod. The ceiling is PIL's own bomb limit (utils.images).
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+MAX_IMAGE_PIXELS_CEILING = 400_000_000
 LR_SCHEDULERS = ('multistep', 'cosine')
 
 
@@ -50,6 +59,7 @@ OPTIONS: Dict[str, Option] = {
     'rpn_pre_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
     'rpn_post_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
     'padding_bucket': Option(128, (int,), minimum=32),
+    'max_image_pixels': Option(DEFAULT_MAX_IMAGE_PIXELS, (int,), minimum=1, maximum=MAX_IMAGE_PIXELS_CEILING),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(0.0025, _NUM, minimum=0.0, training=True),
@@ -93,6 +103,15 @@ class ConfigError(InputError):
     """A configuration value has the wrong type or is out of range."""
 
 
+def _check_artifact_path(key: str, value: str) -> None:
+    """An artifact path names a file inside its folder: relative, no '..', not empty."""
+    path = value.replace('\\', '/')
+    if not path.strip() or path.endswith('/') or posixpath.isabs(path) or path[1:2] == ':' \
+            or '..' in path.split('/') or posixpath.normpath(path) == '.':
+        raise ConfigError(f'configuration key {key!r} must be a file path relative to the model\'s artifacts '
+                          f'(like "weights/best.pth": not empty, not absolute, no ".."), got {value!r}')
+
+
 def _check(key: str, value: Any) -> Any:
     option = OPTIONS[key]
     if value is None and option.nullable:
@@ -102,13 +121,18 @@ def _check(key: str, value: Any) -> Any:
     if wrong_bool or not isinstance(value, option.types):
         names = ' or '.join(t.__name__ for t in option.types)
         raise ConfigError(f'configuration key {key!r} must be {names}, got {value!r} ({type(value).__name__})')
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f'configuration key {key!r} must be a finite number, got {value!r}')
     if option.choices is not None and value not in option.choices:
         raise ConfigError(f'configuration key {key!r} must be one of {list(option.choices)}, got {value!r}')
     if option.minimum is not None and value < option.minimum:
         raise ConfigError(f'configuration key {key!r} must be >= {option.minimum}, got {value!r}')
     if option.maximum is not None and value > option.maximum:
         raise ConfigError(f'configuration key {key!r} must be <= {option.maximum}, got {value!r}')
-    if key == 'lr_steps' and not all(isinstance(v, _NUM) and not isinstance(v, bool) and v > 0 for v in value):
+    if key == 'weights_filename':
+        _check_artifact_path(key, value)
+    if key == 'lr_steps' and not all(isinstance(v, _NUM) and not isinstance(v, bool) and 0 < v < math.inf
+                                     for v in value):
         raise ConfigError(f"configuration key 'lr_steps' must be a list of positive numbers "
                           f"(epoch fractions < 1 or epoch numbers), got {value!r}")
     if key == 'padding_bucket' and value % 32:

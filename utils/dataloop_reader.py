@@ -24,11 +24,15 @@ Annotation types -> boxes:
     (more than half opaque; soft model-made masks are thresholded there; a mask
     without alpha uses its grey level) -> one box per 8-connected blob, since one
     mask can hold several objects. A pixel (c, r) covers [c, c+1) x [r, r+1).
+    The mask's size is read from its header first: one over the pixel limit is
+    counted as ``mask too large``, one of another size than the image as ``mask
+    size differs from image`` (there is no telling which frame it was drawn in).
   * ``ellipse`` (centre, rx, ry, angle in degrees): exact tight box of the rotated ellipse.
   * anything else (point, polyline, class, text, ...) is skipped and counted as ``type <t>``.
 Boxes are clipped to the image; those under 1 px wide or high after clipping are dropped.
 
-Bad items (unparseable JSON, missing/undecodable image, a path leaving data_path,
+Bad items (unparseable JSON, missing/undecodable image, an image refused by the
+`ImageLimits` (too large, too thin for the network), a path leaving data_path,
 video items) are skipped with a WARNING naming them; every drop is counted in the
 subset's `SubsetReport`, logged as one INFO summary per subset.
 """
@@ -41,14 +45,14 @@ import json
 import logging
 import math
 import os
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
 from utils.atomic import atomic_write
 from utils.errors import InputError
-from utils.images import ImageDecodeError, image_extensions, image_size
+from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, image_extensions, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -174,8 +178,12 @@ def _box_from_ellipse(coords) -> List[Tuple[float, float, float, float]]:
     return [(cx - ex, cy - ey, cx + ex, cy + ey)]
 
 
-def _decode_mask(coords) -> np.ndarray:
-    """The mask's 'inside' pixels as a bool array: alpha (or grey level) >= MASK_THRESHOLD."""
+def _decode_mask(coords, frame: '_Frame') -> np.ndarray:
+    """The mask's 'inside' pixels as a bool array: alpha (or grey level) >= MASK_THRESHOLD.
+
+    Its size comes from the header and is checked before decoding: a few bytes of
+    PNG can claim gigapixels, and a mask of another size than the image has no frame.
+    """
     data = coords.get('data') if isinstance(coords, dict) else coords
     if not isinstance(data, str):
         raise _Skip('bad coordinates', 'binary mask is not a string')
@@ -183,12 +191,21 @@ def _decode_mask(coords) -> np.ndarray:
         data = data.partition(',')[2]
     try:
         with Image.open(io.BytesIO(base64.b64decode(data))) as mask:
+            width, height = mask.size
+            if width * height > frame.max_pixels:
+                raise _Skip('mask too large', f'mask is {width}x{height}, over the limit of {frame.max_pixels:,} '
+                                              f'pixels (max_image_pixels)')
+            if (width, height) != (frame.width, frame.height):
+                raise _Skip('mask size differs from image',
+                            f'mask is {width}x{height}, the image {frame.width}x{frame.height}')
             mask.load()
             if mask.mode in ('RGBA', 'LA', 'PA') or 'transparency' in mask.info:
                 channel = mask.convert('RGBA').getchannel('A')
             else:
                 channel = mask.convert('L')
-    except (binascii.Error, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # past PIL's own limit, refused while reading the header
+        raise _Skip('mask too large', str(err)) from None
+    except (binascii.Error, OSError, ValueError, SyntaxError) as err:
         raise _Skip('bad coordinates', f'binary mask does not decode: {err}') from None
     return np.asarray(channel) >= MASK_THRESHOLD
 
@@ -243,23 +260,31 @@ def mask_blob_boxes(mask: np.ndarray) -> List[Tuple[float, float, float, float]]
             for x1, y1, x2, y2 in sorted(blobs.values(), key=lambda b: (b[1], b[0]))]
 
 
-def _box_from_binary(coords) -> List[Tuple[float, float, float, float]]:
-    boxes = mask_blob_boxes(_decode_mask(coords))
+class _Frame(NamedTuple):
+    """The image an annotation is drawn on, for the one type that brings its own pixels (masks)."""
+    width: int
+    height: int
+    max_pixels: int
+
+
+def _box_from_binary(coords, frame: _Frame) -> List[Tuple[float, float, float, float]]:
+    boxes = mask_blob_boxes(_decode_mask(coords, frame))
     if not boxes:
         raise _Skip('empty mask')
     return boxes
 
 
-_CONVERTERS = {'box': _box_from_box, 'segment': _box_from_segment,
-               'binary': _box_from_binary, 'ellipse': _box_from_ellipse}
+_CONVERTERS = {'box': _box_from_box, 'segment': _box_from_segment, 'ellipse': _box_from_ellipse}
 
 
-def annotation_boxes(annotation: dict) -> List[Tuple[float, float, float, float]]:
+def annotation_boxes(annotation: dict, frame: _Frame) -> List[Tuple[float, float, float, float]]:
     """Unclipped xyxy boxes of one annotation; raises _Skip for types that are not boxes."""
     kind = annotation.get('type')
+    coords = annotation['coordinates'] if 'coordinates' in annotation else annotation.get('data')
+    if kind == 'binary':
+        return _box_from_binary(coords, frame)
     if kind not in _CONVERTERS:
         raise _Skip(f'type {kind}' if kind else 'type missing')
-    coords = annotation['coordinates'] if 'coordinates' in annotation else annotation.get('data')
     return _CONVERTERS[kind](coords)
 
 
@@ -282,12 +307,13 @@ class _SubsetReader:
     """Reads one subset; keeps the per-directory listing cache used to find images by stem."""
 
     def __init__(self, data_root: str, subset: str, labels: Optional[frozenset], include_background: bool,
-                 labels_found: set):
+                 labels_found: set, limits: ImageLimits):
         self.root = data_root
         self.subset = subset
         self.items_dir = os.path.join(data_root, subset, 'items')
         self.json_dir = os.path.join(data_root, subset, 'json')
         self.labels, self.include_background, self.labels_found = labels, include_background, labels_found
+        self.limits = limits
         self.report = SubsetReport()
         self._listing = {}
 
@@ -361,7 +387,9 @@ class _SubsetReader:
             if not isinstance(filename, str) or not filename:
                 name = '/' + os.path.relpath(image_path, os.path.realpath(self.items_dir)).replace(os.sep, '/')
             try:
-                width, height = image_size(image_path)
+                width, height = image_size(image_path, self.limits)
+            except ImageSizeError as err:
+                raise _Skip(err.reason, str(err)) from None
             except (ImageDecodeError, Image.DecompressionBombError) as err:
                 raise _Skip('undecodable image', str(err)) from None
         except _Skip as skip:
@@ -375,6 +403,7 @@ class _SubsetReader:
             logger.debug('%s: %s metadata says %sx%s, the image is %dx%d: using the image', self.subset, name,
                          meta_size[0], meta_size[1], width, height)
         boxes, labels, seen = [], [], set()
+        frame = _Frame(width, height, self.limits.max_pixels)
         for annotation in annotations:
             try:
                 if not isinstance(annotation, dict):
@@ -385,12 +414,13 @@ class _SubsetReader:
                 if key in seen:
                     raise _Skip('duplicate annotation')
                 seen.add(key)
-                raw = annotation_boxes(annotation)
+                raw = annotation_boxes(annotation, frame)
                 if not isinstance(label, str) or not label:
                     raise _Skip('no label', 'annotation without a label')
             except _Skip as skip:
                 report.dropped[skip.reason] += 1
-                if skip.detail and skip.reason in ('bad coordinates', 'bad annotation', 'no label'):
+                if skip.detail and skip.reason in ('bad coordinates', 'bad annotation', 'no label', 'mask too large',
+                                                   'mask size differs from image'):
                     logger.warning('%s: item %s: dropping annotation %s (%s): %s', self.subset, name,
                                    _get(annotation, 'id') or '?', skip.reason, skip.detail)
                 continue
@@ -440,12 +470,13 @@ class _SubsetReader:
 
 
 def read_dataloop_export(data_path, labels: Optional[Iterable[str]] = None,
-                         include_background: bool = False) -> DataloopExport:
+                         include_background: bool = False, limits: Optional[ImageLimits] = None) -> DataloopExport:
     """Read every subset under `data_path` (each folder with a `json/` or `items/` inside).
 
     labels: the names the model knows; boxes with other labels are dropped and counted.
     None keeps every label found. include_background keeps items without usable
-    boxes as negatives (records with empty boxes).
+    boxes as negatives (records with empty boxes). limits: the image sizes the
+    network takes (default: the default pixel limit only); other items are skipped and counted.
     """
     root = os.path.realpath(data_path)
     if not os.path.isdir(root):
@@ -459,7 +490,7 @@ def read_dataloop_export(data_path, labels: Optional[Iterable[str]] = None,
         if not os.path.isdir(base) or not (os.path.isdir(os.path.join(base, 'json'))
                                            or os.path.isdir(os.path.join(base, 'items'))):
             continue
-        reader = _SubsetReader(root, subset, label_set, include_background, found)
+        reader = _SubsetReader(root, subset, label_set, include_background, found, limits or ImageLimits())
         if not os.path.isdir(reader.json_dir):
             logger.warning('%s: no json/ folder under %s: the subset has no item files', subset, base)
         subsets[subset] = reader.read()

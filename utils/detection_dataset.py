@@ -11,8 +11,11 @@ returns ``(image, target)`` with ``target`` holding ``boxes`` (float32 ``[N, 4]`
 ``area`` and ``iscrowd``. Targets are prepared once, up front, so the COCO ground
 truth (`utils.coco_utils`) is built from them without decoding any image.
 
-An image that cannot be decoded at training time is logged (naming the item)
-and the sample comes back as ``None``; `utils.data_loading.collate_fn` drops it.
+An image that cannot be decoded at training time, or whose size the `limits`
+refuse (too many pixels, too thin for the network's resize), is logged (naming
+the item) and the sample comes back as ``None``; `utils.data_loading.collate_fn` drops
+it. The reader already skips and counts such items; this guards records from an
+older index or from elsewhere.
 """
 import logging
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 
 from utils.errors import InputError
-from utils.images import ImageDecodeError, load_image
+from utils.images import ImageDecodeError, ImageLimits, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,9 @@ class DetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence[Mapping[str, Any]], label_to_id: Mapping[str, int],
-                 transforms: Optional[Callable] = None):
+                 transforms: Optional[Callable] = None, limits: Optional[ImageLimits] = None):
         self.records = list(records)
+        self.limits = limits
         self.label_to_id = {str(k): int(v) for k, v in label_to_id.items()}
         self.transforms = transforms
         self._boxes: List[np.ndarray] = []
@@ -87,7 +91,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         record = self.records[index]
         try:
-            image = load_image(record['image_path'])
+            image = load_image(record['image_path'], self.limits)
         except (ImageDecodeError, OSError) as err:
             logger.warning('skipping %s: cannot read image %r: %s', describe(record), record.get('image_path'), err)
             return None

@@ -1,20 +1,71 @@
-"""Decode any image file the way a viewer shows it: EXIF orientation applied, 8-bit RGB."""
+"""Decode any image file the way a viewer shows it: EXIF orientation applied, 8-bit RGB.
+
+Sizes are checked from the header, before decoding (`ImageLimits`): an image
+over the pixel limit, or one the network's resize would squash below one pixel,
+is refused with its dimensions, so one bad file never costs the batch.
+"""
+import dataclasses
 import functools
 import io
+import math
 import os
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from utils.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
 from utils.errors import InputError
 
-# Refuse decompression bombs but allow large aerial/medical images.
-Image.MAX_IMAGE_PIXELS = 400_000_000
+# PIL's own bomb check, a backstop at the largest `max_image_pixels` allowed; the
+# configured limit (`ImageLimits`, default in utils.config) is applied first, from the header.
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS_CEILING
 
 
 class ImageDecodeError(InputError):
     """The file is not an image PIL can fully decode (truncated, text, video...)."""
+
+
+class ImageSizeError(ImageDecodeError):
+    """The image's size is refused before decoding; `reason` is a short counter key."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    """Which image sizes the adapter takes: at most `max_pixels`, and (with the network's
+    resize sizes) a short side that stays at least one pixel after that resize."""
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    min_size: Optional[int] = None  # the network's resize: short side to min_size...
+    max_size: Optional[int] = None  # ...unless the long side would pass max_size
+
+    def check(self, width: int, height: int) -> None:
+        """Raise ImageSizeError naming the dimensions when the image is refused."""
+        if width * height > self.max_pixels:
+            raise ImageSizeError(f'image is {width}x{height} = {width * height:,} pixels, over the limit of '
+                                 f'{self.max_pixels:,} (configuration key max_image_pixels)', 'image too large')
+        if self.min_size and self.max_size:
+            # torchvision's GeneralizedRCNNTransform: one scale for both sides, then
+            # interpolate floors each side; a side of 0 px fails the whole batch.
+            short, long = sorted((int(width), int(height)))
+            scale = min(self.min_size / short, self.max_size / long)
+            if math.floor(float(short) * scale) < 1:
+                raise ImageSizeError(
+                    f'image is {width}x{height}: the network resizes it by {scale:.3g} (short side to '
+                    f'{self.min_size}, long side at most {self.max_size}), which leaves its short side '
+                    f'{short * scale:.2f} px, under one pixel', 'image too thin for the network')
+
+
+def network_limits(model, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageLimits:
+    """ImageLimits for a torchvision detection `model`, read from its own resize transform.
+
+    Training draws the short side from `min_size` when it holds several; the smallest is the binding one.
+    """
+    transform = model.transform
+    return ImageLimits(int(max_pixels), int(min(transform.min_size)), int(transform.max_size))
 
 
 def _to_rgb8(image: Image.Image) -> Image.Image:
@@ -36,35 +87,50 @@ def _to_rgb8(image: Image.Image) -> Image.Image:
     return image.convert('RGB')
 
 
-def load_image(source: Union[str, os.PathLike, bytes, io.IOBase]) -> Image.Image:
+def load_image(source: Union[str, os.PathLike, bytes, io.IOBase],
+               limits: Optional[ImageLimits] = None) -> Image.Image:
     """Open a path, bytes or file object and return a fully decoded 8-bit RGB image.
 
-    Raises ImageDecodeError with the reason when the data is not a decodable image.
+    Raises ImageDecodeError with the reason when the data is not a decodable image,
+    and ImageSizeError (one of those) when `limits` (default: the pixel limit only)
+    refuse its size, read from the header before anything is decoded.
     """
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
+    limits = limits or ImageLimits()
     try:
         with Image.open(source) as image:
+            # the stored size: both rules hold under rotation, and reading EXIF can decode (PNG)
+            limits.check(*image.size)
             image.load()  # force full decode: a truncated file fails here, not later
             image = ImageOps.exif_transpose(image)
             if image.mode == 'RGB':
                 return image.copy()
             return _to_rgb8(image)
+    except ImageSizeError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f'not a decodable image: {err}') from err
 
 
-def image_size(path: Union[str, os.PathLike]) -> tuple:
-    """(width, height) as displayed, i.e. after EXIF orientation; reads only the header."""
+def image_size(path: Union[str, os.PathLike], limits: Optional[ImageLimits] = None) -> tuple:
+    """(width, height) as displayed, i.e. after EXIF orientation; reads only the header.
+
+    Raises ImageSizeError when `limits` (default: the pixel limit only) refuse the
+    size, before EXIF is read (for a PNG without EXIF up front, PIL decodes to look for it).
+    """
+    limits = limits or ImageLimits()
     try:
         with Image.open(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(0x0112, 1)
+            limits.check(width, height)
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+                width, height = height, width
+            return width, height
+    except ImageSizeError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f'not a decodable image: {err}') from err
-    if orientation in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-        width, height = height, width
-    return width, height
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,5 +1,6 @@
 """Build torchvision Faster R-CNN variants and (de)serialize adapter checkpoints."""
 import collections
+import functools
 import logging
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -17,6 +18,11 @@ from utils.label_map import parse_id_to_label
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 'fasterrcnn-dataloop/1'
+PREDICTOR = 'roi_heads.box_predictor.'
+
+
+class CheckpointError(InputError):
+    """A weights file that cannot be used as it is: the message names the file and what is wrong."""
 
 BUILDERS = {
     'fasterrcnn_resnet50_fpn': (detection.fasterrcnn_resnet50_fpn, detection.FasterRCNN_ResNet50_FPN_Weights),
@@ -166,33 +172,155 @@ def make_checkpoint(model: torch.nn.Module, variant: str, id_to_label_map: Mappi
     }
 
 
+def _non_finite(state_dict: Mapping[str, Any]) -> List[str]:
+    """Names of the floating-point tensors holding NaN or Infinity."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_checkpoint(payload: Mapping[str, Any], path: str) -> str:
-    """Write atomically and to disk: a crash or preemption mid-write never leaves a half file at `path`."""
+    """Write atomically: a crash or preemption mid-write never leaves a half file at `path`.
+
+    Weights holding NaN or Infinity are refused before anything is written, so the
+    previous good file at `path` stays (and is what gets shipped).
+    """
+    bad = _non_finite(payload.get('state_dict') or {})
+    if bad:
+        raise CheckpointError(f'refusing to write checkpoint {path!r}: {len(bad)} weight tensor(s) hold NaN or '
+                              f'Infinity (first: {bad[0]!r}); training diverged: lower learning_rate or '
+                              f'max_grad_norm. The previous file there, if any, is kept')
     with atomic_write(path, 'wb', fsync=True) as f:
         torch.save(dict(payload), f)
     return path
 
 
 def load_checkpoint(path: str, map_location: Optional[str] = 'cpu') -> Dict[str, Any]:
-    """Load with `weights_only=True`: a checkpoint carrying code to execute is refused."""
+    """Load with `weights_only=True` (a checkpoint carrying code to execute is refused), then
+    `validate_checkpoint`: what comes back is a checkpoint dict whose metadata agrees with its tensors."""
     # MultiStepLR keeps its milestones in a Counter: allow that one plain container.
     with torch.serialization.safe_globals([collections.Counter]):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as err:
-            raise InputError(f'refusing to load checkpoint {path!r}: it is not a plain weights file '
-                             f'(only tensors and plain containers are accepted): {err}') from err
+            raise CheckpointError(f'refusing to load checkpoint {path!r}: it is not a plain weights file '
+                                  f'(only tensors and plain containers are accepted): {err}') from err
+    return validate_checkpoint(loaded, path)
+
+
+# BatchNorm statistics a checkpoint may lack: torchvision's frozen-BN files have no counter, and
+# a BatchNorm built without running statistics has none of them.
+_OPTIONAL_SUFFIXES = ('.running_mean', '.running_var', '.num_batches_tracked')
+
+
+@functools.lru_cache(maxsize=None)
+def _variant_shapes(variant: str) -> Dict[str, tuple]:
+    """Tensor name -> shape of `variant`, the box predictor left out (its shape is the class count).
+    Built on the meta device: no memory, a few milliseconds."""
+    builder, _ = BUILDERS[variant]
+    with torch.device('meta'):
+        model = builder(weights=None, weights_backbone=None, num_classes=2)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(PREDICTOR)}
+
+
+def _tensor_mismatch(state_dict: Mapping[str, torch.Tensor], variant: str) -> List[str]:
+    """What keeps `state_dict` from filling `variant`, one phrase per problem (empty: it fits)."""
+    expected = _variant_shapes(variant)
+    names = {k for k in state_dict if not k.startswith(PREDICTOR)}
+    missing = sorted(k for k in set(expected) - names if not k.endswith(_OPTIONAL_SUFFIXES))
+    unexpected = sorted(names - set(expected))
+    wrong = [k for k in sorted(names & set(expected)) if tuple(state_dict[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f'{len(missing)} missing tensor(s) (first: {missing[0]!r})')
+    if unexpected:
+        problems.append(f'{len(unexpected)} unexpected tensor(s) (first: {unexpected[0]!r})')
+    if wrong:
+        problems.append(f'{len(wrong)} tensor(s) of another shape (first: {wrong[0]!r} is '
+                        f'{list(state_dict[wrong[0]].shape)}, expected {list(expected[wrong[0]])})')
+    return problems
+
+
+def _state_dict_of(loaded: Any, path: str) -> Dict[str, Any]:
+    """The checkpoint dict of what torch.load returned; a bare torchvision state dict is wrapped."""
+    if not isinstance(loaded, Mapping):
+        raise CheckpointError(f'checkpoint {path!r} holds a {type(loaded).__name__}, not a checkpoint '
+                              f'(a dict with a state_dict, or a torchvision state dict)')
+    if 'state_dict' in loaded:
+        checkpoint = dict(loaded)
+    elif loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        checkpoint = {'state_dict': dict(loaded)}  # a bare state dict, as torchvision saves its weights
+    else:
+        raise CheckpointError(f'checkpoint {path!r} lacks the expected keys: no state_dict, and it is not a '
+                              f'state dict (its keys: {sorted(map(str, loaded))[:6]})')
+    state = checkpoint['state_dict']
+    if not isinstance(state, Mapping) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(f'checkpoint {path!r} has a state_dict that is not a mapping of names to tensors')
+    return checkpoint
+
+
+def validate_checkpoint(loaded: Any, path: str) -> Dict[str, Any]:
+    """Check a loaded checkpoint's structure and that its metadata agrees with its tensors.
+
+    Returns the checkpoint dict with `num_classes` (from the box predictor) and
+    `variants` (those its tensors fit; the two MobileNet variants share every shape)
+    filled in. Raises CheckpointError naming the file and what is wrong.
+    """
+    checkpoint = _state_dict_of(loaded, path)
+    state = checkpoint['state_dict']
+    if checkpoint.get('format', CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise CheckpointError(f'checkpoint {path!r} has format {checkpoint["format"]!r}, '
+                              f'not {CHECKPOINT_FORMAT!r}')
+    cls_score, bbox_pred = state.get(PREDICTOR + 'cls_score.weight'), state.get(PREDICTOR + 'bbox_pred.weight')
+    if cls_score is None or bbox_pred is None or cls_score.ndim != 2 or bbox_pred.shape[0] != 4 * cls_score.shape[0]:
+        raise CheckpointError(f'checkpoint {path!r} lacks a Faster R-CNN box predictor '
+                              f'({PREDICTOR}cls_score.weight and bbox_pred.weight with 4 rows per class)')
+    problems = {variant: _tensor_mismatch(state, variant) for variant in BUILDERS}
+    variants = [variant for variant, found in problems.items() if not found]
+    declared = checkpoint.get('model_variant')
+    if not variants:
+        closest = declared if declared in problems else min(problems, key=lambda v: len(problems[v]))
+        raise CheckpointError(f'checkpoint {path!r} holds no supported Faster R-CNN: against {closest}, '
+                              f'{"; ".join(problems[closest])}')
+    if declared is not None and declared not in variants:
+        raise CheckpointError(f'checkpoint {path!r} says model_variant {declared!r}, but its tensors are those of '
+                              f'{" / ".join(variants)}')
+    classes = int(cls_score.shape[0])
+    if checkpoint.get('num_classes', classes) != classes:
+        raise CheckpointError(f'checkpoint {path!r} says num_classes {checkpoint["num_classes"]!r}, but its box '
+                              f'predictor has {classes} classes')
+    labels = checkpoint.get('id_to_label_map')
+    if labels is not None:
+        try:
+            top = max((int(k) for k in labels), default=0)
+        except (TypeError, ValueError):
+            raise CheckpointError(f'checkpoint {path!r} has an id_to_label_map whose keys are not class ids') from None
+        if top >= classes:
+            raise CheckpointError(f'checkpoint {path!r} has label id {top} in its id_to_label_map, but its box '
+                                  f'predictor has {classes} classes (ids 0..{classes - 1})')
+    bad = _non_finite(state)
+    if bad:
+        raise CheckpointError(f'checkpoint {path!r} holds NaN or Infinity in {len(bad)} weight tensor(s) '
+                              f'(first: {bad[0]!r}): it was saved from a diverged run')
+    checkpoint.update(num_classes=classes, variants=variants)
+    return checkpoint
+
+
+def load_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path: str) -> None:
+    """Fill `model` from a validated checkpoint; what validation cannot foresee still gets one line."""
+    try:
+        model.load_state_dict(checkpoint['state_dict'])
+    except RuntimeError as err:
+        raise CheckpointError(f'checkpoint {path!r} does not fit the network: '
+                              f"{' '.join(str(err).split())}") from err
 
 
 def check_compatible(checkpoint: Mapping[str, Any], path: str, variant: str, num_classes: int) -> None:
-    """Fail with both sides named when a checkpoint cannot fill this network."""
-    ckpt_variant = checkpoint.get('model_variant', variant)
-    ckpt_classes = checkpoint.get('num_classes')
-    if ckpt_classes is None:
-        weight = checkpoint['state_dict'].get('roi_heads.box_predictor.cls_score.weight')
-        ckpt_classes = int(weight.shape[0]) if weight is not None else num_classes
-    if ckpt_variant != variant or ckpt_classes != num_classes:
-        raise InputError(
-            f'checkpoint {path!r} holds {ckpt_variant!r} with {ckpt_classes} classes, but the model is '
-            f'configured as {variant!r} with {num_classes} classes (labels + background): '
+    """Fail with both sides named when a (validated) checkpoint cannot fill this network."""
+    declared = checkpoint.get('model_variant')
+    fits = [declared] if declared else checkpoint['variants']
+    if variant not in fits or checkpoint['num_classes'] != num_classes:
+        raise CheckpointError(
+            f'checkpoint {path!r} holds {" / ".join(fits)!r} with {checkpoint["num_classes"]} classes, but the '
+            f'model is configured as {variant!r} with {num_classes} classes (labels + background): '
             f'fix model_variant / the label map, or remove weights_filename to start from pretrained weights')

@@ -31,6 +31,7 @@ from utils.curves import write_curves
 from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.detection_dataset import DetectionDataset
 from utils.errors import InputError
+from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
 from utils.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR  # noqa: F401  (part of this module's API)
@@ -153,7 +154,8 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     settings = {**DEFAULTS, **(settings or {})}
     device = torch.device(device)
     last_path, best_path = _checkpoint_paths(output_path)
-    train_loader, val_loader, generator = _data(train_records, val_records, label_to_id, settings, device)
+    limits = network_limits(model, settings['max_image_pixels'])  # the item is skipped, not the run
+    train_loader, val_loader, generator = _data(train_records, val_records, label_to_id, settings, device, limits)
     run = _new_run(model, settings, device, generator, checkpoint_info, has_val=val_loader is not None)
     source = resume_path or (last_path if os.path.exists(last_path) else None)
     if source and _resume(run, source, best_path):
@@ -193,7 +195,7 @@ def _checkpoint_paths(output_path: str) -> Tuple[str, str]:
     return os.path.join(weights_dir, LAST_NAME), os.path.join(weights_dir, BEST_NAME)
 
 
-def _data(train_records, val_records, label_to_id, settings, device):
+def _data(train_records, val_records, label_to_id, settings, device, limits):
     """(train loader, validation loader or None, the seeded generator that shuffles the training set)."""
     if not train_records:
         raise InputError('no training images: the train subset is empty (check the dataset filters '
@@ -202,12 +204,12 @@ def _data(train_records, val_records, label_to_id, settings, device):
         logger.warning('no validation images: mAP is reported as 0.0, best.pth follows the latest epoch'
                        + (' and early stopping is off' if int(settings['early_stopping_patience']) else ''))
     seed_everything(int(settings['seed']))
-    train_set = DetectionDataset(train_records, label_to_id, get_transform(True, settings))
+    train_set = DetectionDataset(train_records, label_to_id, get_transform(True, settings), limits)
     generator = make_generator(int(settings['seed']))
     train_loader = _loader(train_set, settings, device, shuffle=True, generator=generator)
     val_loader = None
     if val_records:
-        val_set = DetectionDataset(val_records, label_to_id, get_transform(False, settings))
+        val_set = DetectionDataset(val_records, label_to_id, get_transform(False, settings), limits)
         val_loader = _loader(val_set, settings, device, shuffle=False, generator=None)
     return train_loader, val_loader, generator
 
