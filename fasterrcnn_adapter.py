@@ -5,6 +5,7 @@ Thin by design: it reads the model's configuration, builds the network
 and training (`utils.trainer`). Settings are read from
 `model_entity.configuration` as a plain dict, so reading never PATCHes the model.
 """
+import contextlib
 import dataclasses
 import logging
 import os
@@ -52,6 +53,17 @@ def _fill_sdk_keys(model_entity: dl.Model) -> None:
     # read with .get(key, default) by the SDK's predict_dataset / evaluate_model: missing, each is a PATCH
     configuration.setdefault('predict_embed_subset_limit', _sdk_adapter.PREDICT_EMBED_DEFAULT_SUBSET_LIMIT)
     configuration.setdefault('predict_embed_timeout', _sdk_adapter.PREDICT_EMBED_DEFAULT_TIMEOUT)
+
+
+@contextlib.contextmanager
+def _seeded_init(seed: int):
+    """Random initialisation drawn from `seed` (same seed, same starting network), leaving the caller's RNG as it was.
+
+    Networks are built on the CPU, so forking the CPU generator covers every init.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class FasterRCNNAdapter(dl.BaseModelAdapter):
@@ -127,13 +139,16 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             logger.info('loaded %s weights from %s', variant, weights_path)
         elif settings['pretrained']:
             keep_head = id_to_label_map == model_factory.coco_id_to_label_map()
-            model = model_factory.build_model(variant, num_classes, coco_weights=True, keep_coco_head=keep_head, **sizes)
+            with _seeded_init(settings['seed']):  # the new box predictor's random start
+                model = model_factory.build_model(variant, num_classes, coco_weights=True, keep_coco_head=keep_head,
+                                                  **sizes)
             logger.info('loaded COCO-pretrained %s (%s)', variant,
                         'COCO head kept' if keep_head else f'new box predictor for {num_classes} classes')
         else:
             logger.warning('no weights at %s and pretrained is off: %s starts from random weights',
                            weights_path, variant)
-            model = model_factory.build_model(variant, num_classes, **sizes)
+            with _seeded_init(settings['seed']):
+                model = model_factory.build_model(variant, num_classes, **sizes)
         self.model = model.to(self.device).eval()
 
     def save(self, local_path, **kwargs):
@@ -289,7 +304,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         index_path = os.path.join(data_path, INDEX_FILENAME)
         export = load_index(index_path) if os.path.isfile(index_path) else self.convert_from_dtlpy(data_path)
         id_to_label_map = self.id_to_label_map()
-        model_factory.replace_box_predictor(self.model, model_factory.num_classes_for(id_to_label_map))
+        with _seeded_init(settings['seed']):  # a label map rewritten by convert_from_dtlpy needs a new predictor
+            model_factory.replace_box_predictor(self.model, model_factory.num_classes_for(id_to_label_map))
         self._resume_from_artifacts(output_path)
         # set before fitting: if the run fails, the SDK's save-on-failure ships the trainer's best epoch
         # as is, instead of save() overwriting it with the half-trained weights of the failed epoch
