@@ -88,9 +88,13 @@ def test_uploads_changed_files_in_order_at_the_interval(tmp_path):
 
 def test_a_staged_copy_is_uploaded_even_if_the_trainer_overwrites_its_file(tmp_path):
     weights = tmp_path / 'output' / 'weights'
+    stale = tmp_path / '.checkpoint-upload-killed' / 'epoch3-last.pth' / 'weights'
+    stale.mkdir(parents=True)
+    (stale / 'last.pth').write_bytes(b'left by a killed run')
     gate = threading.Event()
     upload = Recorder(gate=gate)
     uploader, clock = make(tmp_path, upload)
+    assert not (tmp_path / '.checkpoint-upload-killed').exists()
     write(weights, 'last.pth', b'epoch-1')
     uploader.epoch_end(0)
     write(weights, 'last.pth', b'epoch-2')  # the next epoch's checkpoint while the upload still runs

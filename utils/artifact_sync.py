@@ -14,6 +14,7 @@ epoch end that finds the previous upload still running leaves it to the next.
 A failed upload is logged and retried at the next due epoch end; it never
 stops training.
 """
+import glob
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 logger = logging.getLogger(__name__)
 
 Signature = Tuple[int, int, int]
+STAGING_PREFIX = '.checkpoint-upload-'
 
 
 def _signature(path: str) -> Optional[Signature]:
@@ -56,6 +58,8 @@ class CheckpointUploader:
                  clock: Callable[[], float] = time.monotonic):
         self._upload, self._weights_dir, self._remote_dir = upload, weights_dir, remote_dir
         self._staging_parent = staging_parent
+        for stale in glob.glob(os.path.join(staging_parent, STAGING_PREFIX + '*')):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         self._names, self._interval_s, self._clock = tuple(names), float(interval_s), clock
         self._uploaded: Dict[str, Signature] = {}
         for name in already_uploaded:
@@ -99,7 +103,7 @@ class CheckpointUploader:
         try:
             if self._staging_root is None:
                 os.makedirs(self._staging_parent, exist_ok=True)
-                self._staging_root = tempfile.mkdtemp(prefix='.checkpoint-upload-', dir=self._staging_parent)
+                self._staging_root = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self._staging_parent)
             for name in self._names:
                 source = os.path.join(self._weights_dir, name)
                 signature = _signature(source)
