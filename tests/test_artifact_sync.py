@@ -133,3 +133,16 @@ def test_files_that_came_from_the_artifacts_are_not_sent_back(tmp_path):
     write(weights, 'last.pth', b'resumed-epoch')
     round_(uploader, 1)
     assert upload.calls == [('weights/last.pth', b'resumed-epoch')]
+
+
+def test_a_checkpoint_that_cannot_be_staged_is_logged_not_raised(tmp_path, caplog):
+    weights = tmp_path / 'output' / 'weights'
+    write(weights, 'last.pth', b'last-1')
+    blocked = tmp_path / 'not-a-folder'
+    blocked.write_bytes(b'')  # staging under a file fails like a full or read-only disk does
+    upload = Recorder()
+    uploader = CheckpointUploader(upload, str(weights), 'weights', NAMES, interval_s=0, staging_parent=str(blocked))
+    with caplog.at_level(logging.WARNING):
+        round_(uploader, 0)
+    assert 'epoch 1: could not stage the checkpoints for upload' in caplog.text
+    assert upload.calls == []

@@ -72,7 +72,14 @@ class CheckpointUploader:
         self.uploaded_names = set()  # names this run uploaded at least once
 
     def epoch_end(self, epoch: int) -> None:
-        """Start an upload round when one is due and the previous one has finished; returns at once."""
+        """Start an upload round when one is due and the previous one has finished; returns at once, never raises."""
+        try:
+            self._start_round(epoch)
+        except Exception as err:  # the checkpoints stay on disk; training must not die for their upload
+            logger.warning('epoch %d: could not start the checkpoint upload (%s: %s); the next epoch end tries again',
+                           epoch + 1, type(err).__name__, err)
+
+    def _start_round(self, epoch: int) -> None:
         if self._thread is not None and self._thread.is_alive():
             logger.info('epoch %d: the previous checkpoint upload is still running; the next epoch end retries',
                         epoch + 1)
