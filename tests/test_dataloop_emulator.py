@@ -256,8 +256,8 @@ def test_an_upload_cut_off_mid_body_stores_nothing(world):
     body = body.encode() + b'\0' * 1000  # the file part is cut off: no closing boundary, no last chunk
     url = urlsplit(emu.api_url)
     for framing in ('chunked', 'length'):
-        head = 'POST {}/datasets/{}/items HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={}\r\n'.format(
-            url.path, binaries['id'], boundary)
+        head = ('POST {}/datasets/{}/items HTTP/1.1\r\nHost: x\r\n'
+                'Content-Type: multipart/form-data; boundary={}\r\n').format(url.path, binaries['id'], boundary)
         if framing == 'chunked':
             data = (head + 'Transfer-Encoding: chunked\r\n\r\n').encode() + b'%x\r\n' % len(body) + body + b'\r\n'
         else:
