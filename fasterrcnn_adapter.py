@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from utils import artifact_sync
 from utils import config as config_lib
 from utils import device as device_lib
 from utils import inference
@@ -80,6 +81,17 @@ def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: st
                                              label=labels.get(label_id, str(label_id))),
                    automated=True, metadata=metadata))
     return collection
+
+
+@contextlib.contextmanager
+def _seeded_init(seed: int):
+    """Random initialisation drawn from `seed` (same seed, same starting network), leaving the caller's RNG as it was.
+
+    Networks are built on the CPU, so forking the CPU generator covers every init.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 class FasterRCNNAdapter(dl.BaseModelAdapter):
@@ -157,13 +169,16 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             logger.info('loaded %s weights from %s', variant, weights_path)
         elif settings['pretrained']:
             keep_head = id_to_label_map == model_factory.coco_id_to_label_map()
-            model = model_factory.build_model(variant, num_classes, coco_weights=True, keep_coco_head=keep_head, **sizes)
+            with _seeded_init(settings['seed']):  # the new box predictor's random start
+                model = model_factory.build_model(variant, num_classes, coco_weights=True, keep_coco_head=keep_head,
+                                                  **sizes)
             logger.info('loaded COCO-pretrained %s (%s)', variant,
                         'COCO head kept' if keep_head else f'new box predictor for {num_classes} classes')
         else:
             logger.warning('no weights at %s and pretrained is off: %s starts from random weights',
                            weights_path, variant)
-            model = model_factory.build_model(variant, num_classes, **sizes)
+            with _seeded_init(settings['seed']):
+                model = model_factory.build_model(variant, num_classes, **sizes)
         self.model = model.to(self.device).eval()
 
     def save(self, local_path, **kwargs):
@@ -423,28 +438,59 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         index_path = os.path.join(data_path, INDEX_FILENAME)
         export = load_index(index_path) if os.path.isfile(index_path) else self.convert_from_dtlpy(data_path)
         id_to_label_map = self.id_to_label_map()
-        model_factory.replace_box_predictor(self.model, model_factory.num_classes_for(id_to_label_map))
-        self._resume_from_artifacts(output_path)
+        with _seeded_init(settings['seed']):  # a label map rewritten by convert_from_dtlpy needs a new predictor
+            model_factory.replace_box_predictor(self.model, model_factory.num_classes_for(id_to_label_map))
+        resumed = self._resume_from_artifacts(output_path)
         # set before fitting: if the run fails, the SDK's save-on-failure ships the trainer's best epoch
         # as is, instead of save() overwriting it with the half-trained weights of the failed epoch
         self.best_checkpoint_path = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.BEST_NAME)
-        result = trainer.fit(
-            self.model, export.subsets.get('train', []), export.subsets.get('validation', []),
-            label_to_id=label_to_id(id_to_label_map),
-            output_path=output_path, settings=settings, device=self.device,
-            checkpoint_info=dict(variant=settings['model_variant'], id_to_label_map=id_to_label_map),
-            on_epoch_end=kwargs.get('on_epoch_end_callback'),
-            publish_metrics=self._publish_metrics)
+        uploader = self._checkpoint_uploader(output_path, settings, resumed)
+        callback = kwargs.get('on_epoch_end_callback')
+
+        def on_epoch_end(epoch: int, epochs: int) -> None:
+            if uploader is not None and epoch + 1 < epochs:  # the last epoch's files go up with save_to_model
+                uploader.epoch_end(epoch)
+            if callback is not None:
+                callback(epoch, epochs)
+
+        try:
+            result = trainer.fit(
+                self.model, export.subsets.get('train', []), export.subsets.get('validation', []),
+                label_to_id=label_to_id(id_to_label_map),
+                output_path=output_path, settings=settings, device=self.device,
+                checkpoint_info=dict(variant=settings['model_variant'], id_to_label_map=id_to_label_map),
+                on_epoch_end=on_epoch_end, publish_metrics=self._publish_metrics)
+        finally:
+            if uploader is not None:
+                uploader.close()  # nothing may land after the SDK's own upload or the delete below
         last = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME)
         if os.path.isfile(last):
             # the run is complete: ship the best weights, not the optimizer state of the last epoch
             os.remove(last)
-        self._drop_uploaded_last_checkpoint()
+        self._drop_uploaded_last_checkpoint(uploader is not None and trainer.LAST_NAME in uploader.uploaded_names)
         self.model.eval()
         return result
 
-    def _resume_from_artifacts(self, output_path: str) -> None:
-        """A retried run on a fresh pod finds its checkpoints among the model's artifacts.
+    def _checkpoint_uploader(self, output_path: str, settings: Dict[str, Any],
+                             resumed: bool) -> Optional[artifact_sync.CheckpointUploader]:
+        """Uploads last.pth / best.pth during training, so a pod reset resumes from them; None off the platform."""
+        from utils import trainer
+        if not self.model_entity.project_id:  # a local model (local_runner, tests): no artifacts to upload to
+            return None
+
+        def upload(folder: str) -> None:
+            if self.model_entity.artifacts.upload(filepath=os.path.join(folder, '*'), overwrite=True) is None:
+                raise RuntimeError('the SDK reported the upload as failed (its warning says why)')
+
+        return artifact_sync.CheckpointUploader(
+            upload, os.path.join(output_path, trainer.WEIGHTS_DIR), trainer.WEIGHTS_DIR,
+            names=(trainer.BEST_NAME, trainer.LAST_NAME),  # last.pth last: it names the best epoch
+            interval_s=settings['checkpoint_upload_interval_s'],
+            staging_parent=os.path.dirname(os.path.abspath(output_path)),
+            already_uploaded=(trainer.BEST_NAME, trainer.LAST_NAME) if resumed else ())
+
+    def _resume_from_artifacts(self, output_path: str) -> bool:
+        """A retried run on a fresh pod finds its checkpoints among the model's artifacts; True when it copied them.
 
         best.pth comes along with last.pth: the resumed run must still know (and ship)
         the earlier run's best epoch when its own epochs do not beat it.
@@ -454,21 +500,22 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         local = os.path.join(output_path, trainer.WEIGHTS_DIR)
         if os.path.isfile(os.path.join(local, trainer.LAST_NAME)) or not self.artifacts_path \
                 or not os.path.isfile(os.path.join(uploaded, trainer.LAST_NAME)):
-            return
+            return False
         os.makedirs(local, exist_ok=True)
         for name in (trainer.BEST_NAME, trainer.LAST_NAME):  # last.pth last: it marks a complete copy
             if os.path.isfile(os.path.join(uploaded, name)):
                 shutil.copyfile(os.path.join(uploaded, name), os.path.join(local, name))
         logger.info('resuming from the checkpoint uploaded by an earlier run: %s',
                     os.path.join(uploaded, trainer.LAST_NAME))
+        return True
 
-    def _drop_uploaded_last_checkpoint(self) -> None:
-        """After a finished run, delete the last.pth a failed run uploaded (the SDK's upload never deletes):
-        left among the artifacts, the next train_model (or a clone's) would resume from it."""
+    def _drop_uploaded_last_checkpoint(self, uploaded_by_this_run: bool) -> None:
+        """After a finished run, delete the last.pth this run or a failed one uploaded (the SDK's upload never
+        deletes): left among the artifacts, the next train_model (or a clone's) would resume from it."""
         from utils import trainer
-        if not (self.artifacts_path and os.path.isfile(os.path.join(self.artifacts_path, trainer.WEIGHTS_DIR,
-                                                                    trainer.LAST_NAME))):
-            return  # the model had no uploaded last.pth
+        if not uploaded_by_this_run and not (self.artifacts_path and os.path.isfile(
+                os.path.join(self.artifacts_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME))):
+            return  # the model has no uploaded last.pth
         remote = f'/artifacts/models/{self.model_entity.name}/{trainer.WEIGHTS_DIR}/{trainer.LAST_NAME}'
         try:
             self.model_entity.artifacts.items_repository.delete(filters=dl.Filters(field='filename', values=remote))

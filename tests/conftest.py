@@ -14,32 +14,15 @@ Fixtures:
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp(prefix='dataloop_path_'))
 
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataloop_emulator import DataloopEmulator, make_token  # noqa: E402
+from dataloop_emulator import DataloopEmulator, NoExportWaitTime, connect_sdk  # noqa: E402
 
 EMULATOR_ALIAS = 'emulator'
-
-
-class _NoSleepTime:
-    """``time`` for dtlpy's datasets module, minus the fixed 2 s wait after each export request.
-
-    The SDK waits because the real platform reports export progress late; the
-    emulator's export commands are finished when returned, so the wait only
-    slows tests (4 s per prepare_data with two subsets).
-    """
-
-    def __getattr__(self, name):
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds):
-        pass
 
 
 @pytest.fixture
@@ -53,16 +36,12 @@ def dataloop_env(monkeypatch):
     import dtlpy as dl
     import dtlpy.repositories.datasets as dl_datasets
 
-    monkeypatch.setattr(dl_datasets, 'time', _NoSleepTime())
+    monkeypatch.setattr(dl_datasets, 'time', NoExportWaitTime())
 
     previous_env = dl.client_api.environment
     emulator = DataloopEmulator().start()
     try:
-        dl.client_api.add_environment(environment=emulator.api_url, alias=EMULATOR_ALIAS,
-                                      verify_ssl=False, token=make_token())
-        dl.setenv(emulator.api_url)
-        dl.client_api.token = make_token()
-        dl.verbose.disable_progress_bar = True
+        connect_sdk(emulator.api_url, alias=EMULATOR_ALIAS)
         yield emulator
     finally:
         emulator.stop()

@@ -39,7 +39,10 @@ status)`` for every call), ``missing`` (requests that hit no route) and
 Helpers: ``dir_filter(dir, recursive=False)`` and ``tag_filter(subset)`` build
 model subset filters; ``binaries_dataset(project_id)``, ``find_items(dataset_id,
 filename)`` and ``item_annotations(item_id)`` read state back;
-``make_token()`` is the unsigned JWT the fixture logs in with.
+``make_token()`` is the unsigned JWT the fixture logs in with;
+``connect_sdk(api_url)`` logs the SDK of any process in (a child process
+driving ``train_model`` uses it too) and ``NoExportWaitTime`` replaces
+``time`` in ``dtlpy.repositories.datasets`` to skip the SDK's export wait.
 
 SDK behaviour worth knowing when writing flow tests (dtlpy 1.126):
 - ``train_model`` calls ``prepare_data(root_path='tmp/<model id>')``, relative
@@ -66,6 +69,9 @@ deliberately simple, change them here if the platform proves different):
   uploads only with the default ``hidden: False`` filter turned off.
 - Ids are 24 hex digits that increase in creation order (the SDK splits big
   exports by ObjectId ranges, so ids must sort and parse as ObjectIds).
+- A request whose client goes away before its body is complete (a killed
+  process mid-upload) is dropped unanswered and changes nothing, as a real
+  server does; it is not recorded in ``requests``.
 """
 import base64
 import collections
@@ -77,6 +83,7 @@ import json
 import math
 import mimetypes
 import re
+import sys
 import threading
 import time
 import traceback
@@ -95,6 +102,34 @@ def make_token(email=USER_EMAIL, ttl_s=7 * 24 * 3600):
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b'=').decode()
     payload = {'email': email, 'sub': email, 'exp': int(time.time()) + ttl_s}
     return '{}.{}.{}'.format(b64({'alg': 'HS256', 'typ': 'JWT'}), b64(payload), 'emulator')
+
+
+class NoExportWaitTime:
+    """``time`` for dtlpy's datasets module, minus the fixed 2 s wait after each export request.
+
+    The SDK waits because the real platform reports export progress late; the
+    emulator's export commands are finished when returned, so the wait only
+    slows tests (4 s per prepare_data with two subsets).
+    """
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds):
+        pass
+
+
+def connect_sdk(api_url, alias='emulator'):
+    """Point the real dtlpy SDK of this process at an emulator, logged in with an unsigned token.
+
+    Set ``DATALOOP_PATH`` before importing dtlpy: the SDK keeps its cookie file there.
+    """
+    import dtlpy as dl
+    dl.client_api.add_environment(environment=api_url, alias=alias, verify_ssl=False, token=make_token())
+    dl.setenv(api_url)
+    dl.client_api.token = make_token()
+    dl.verbose.disable_progress_bar = True
 
 
 def _now():
@@ -216,7 +251,7 @@ class DataloopEmulator:
     # ------------------------------------------------------------------ lifecycle
     def start(self):
         handler = type('Handler', (_RequestHandler,), {'emulator': self})
-        self._server = ThreadingHTTPServer((self._host, self._port), handler)
+        self._server = _Server((self._host, self._port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={'poll_interval': 0.05},
                                         name='dataloop-emulator', daemon=True)
@@ -787,6 +822,17 @@ def _parse_multipart(content_type, body):
     return fields
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client killed mid-request (a test's SIGKILL) is expected: no traceback for a reset connection."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+class _ClientGone(Exception):
+    """The connection closed before the request body was complete."""
+
+
 class _Req:
     def __init__(self, method, path, query, headers, body):
         self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
@@ -807,15 +853,24 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
             chunks = []
             while True:
-                size = int(self.rfile.readline().split(b';')[0].strip() or b'0', 16)
+                line = self.rfile.readline()
+                if not line:
+                    raise _ClientGone('connection closed inside a chunked body')
+                size = int(line.split(b';')[0].strip() or b'0', 16)
                 if size == 0:
                     while self.rfile.readline() not in (b'\r\n', b'\n', b''):
                         pass
                     return b''.join(chunks)
-                chunks.append(self.rfile.read(size))
+                chunk = self.rfile.read(size)
+                if len(chunk) < size:
+                    raise _ClientGone('connection closed inside a chunk')
+                chunks.append(chunk)
                 self.rfile.readline()
         length = int(self.headers.get('Content-Length') or 0)
-        return self.rfile.read(length) if length else b''
+        body = self.rfile.read(length) if length else b''
+        if len(body) < length:
+            raise _ClientGone('connection closed before Content-Length bytes arrived')
+        return body
 
     def _handle(self):
         emulator = self.emulator
@@ -823,6 +878,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
         path = unquote(parts.path)
         try:
             body = self._read_body()
+        except (_ClientGone, ConnectionError):
+            self.close_connection = True
+            return
+        try:
             result = emulator.dispatch(self.command, path, parse_qs(parts.query), self.headers, body)
             if result is None:
                 result = 404, {'message': 'emulator has no route for {} {}'.format(self.command, path),

@@ -36,7 +36,6 @@ def boxes_of(collection):
 
 @pytest.mark.parametrize('variant', config_lib.VARIANTS)
 def test_every_variant_builds_and_predicts(variant):
-    torch.manual_seed(0)
     adapter = make_adapter({'model_variant': variant, 'min_size': 128, 'max_size': 160, 'conf_threshold': 0.0})
     assert adapter.model.roi_heads.box_predictor.cls_score.out_features == 4
     collections = adapter.predict([random_image(200, 150), random_image(160, 120, seed=1)])
@@ -48,7 +47,6 @@ def test_every_variant_builds_and_predicts(variant):
 
 
 def test_save_then_load_in_fresh_adapter_predicts_identically(tmp_path):
-    torch.manual_seed(1)
     first = make_adapter({'conf_threshold': 0.0})
     first.save(str(tmp_path))
     assert (tmp_path / 'weights' / 'best.pth').is_file()
@@ -56,8 +54,7 @@ def test_save_then_load_in_fresh_adapter_predicts_identically(tmp_path):
     checkpoint = model_factory.load_checkpoint(str(tmp_path / 'weights' / 'best.pth'))
     assert checkpoint['model_variant'] == SMALL['model_variant']
     assert checkpoint['id_to_label_map'] == {1: 'cat', 2: 'dog', 3: 'bird'}
-    torch.manual_seed(2)  # a different random init, overwritten by the artifact
-    second = make_adapter({'conf_threshold': 0.0}, artifacts=str(tmp_path))
+    second = make_adapter({'conf_threshold': 0.0, 'seed': 1}, artifacts=str(tmp_path))  # another init, overwritten
     image = random_image(320, 240)
     assert boxes_of(first.predict([image])[0]) == boxes_of(second.predict([image])[0])
     assert len(first.predict([image])[0]) > 0
@@ -131,9 +128,24 @@ def test_pretrained_weights_come_from_torch_home(tmp_path, monkeypatch):
         assert torch.equal(custom_state[key], value), key
 
 
+def test_random_starts_follow_the_seed_and_leave_the_callers_rng_alone(tmp_path, monkeypatch):
+    """Random weights and a new box predictor on COCO weights: same seed, same start; another seed, another."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    _write_torchvision_checkpoint(tmp_path, SMALL['model_variant'])
+    for pretrained, key in ((False, 'backbone.body.0.0.weight'), (True, 'roi_heads.box_predictor.cls_score.weight')):
+        def start(seed):
+            return make_adapter({'pretrained': pretrained, 'seed': seed}).model.state_dict()[key]
+        torch.manual_seed(0)
+        before = torch.get_rng_state()
+        first = start(3)
+        assert torch.equal(torch.get_rng_state(), before)  # loading a model does not reseed the caller
+        torch.rand(10)
+        assert torch.equal(first, start(3)), pretrained
+        assert not torch.equal(first, start(4)), pretrained
+
+
 def test_prediction_boxes_are_in_original_pixels_inside_the_image():
-    torch.manual_seed(4)
-    adapter = make_adapter({'conf_threshold': 0.0, 'min_size': 240, 'max_size': 320})
+    adapter = make_adapter({'seed': 4, 'conf_threshold': 0.0, 'min_size': 240, 'max_size': 320})
     image = random_image(640, 480)
     collection = adapter.predict([image])[0]
     assert len(collection) > 0
@@ -155,24 +167,20 @@ def test_prediction_boxes_are_in_original_pixels_inside_the_image():
 
 
 def test_conf_threshold_and_max_detections_are_honoured():
-    torch.manual_seed(5)
     image = random_image(320, 240)
-    everything = make_adapter({'conf_threshold': 0.0}).predict([image])[0]
+    everything = make_adapter({'seed': 5, 'conf_threshold': 0.0}).predict([image])[0]
     scores = sorted(a.metadata['user']['model']['confidence'] for a in everything.annotations)
     assert len(scores) > 4
     threshold = scores[len(scores) // 2]
-    torch.manual_seed(5)
-    above = make_adapter({'conf_threshold': threshold}).predict([image])[0]
+    above = make_adapter({'seed': 5, 'conf_threshold': threshold}).predict([image])[0]
     assert 0 < len(above) < len(scores)
     assert all(a.metadata['user']['model']['confidence'] >= threshold - 1e-4 for a in above.annotations)
-    torch.manual_seed(5)
-    capped = make_adapter({'conf_threshold': 0.0, 'max_detections': 3}).predict([image])[0]
+    capped = make_adapter({'seed': 5, 'conf_threshold': 0.0, 'max_detections': 3}).predict([image])[0]
     assert len(capped) == 3
 
 
 def test_unreadable_entries_get_empty_collections_and_are_reported():
-    torch.manual_seed(6)
-    adapter = make_adapter({'conf_threshold': 0.0})
+    adapter = make_adapter({'seed': 6, 'conf_threshold': 0.0})
     bad = UnreadableItem('id-1', 'notes.txt', 'not a decodable image')
     collections = adapter.predict([random_image(), bad, random_image(seed=2)])
     assert [len(c) > 0 for c in collections] == [True, False, True]

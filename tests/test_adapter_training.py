@@ -53,3 +53,23 @@ def test_labels_the_data_does_not_have_fail_before_training(export_dir):
     adapter = make_adapter({}, labels=['car', 'person'])
     with pytest.raises(ValueError, match=r"none of the labels in the data \['circle', 'square', 'triangle'\]"):
         adapter.convert_from_dtlpy(export_dir)
+
+
+def _trained_state(export_dir, output, **configuration):
+    adapter = make_adapter({'epochs': 1, **configuration}, labels=['circle', 'square', 'triangle'])
+    adapter.convert_from_dtlpy(export_dir)
+    adapter.train(export_dir, str(output))
+    return adapter.model.state_dict()
+
+
+def test_same_seed_trains_the_same_weights_another_seed_other_weights(export_dir, tmp_path):
+    """Random init, data order and augmentation (hflip is on) all follow `seed`, not the process's RNG history."""
+    torch.manual_seed(123)
+    first = _trained_state(export_dir, tmp_path / 'a', seed=7, num_workers=1)
+    torch.rand(100)  # whatever ran before must not matter
+    second = _trained_state(export_dir, tmp_path / 'b', seed=7, num_workers=1)
+    other = _trained_state(export_dir, tmp_path / 'c', seed=8, num_workers=1)
+    assert first.keys() == second.keys() == other.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    float_keys = [k for k in first if first[k].is_floating_point()]
+    assert not all(torch.equal(first[k], other[k]) for k in float_keys)

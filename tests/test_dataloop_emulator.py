@@ -240,3 +240,30 @@ def test_unknown_endpoint_is_a_visible_404(dataloop_env):
     assert 'pipelines' in str(err.value)
     assert emu.missing and emu.missing[0].path.endswith('/pipelines/deadbeef')
     assert emu.requests[-1].status == 404
+
+
+def test_an_upload_cut_off_mid_body_stores_nothing(world):
+    """A process killed mid-upload must not leave a truncated artifact behind (a real server drops the request)."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+    emu = world['emu']
+    binaries = emu.binaries_dataset(world['project']['id'])
+    boundary = 'cutoff'
+    body = ('--{b}\r\nContent-Disposition: form-data; name="type"\r\n\r\nfile\r\n'
+            '--{b}\r\nContent-Disposition: form-data; name="path"\r\n\r\n/artifacts/models/m/weights/last.pth\r\n'
+            '--{b}\r\nContent-Disposition: form-data; name="file"; filename="last.pth"\r\n\r\n').format(b=boundary)
+    body = body.encode() + b'\0' * 1000  # the file part is cut off: no closing boundary, no last chunk
+    url = urlsplit(emu.api_url)
+    for framing in ('chunked', 'length'):
+        head = ('POST {}/datasets/{}/items HTTP/1.1\r\nHost: x\r\n'
+                'Content-Type: multipart/form-data; boundary={}\r\n').format(url.path, binaries['id'], boundary)
+        if framing == 'chunked':
+            data = (head + 'Transfer-Encoding: chunked\r\n\r\n').encode() + b'%x\r\n' % len(body) + body + b'\r\n'
+        else:
+            data = (head + 'Content-Length: {}\r\n\r\n'.format(len(body) + 5000)).encode() + body
+        with socket.create_connection((url.hostname, url.port)) as sock:
+            sock.sendall(data)
+        time.sleep(0.3)  # let the handler thread see the closed connection
+        assert emu.find_items(binaries['id'], '/artifacts/models/m/weights/last.pth') == [], framing
+    assert emu.errors == []

@@ -4,6 +4,8 @@ import inspect
 import json
 import os
 
+from dtlpy.entities.service import OnResetAction
+
 from utils import config as config_lib
 from utils import model_factory
 
@@ -25,6 +27,10 @@ def test_manifest_identity_and_compute_configs():
     train = computes['fasterrcnn-train-evaluate']
     assert train['runtime']['podType'].startswith('gpu')
     assert train['executionTimeout'] >= 24 * 3600
+    # a pod reset or preemption reruns the execution, which resumes from the checkpoints uploaded during training
+    assert train['onReset'] == OnResetAction.RERUN.value
+    assert isinstance(train['maxAttempts'], int) and 2 <= train['maxAttempts'] <= 10
+    assert config_lib.DEFAULTS['checkpoint_upload_interval_s'] > 0
     for compute in computes.values():
         assert compute['runtime']['autoscaler']['maxReplicas'] >= 1
 

@@ -15,6 +15,11 @@ import collections
 import io
 import logging
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import dtlpy as dl
 import numpy as np
@@ -307,13 +312,81 @@ def test_failed_run_uploads_its_checkpoint_and_a_new_pod_resumes(platform, pod, 
     assert_no_gaps(emu)
 
 
+def wait_for_artifact(emu, model_id, remote, process, log_path, timeout_s=600):
+    """Poll until `remote` is among the model's artifacts; fail if the process ends first.
+
+    Stored is not enough: `load_from_model` downloads what the model's artifact
+    list names, which `artifacts.upload` PATCHes after storing the file.
+    """
+    deadline = time.monotonic() + timeout_s
+    while remote not in listed_artifacts(emu, model_id):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError('{} never reached the platform (exit code {}):\n{}'.format(
+                remote, process.poll(), open(log_path).read()[-5000:]))
+        time.sleep(0.02)
+
+
+def test_killed_training_pod_is_rerun_and_resumes_from_checkpoints_uploaded_during_training(
+        platform, pod, tmp_path, caplog):
+    """Issue 11.13: a pod reset (SIGKILL: no exception, no save-on-failure) loses at most the upload interval."""
+    emu, project_id = platform['emu'], platform['project']['id']
+    epochs = 3
+    model_id = platform['add_model']('preempted', epochs=epochs, checkpoint_upload_interval_s=0)['id']
+    prefix = '/artifacts/models/preempted/'
+
+    # pod 1: `train_model` in a process of its own, killed for real once a checkpoint reached the platform
+    work = pod('pod-1')
+    log_path = str(tmp_path / 'pod-1.log')
+    env = dict(os.environ, DATALOOP_PATH=str(work.parent / 'dataloop'), OMP_NUM_THREADS='1')
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_model_process.py')
+    with open(log_path, 'w') as log:
+        process = subprocess.Popen([sys.executable, script, emu.api_url, model_id], cwd=str(work), env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_artifact(emu, model_id, prefix + 'weights/last.pth', process, log_path)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    time.sleep(0.5)  # requests the dead process had in flight are dropped, not half stored
+    assert emu.models[model_id]['status'] == 'training'  # nobody told the platform: the pod just vanished
+    artifacts = artifact_files(emu, project_id, 'preempted')
+    assert {'weights/best.pth', 'weights/last.pth'} <= set(artifacts), sorted(artifacts)
+    assert not [p for p in artifacts if 'checkpoint-upload' in p or '.tmp' in p], sorted(artifacts)
+    uploaded = checkpoint_from(artifacts['weights/last.pth'], tmp_path, 'uploaded-last.pth')
+    done = int(uploaded['epoch']) + 1  # epochs the uploaded checkpoint holds
+    assert 1 <= done < epochs and len(uploaded['history']) == done and 'optimizer' in uploaded
+    published = len(emu.metrics)
+
+    # pod 2: the platform reruns the execution (onReset: rerun) on a fresh pod: it resumes after epoch `done`
+    pod('pod-2')
+    caplog.set_level(logging.INFO)
+    returned = FasterRCNNAdapter().train_model(dl.models.get(model_id=model_id))
+    assert 'resuming from the checkpoint uploaded by an earlier run' in caplog.text
+    assert 'continuing at epoch {}/{}'.format(done + 1, epochs) in caplog.text
+    assert emu.models[model_id]['status'] == 'trained' and returned.status == 'trained'
+    rerun_points = collections.defaultdict(list)
+    for sample in emu.metrics[published:]:
+        rerun_points[sample['legend']].append(sample['data']['x'])
+    assert rerun_points and all(xs == list(range(done + 1, epochs + 1)) for xs in rerun_points.values()), rerun_points
+
+    # one best model, nothing left to resume from, the model's artifact list matches what is stored
+    artifacts = artifact_files(emu, project_id, 'preempted')
+    assert [p for p in artifacts if p.endswith('.pth')] == ['weights/best.pth'], sorted(artifacts)
+    assert not [p for p in artifacts if 'checkpoint-upload' in p], sorted(artifacts)
+    assert listed_artifacts(emu, model_id) == {prefix + p for p in artifacts}
+    final = checkpoint_from(artifacts['weights/best.pth'], tmp_path, 'final-best.pth')
+    assert final['id_to_label_map'] == SHAPE_MAP and 'optimizer' not in final
+    assert_no_gaps(emu)
+
+
 # ----------------------------------------------------------------------------- prediction
 
 def predicting_model(platform, name, **configuration):
     """A model with random weights (pretrained off, no artifacts) that always outputs a few boxes."""
-    settings = dict(shape_map=True, conf_threshold=0.0, max_detections=3)
+    settings = dict(shape_map=True, conf_threshold=0.0, max_detections=3)  # the random weights follow `seed`
     settings.update(configuration)
-    torch.manual_seed(0)  # the random weights, the same on every run
     return platform['add_model'](name, **settings)
 
 
