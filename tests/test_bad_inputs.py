@@ -556,3 +556,96 @@ def test_predict_reads_only_regular_files(weights_only_model, tmp_path, capsys, 
                                   '--output', str(tmp_path / 'out2')])
     assert code == 2 and not watch.opened
     assert 'pipe.png is a named pipe (FIFO), not an image file or a folder' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 12. read-only data
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make a folder read-only for this process, as a read-only mount would.
+
+    chmod alone proves nothing here: the tests run as root, whom file modes do not stop. So besides
+    the chmod (real for any other user), every way Python reaches the OS to change the folder (os.open
+    with a write flag, which tempfile and atomic writes use; open/io.open in a writing mode; mkdir,
+    rename, replace, remove) fails with EROFS, like the kernel on a read-only mount. Writes elsewhere
+    go through untouched. The test also checks afterwards that nothing in the folder changed, which
+    covers writers below Python (torch's C++ file writer, say)."""
+    import builtins
+    import errno
+    import io
+    import stat as stat_lib
+    folders = []
+
+    def inside(path):
+        if isinstance(path, int):
+            return False
+        path = os.path.realpath(os.fsdecode(path))
+        return any(path == f or path.startswith(f + os.sep) for f in folders)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and inside(path):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode='r', *args, **kwargs):
+        if set(mode) & set('wax+') and inside(file):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded(name):
+        real = getattr(os, name)
+
+        def call(*paths, **kwargs):
+            for path in paths[:2]:
+                if inside(path):
+                    refuse(path)
+            return real(*paths, **kwargs)
+        monkeypatch.setattr(os, name, call)
+
+    monkeypatch.setattr(os, 'open', os_open)
+    monkeypatch.setattr(builtins, 'open', open_)
+    monkeypatch.setattr(io, 'open', open_)
+    for name in ('mkdir', 'rename', 'replace', 'remove', 'unlink', 'rmdir', 'chmod'):
+        guarded(name)
+
+    def make(folder):
+        folder = os.path.realpath(str(folder))
+        for root, dirs, files in os.walk(folder):
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o444)
+            os.chmod(root, 0o555)
+        folders.append(folder)
+        return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+                for root, _, files in os.walk(folder) for name in files}
+
+    yield make
+    monkeypatch.undo()  # the real os.chmod back, to give the folders their modes back
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            os.chmod(root, stat_lib.S_IRWXU | 0o755)
+
+
+def test_train_on_a_read_only_data_folder_skips_the_index_and_finishes(read_only, tmp_path, caplog):
+    from test_local_runner import TINY
+    from utils.synthetic import make_synthetic_export
+    data = tmp_path / 'data'
+    make_synthetic_export(str(data), n_train=2, n_val=1, image_size=(64, 64), seed=5)
+    config = tmp_path / 'config.json'
+    config.write_text(json.dumps(dict(TINY, min_size=64, max_size=64)))
+    before = read_only(data)
+    with caplog.at_level(logging.INFO):
+        code = local_runner_main(['train', '--data', str(data), '--output', str(tmp_path / 'model'),
+                                  '--config', str(config)])
+    assert code == 0
+    assert 'fasterrcnn_index.json' in caplog.text
+    # train() took the export converted in memory: it did not convert (and try the index) a second time
+    assert caplog.text.count('data index not written') == 1
+    assert (tmp_path / 'model' / 'weights' / 'best.pth').is_file()
+    after = {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+             for root, _, files in os.walk(data) for name in files}
+    assert after == before  # nothing written into the data folder, by any writer
