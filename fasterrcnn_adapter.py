@@ -105,6 +105,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.unreadable_items: List[UnreadableItem] = []
         self._prefetchers: List[inference.Prefetcher] = []  # one per predict_items call in flight
         self._inference_cache = (None, None, None)  # (network it was made from, its weights version, the copy)
+        self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
         super().__init__(model_entity)
 
     # ------------------------------------------------------------------ entity
@@ -427,7 +428,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             self._set_label_map(id_to_label_map)
             # persist now: a failed run uploads its checkpoint, and the retry must rebuild this many classes
             self.model_entity.update(reload_services=False)
-        save_index(export, os.path.join(data_path, INDEX_FILENAME))
+        self._converted = (os.path.realpath(data_path), export)
+        index_path = os.path.join(data_path, INDEX_FILENAME)
+        try:
+            save_index(export, index_path)
+        except OSError as err:  # a read-only data folder (a mounted volume, shared data): the index is a cache
+            logger.info('data index not written (%s: %s): training reads the data converted in memory',
+                        index_path, err.strerror or err)
         return export
 
     def train(self, data_path, output_path, **kwargs):
@@ -436,7 +443,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         from utils.dataloop_reader import load_index
         settings = self._resolve_settings()
         index_path = os.path.join(data_path, INDEX_FILENAME)
-        export = load_index(index_path) if os.path.isfile(index_path) else self.convert_from_dtlpy(data_path)
+        converted_path, export = self._converted
+        if converted_path != os.path.realpath(data_path):  # else converted in this process: fresher than any index
+            export = load_index(index_path) if os.path.isfile(index_path) else self.convert_from_dtlpy(data_path)
         id_to_label_map = self.id_to_label_map()
         with _seeded_init(settings['seed']):  # a label map rewritten by convert_from_dtlpy needs a new predictor
             model_factory.replace_box_predictor(self.model, model_factory.num_classes_for(id_to_label_map))

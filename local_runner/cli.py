@@ -69,6 +69,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    find_model_files(args.model)
+    from utils.onnx_export import export_onnx, sidecar_path  # imports torch: after the paths are checked
+    output = export_onnx(args.model, args.output, size=tuple(args.size) if args.size else None)
+    print(f'exported {output} and {sidecar_path(output)} (label map, input size, preprocessing, score threshold)')
+    return 0
+
+
 def cmd_demo(args) -> int:
     settings_overrides = {'epochs': args.epochs} if args.epochs is not None else {}
     data_overrides = {}
@@ -114,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = _logging_options(argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog='python -m local_runner', parents=[_logging_options(False)],
-        description='Train, evaluate and predict with the Faster R-CNN Dataloop adapter on local folders, '
+        description='Train, evaluate, predict and export with the Faster R-CNN Dataloop adapter on local folders, '
                     'offline (no Dataloop account, no platform calls).')
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
@@ -152,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--subset', default='validation', help='subset folder to evaluate on (default: validation)')
     p.add_argument('--output', metavar='DIR', help='where to write the results (default: the model folder)')
     p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser('export', parents=[common], help='the trained network as ONNX at a fixed input size',
+                            description='Writes an ONNX file (classic TorchScript-based exporter, opset 17; needs '
+                                        'the onnx package of requirements-dev.txt) and beside it FILE.onnx.json: the '
+                                        'label map, the input size and preprocessing, the score threshold. '
+                                        'See README "ONNX export" for running it with onnxruntime.')
+    p.add_argument('--model', required=True, metavar='DIR', help='a folder written by `train`')
+    p.add_argument('--output', required=True, metavar='FILE.onnx', help='the ONNX file to write')
+    p.add_argument('--size', type=_positive_int, nargs=2, default=None, metavar=('H', 'W'),
+                   help="input height and width in pixels, each >= 32 (default: a min_size square)")
+    p.set_defaults(func=cmd_export)
 
     p = commands.add_parser('demo', parents=[common],
                             help='synthetic data -> train from random weights -> evaluate -> predict',

@@ -6,6 +6,8 @@ so a wrong path fails in a fraction of a second with one line.
 import json
 import logging
 import os
+import stat
+from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from utils import config as config_lib
@@ -14,6 +16,8 @@ from utils.errors import InputError
 from utils.images import image_extensions
 
 logger = logging.getLogger('local_runner')
+
+RESULT_EXTENSIONS = ('.json', '.png')  # what `predict` writes per input: <name>.json, <name>.png
 
 
 def _listdir(path: str) -> List[str]:
@@ -84,36 +88,87 @@ def parse_labels(text: Optional[str]) -> Optional[List[str]]:
 def list_images(path: str, exclude: Optional[str] = None) -> List[Tuple[str, str]]:
     """(path, path relative to the input) of the images to predict on: a file, or a folder's image files
     (recursively; hidden files and the folder `exclude`, where results go, are left out)."""
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise InputError(f'--input {path}: no such file or folder')
     if os.path.isfile(path):
         return [(path, os.path.basename(path))]
+    if not os.path.isdir(path):
+        raise InputError(f'--input {path} is {_file_kind(path)}, not an image file or a folder')
     extensions = image_extensions()
     excluded = os.path.realpath(exclude) if exclude else None
-    found, others = [], 0
+    found, others, special = [], 0, []
     for folder, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith('.')
                          and os.path.realpath(os.path.join(folder, d)) != excluded)
         for name in sorted(files):
             if name.startswith('.'):
                 continue
-            if os.path.splitext(name)[1].lower() in extensions:
-                full = os.path.join(folder, name)
+            full = os.path.join(folder, name)
+            if os.path.splitext(name)[1].lower() not in extensions:
+                others += 1
+            elif os.path.isfile(full):  # a regular file, or a link to one
                 found.append((full, os.path.relpath(full, path)))
             else:
-                others += 1
+                special.append(full)
+    for full in special:
+        # opening a FIFO blocks until someone writes to it, a device can stream forever: never read them
+        logger.warning('--input: %s is %s, not a regular file: skipped', full, _file_kind(full))
     if not found:
         what = f'{others} file(s), none with an image extension' if others else 'nothing'
+        what += f', {len(special)} not a regular file' if special else ''
         raise InputError(f'--input {path} has no image files ({what}; looked for .jpg, .jpeg, .png, .bmp, .tif, ...)')
     if others:
         logger.info('--input %s: %d file(s) without an image extension ignored', path, others)
     return found
 
 
+def _file_kind(path: str) -> str:
+    """What a path that is not a regular file or a folder is, for a message."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # a link to nothing, or to a place we may not look into
+        return 'a broken symbolic link' if os.path.islink(path) else 'unreadable'
+    kinds = ((stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISSOCK, 'a socket'),
+             (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'))
+    return next((kind for test, kind in kinds if test(mode)), 'a special file')
+
+
 def output_names(inputs: Sequence[Tuple[str, str]]) -> List[str]:
-    """Per input, the output path stem (relative): `dir/stem`, or `dir/name` when two inputs share a stem."""
-    stems = [os.path.splitext(rel)[0] for _, rel in inputs]
-    counts: Dict[str, int] = {}
-    for stem in stems:
-        counts[stem] = counts.get(stem, 0) + 1
-    return [stem if counts[stem] == 1 else rel for stem, (_, rel) in zip(stems, inputs)]
+    """Per input, a distinct output path stem (relative; results are `<stem>.json` and `<stem>.png`).
+
+    The natural stem (`dir/c` for `dir/c.jpg`) where no other input claims it; inputs whose stems
+    clash keep their extension (`c.png`, `c.jpg`), repeated until nothing clashes (`c.png.jpg`'s stem
+    `c.png` then clashes with `c.png`'s name, so it becomes `c.png.jpg`). Names are compared without
+    case (the results may land on a case-insensitive disk); what still clashes after that (names that
+    differ only in case, a result file where another result needs a folder) gets `~2`, `~3`, ... in
+    input order. Deterministic: the same inputs always give the same names.
+    """
+    rels = [rel for _, rel in inputs]
+    names = [os.path.splitext(rel)[0] for rel in rels]
+    while True:
+        counts = Counter(name.casefold() for name in names)
+        clashing = [i for i, name in enumerate(names) if counts[name.casefold()] > 1 and name != rels[i]]
+        if not clashing:
+            break
+        for i in clashing:
+            names[i] = rels[i]
+    folders = {os.path.dirname(name).casefold() for name in names}
+    folders = {parent for folder in folders for parent in _parents(folder)}
+    taken = set()
+    for i, name in enumerate(names):
+        final, k = name, 1
+        while final.casefold() in taken or any((final + ext).casefold() in folders for ext in RESULT_EXTENSIONS):
+            k += 1
+            final = f'{name}~{k}'
+        taken.add(final.casefold())
+        names[i] = final
+    return names
+
+
+def _parents(folder: str) -> List[str]:
+    """`a/b/c` -> [`a/b/c`, `a/b`, `a`]; `` -> []."""
+    parents = []
+    while folder:
+        parents.append(folder)
+        folder = os.path.dirname(folder)
+    return parents

@@ -10,7 +10,7 @@ import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 from local_runner.draw import detections_from_json, draw_detections
-from local_runner.inputs import output_names
+from local_runner.inputs import RESULT_EXTENSIONS, output_names
 from utils.atomic import write_json
 from utils.errors import InputError
 from utils.label_map import label_to_id
@@ -27,7 +27,7 @@ def _item_json(path: str, rel: str, image, annotations: List[Dict[str, Any]]) ->
 
 def _output_paths(inputs: Sequence[Tuple[str, str]], output_dir: str) -> List[Tuple[str, str]]:
     """(json, png) per input; an InputError when one would overwrite an input image."""
-    targets = [(os.path.join(output_dir, name + '.json'), os.path.join(output_dir, name + '.png'))
+    targets = [tuple(os.path.join(output_dir, name + ext) for ext in RESULT_EXTENSIONS)
                for name in output_names(inputs)]
     sources = {os.path.realpath(path) for path, _ in inputs}
     clash = [t for pair in targets for t in pair if os.path.realpath(t) in sources]

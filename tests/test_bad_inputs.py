@@ -451,3 +451,201 @@ def test_local_runner_evaluate_skips_thin_images_and_counts_them(weights_only_mo
     assert '/thin.png' in caplog.text and 'image too thin for the network' in caplog.text
     with open(tmp_path / 'eval' / 'evaluation_validation.json') as f:
         assert json.load(f)['images'] == 1
+
+
+# ----------------------------------------------------------------------------- 10. output names
+
+def test_predict_gives_every_input_its_own_outputs_and_reports_what_it_wrote(weights_only_model, tmp_path, capsys):
+    images = tmp_path / 'images'
+    (images / 'sub').mkdir(parents=True)
+    # one size per input: each result JSON must describe its own image, not one written over it
+    sizes = {'c.png': (96, 64), 'c.jpg': (64, 96), 'c.png.jpg': (80, 80), 'd.png': (72, 48),
+             os.path.join('sub', 'c.png'): (48, 72)}
+    for rel, size in sizes.items():
+        Image.new('RGB', size, 'gray').save(images / rel)
+    out = tmp_path / 'out'
+    assert local_runner_main(['predict', '--model', weights_only_model, '--input', str(images),
+                              '--output', str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f'{len(sizes)} image(s),')
+    written = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, files in os.walk(out) for f in files)
+    # natural names where nothing clashes (d, sub/c); the extension kept where stems clash
+    names = ['c.jpg', 'c.png', 'c.png.jpg', 'd', os.path.join('sub', 'c')]
+    assert written == sorted(name + ext for name in names for ext in ('.json', '.png'))
+    for name, rel in zip(names, sorted(sizes)):
+        with open(out / (name + '.json')) as f:
+            item = json.load(f)
+        assert item['name'] == os.path.basename(rel) and item['filename'] == '/' + rel.replace(os.sep, '/')
+        assert (item['metadata']['system']['width'], item['metadata']['system']['height']) == sizes[rel]
+        assert Image.open(out / (name + '.png')).size == sizes[rel]
+
+
+def test_output_names_are_distinct_and_deterministic():
+    from local_runner.inputs import output_names
+
+    def names(*rels):
+        return output_names([(rel, rel) for rel in rels])
+    assert names('c.jpg', 'c.png', 'c.png.jpg') == ['c.jpg', 'c.png', 'c.png.jpg']
+    assert names('c.png', 'c.png.png', 'c.jpg.png', 'c.jpg') == ['c.png', 'c.png.png', 'c.jpg.png', 'c.jpg']
+    assert names('a.jpg', 'b.png') == ['a', 'b']
+    # names that differ only in case would overwrite each other on a case-insensitive disk
+    assert names('C.png', 'c.png') == ['C.png', 'c.png~2']
+    # a.json (a result file) where a.json/x.json needs a folder
+    assert names('a.png', 'a.json/x.png') == ['a~2', 'a.json/x']
+
+
+# ----------------------------------------------------------------------------- 11. special files
+
+class _FifoWatch:
+    """Unblocks whoever opens a FIFO for reading (by opening it for writing, writing junk, closing),
+    and records that someone did. A regression then fails the test instead of hanging it; the thread
+    polls with O_NONBLOCK (ENXIO while no reader), so it never blocks itself."""
+
+    def __init__(self, path):
+        import threading
+        self.path, self.opened, self.stop = path, False, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.wait(0.05):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # ENXIO: nobody reads it
+                continue
+            self.opened = True
+            try:
+                os.write(fd, b'not an image')
+            finally:
+                os.close(fd)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def test_predict_reads_only_regular_files(weights_only_model, tmp_path, capsys, caplog):
+    import socket
+    images = tmp_path / 'images'
+    images.mkdir()
+    (images / 'good.png').write_bytes(png(96, 96))
+    os.symlink(images / 'good.png', images / 'link.png')  # a link to a regular file is an input
+    os.mkfifo(images / 'pipe.png')
+    os.symlink('/dev/zero', images / 'zero.jpg')  # a character device streams forever
+    os.symlink(images / 'gone.png', images / 'dangling.png')
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(images / 'sock.png'))
+        with _FifoWatch(str(images / 'pipe.png')) as watch, caplog.at_level(logging.WARNING):
+            code = local_runner_main(['predict', '--model', weights_only_model, '--input', str(images),
+                                      '--output', str(tmp_path / 'out')])
+    finally:
+        server.close()
+    assert code == 0, capsys.readouterr().err
+    assert not watch.opened, 'predict opened the FIFO'
+    assert capsys.readouterr().out.startswith('2 image(s),')
+    assert sorted(os.listdir(tmp_path / 'out')) == ['good.json', 'good.png', 'link.json', 'link.png']
+    for name, kind in [('pipe.png', 'a named pipe (FIFO)'), ('zero.jpg', 'a character device'),
+                       ('dangling.png', 'a broken symbolic link'), ('sock.png', 'a socket')]:
+        assert f'{name} is {kind}, not a regular file: skipped' in caplog.text, name
+
+    with _FifoWatch(str(images / 'pipe.png')) as watch:
+        code = local_runner_main(['predict', '--model', weights_only_model, '--input', str(images / 'pipe.png'),
+                                  '--output', str(tmp_path / 'out2')])
+    assert code == 2 and not watch.opened
+    assert 'pipe.png is a named pipe (FIFO), not an image file or a folder' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 12. read-only data
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make a folder read-only for this process, as a read-only mount would.
+
+    chmod alone proves nothing here: the tests run as root, whom file modes do not stop. So besides
+    the chmod (real for any other user), every way Python reaches the OS to change the folder (os.open
+    with a write flag, which tempfile and atomic writes use; open/io.open in a writing mode; mkdir,
+    rename, replace, remove) fails with EROFS, like the kernel on a read-only mount. Writes elsewhere
+    go through untouched. The test also checks afterwards that nothing in the folder changed, which
+    covers writers below Python (torch's C++ file writer, say)."""
+    import builtins
+    import errno
+    import io
+    import stat as stat_lib
+    folders = []
+
+    def inside(path):
+        if isinstance(path, int):
+            return False
+        path = os.path.realpath(os.fsdecode(path))
+        return any(path == f or path.startswith(f + os.sep) for f in folders)
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    real_os_open, real_open = os.open, builtins.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND) and inside(path):
+            refuse(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def open_(file, mode='r', *args, **kwargs):
+        if set(mode) & set('wax+') and inside(file):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def guarded(name):
+        real = getattr(os, name)
+
+        def call(*paths, **kwargs):
+            for path in paths[:2]:
+                if inside(path):
+                    refuse(path)
+            return real(*paths, **kwargs)
+        monkeypatch.setattr(os, name, call)
+
+    monkeypatch.setattr(os, 'open', os_open)
+    monkeypatch.setattr(builtins, 'open', open_)
+    monkeypatch.setattr(io, 'open', open_)
+    for name in ('mkdir', 'rename', 'replace', 'remove', 'unlink', 'rmdir', 'chmod'):
+        guarded(name)
+
+    def make(folder):
+        folder = os.path.realpath(str(folder))
+        for root, dirs, files in os.walk(folder):
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o444)
+            os.chmod(root, 0o555)
+        folders.append(folder)
+        return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+                for root, _, files in os.walk(folder) for name in files}
+
+    yield make
+    monkeypatch.undo()  # the real os.chmod back, to give the folders their modes back
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            os.chmod(root, stat_lib.S_IRWXU | 0o755)
+
+
+def test_train_on_a_read_only_data_folder_skips_the_index_and_finishes(read_only, tmp_path, caplog):
+    from test_local_runner import TINY
+    from utils.synthetic import make_synthetic_export
+    data = tmp_path / 'data'
+    make_synthetic_export(str(data), n_train=2, n_val=1, image_size=(64, 64), seed=5)
+    config = tmp_path / 'config.json'
+    config.write_text(json.dumps(dict(TINY, min_size=64, max_size=64)))
+    before = read_only(data)
+    with caplog.at_level(logging.INFO):
+        code = local_runner_main(['train', '--data', str(data), '--output', str(tmp_path / 'model'),
+                                  '--config', str(config)])
+    assert code == 0
+    assert 'fasterrcnn_index.json' in caplog.text
+    # train() took the export converted in memory: it did not convert (and try the index) a second time
+    assert caplog.text.count('data index not written') == 1
+    assert (tmp_path / 'model' / 'weights' / 'best.pth').is_file()
+    after = {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+             for root, _, files in os.walk(data) for name in files}
+    assert after == before  # nothing written into the data folder, by any writer

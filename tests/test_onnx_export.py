@@ -89,3 +89,29 @@ def test_default_size_and_bad_inputs(tmp_path):
     with pytest.raises(ExportError, match='size'):
         export_onnx(str(folder), str(tmp_path / 'x.onnx'), size=(128,))
     assert not (tmp_path / 'x.onnx').exists()
+
+
+def test_local_runner_export_command(tmp_path, capsys):
+    """`python -m local_runner export`: the files it names exist and run; bad input is one line, exit 2."""
+    from local_runner.cli import main
+    from test_local_runner import assert_one_line_error, run_cli
+    folder = tmp_path / 'model'
+    write_model_folder(folder)
+    output = tmp_path / 'out' / 'model.onnx'
+    assert main(['export', '--model', str(folder), '--output', str(output), '--size', '96', '128']) == 0
+    assert str(output) in capsys.readouterr().out
+    with open(sidecar_path(str(output))) as f:
+        sidecar = json.load(f)
+    assert sidecar['input']['shape'] == [3, 96, 128]
+    assert sidecar['id_to_label_map'] == {str(k): v for k, v in LABELS.items()}
+    session = ort.InferenceSession(str(output), providers=['CPUExecutionProvider'])
+    assert session.get_inputs()[0].shape == [3, 96, 128]
+    boxes, labels, scores = session.run(None, {'image': np.full((3, 96, 128), 0.5, dtype=np.float32)})
+    assert boxes.shape == (len(labels), 4) and len(scores) == len(labels)
+
+    assert main(['export', '--model', str(folder), '--output', str(tmp_path / 'x.onnx'), '--size', '16', '16']) == 2
+    assert_one_line_error(capsys.readouterr().err, 'local_runner export: error:', 'each >= 32', '(16, 16)')
+    assert not (tmp_path / 'x.onnx').exists()
+    missing = run_cli('export', '--model', str(tmp_path / 'nope'), '--output', str(tmp_path / 'x.onnx'))
+    assert missing.returncode == 2
+    assert_one_line_error(missing.stderr, 'no such folder')

@@ -18,6 +18,7 @@ import torch
 
 from utils import config as config_lib
 from utils import model_factory
+from utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ OUTPUT_NAMES = ('boxes', 'labels', 'scores')
 SIDECAR_FORMAT = 'fasterrcnn-onnx/1'
 
 
-class ExportError(ValueError):
-    """The model folder or the requested size cannot be exported; the message says which and why."""
+class ExportError(InputError):
+    """The model folder or the requested size cannot be exported; the message says which and why
+    (an InputError: the local runner shows it as one line and exits 2)."""
 
 
 def sidecar_path(output_path: str) -> str:
