@@ -243,13 +243,18 @@ def _data(train_records, val_records, label_to_id, settings, device, limits):
     return train_loader, val_loader, generator
 
 
+def build_optimizer(model: torch.nn.Module, settings: Mapping[str, Any]) -> torch.optim.SGD:
+    """SGD over the trainable parameters, fused: one kernel per step, and a non-finite step is
+    skipped on an on-device flag (`engine.train_one_epoch` then needs no host sync per step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=settings['learning_rate'], momentum=settings['momentum'],
+                           weight_decay=settings['weight_decay'], fused=True)
+
+
 def _new_run(model, settings, device, generator, checkpoint_info, has_val: bool) -> _Run:
     """The model on `device` with a fresh SGD optimizer, lr scheduler and (CUDA + amp) GradScaler."""
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel per step, and it skips a non-finite step on an on-device flag (no host sync)
-    optimizer = torch.optim.SGD(params, lr=settings['learning_rate'], momentum=settings['momentum'],
-                                weight_decay=settings['weight_decay'], fused=True)
+    optimizer = build_optimizer(model, settings)
     scaler = torch.amp.GradScaler('cuda') if settings['amp'] and device.type == 'cuda' else None
     return _Run(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, settings),
                 scaler=scaler, generator=generator, checkpoint_info=checkpoint_info,
