@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from utils import engine
-from utils.config import DEFAULTS
+from utils.config import DEFAULTS, for_training
 from utils.curves import write_curves
 from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.detection_dataset import DetectionDataset
@@ -180,8 +180,8 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     - `publish_metrics(epoch, metrics)`: once per epoch with the loss components, lr,
       mAP, mAP_50, mAP_75 and AR_100; an exception from it is logged and training goes on.
     """
-    settings = {**DEFAULTS, **(settings or {})}
     device = torch.device(device)
+    settings = for_training({**DEFAULTS, **(settings or {})}, device)
     last_path, best_path = _checkpoint_paths(output_path)
     limits = network_limits(model, settings['max_image_pixels'])  # the item is skipped, not the run
     train_loader, val_loader, generator = _data(train_records, val_records, label_to_id, settings, device, limits)
