@@ -30,6 +30,7 @@ from utils.errors import InputError
 from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image, network_limits
 from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
+from utils.progress import route_sdk_bars
 
 logger = logging.getLogger('fasterrcnn.adapter')
 
@@ -37,6 +38,9 @@ INDEX_FILENAME = 'fasterrcnn_index.json'
 ANNOTATION_TYPES_FOR_TRAINING = ['box', 'segment', 'binary', 'ellipse']
 RPN_TEST_KEYS = ('rpn_pre_nms_top_n_test', 'rpn_post_nms_top_n_test')
 
+
+# predict_items / embed_items draw a tqdm bar the SDK offers no switch for: in a service log, bounded lines instead
+route_sdk_bars(_sdk_adapter)
 
 @dataclasses.dataclass
 class UnreadableItem:
@@ -334,18 +338,26 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def predict_items(self, items: list, batch_size=None, **kwargs):
         """The SDK's predict_items, decoding a batch ahead; then one error naming every item that could not be read."""
         self.unreadable_items = []
-        size = int(batch_size or self.model_entity.configuration.get('batch_size') or config_lib.DEFAULTS['batch_size'])
+        size = self._prediction_batch(batch_size)
         # two batches ahead: the next one is ready when the GPU finishes this one, and one more is on its way
         prefetcher = inference.Prefetcher(self._decode_item, items, lookahead=2 * size,
                                           workers=min(16, max(2, os.cpu_count() or 1)))
         self._prefetchers.append(prefetcher)
         try:
-            result = super().predict_items(items, batch_size=batch_size, **kwargs)
+            result = super().predict_items(items, batch_size=size, **kwargs)
         finally:
             self._prefetchers.remove(prefetcher)
             prefetcher.close()
         self._raise_unreadable(len(items), 'got no annotations (the others were annotated)')
         return result
+
+    def _prediction_batch(self, batch_size) -> int:
+        """Images per forward pass: the call's `batch_size`, else the configuration's; 'auto' by device.
+
+        The SDK itself passes the configuration's value (possibly 'auto') from predict_dataset / embed_dataset.
+        """
+        value = batch_size or self.model_entity.configuration.get('batch_size') or config_lib.DEFAULTS['batch_size']
+        return config_lib.prediction_batch_size(value, self.device)
 
     def _raise_unreadable(self, total: int, consequence: str) -> None:
         """One error at the end of a run naming every item that could not be decoded."""
@@ -379,8 +391,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def embed_items(self, items: list, upload_features=None, batch_size=None, progress=None, **kwargs):
         """The SDK's embed_items (vectors to the model's feature set), then one error naming every unreadable item."""
         self.unreadable_items = []
-        result = super().embed_items(items, upload_features=upload_features, batch_size=batch_size,
-                                     progress=progress, **kwargs)
+        result = super().embed_items(items, upload_features=upload_features,
+                                     batch_size=self._prediction_batch(batch_size), progress=progress, **kwargs)
         self._raise_unreadable(len(items), 'got no feature vector (the others were embedded)')
         return result
 

@@ -44,6 +44,7 @@ from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E40
 from utils.local_model import local_model  # noqa: E402
 from utils.model_factory import build_model  # noqa: E402
 from utils.synthetic import make_synthetic_export  # noqa: E402
+from utils.trainer import build_optimizer  # noqa: E402
 
 FULL = dict(variant='fasterrcnn_resnet50_fpn', min_size=800, max_size=1333, width=640, height=480, items=64,
             runs=3, train_batch=4, train_steps=20, fixed=(480, 640), mixed=((240, 480), (320, 640)),
@@ -237,12 +238,16 @@ def engine_rows(cfg, device, cuda):
 
     model, optimizer, scaler = fresh()
     plain = n / median_seconds(lambda: bare_epoch(model, optimizer, scaler, loader, device, cuda), device, cfg['runs'])
-    model, optimizer, scaler = fresh()
-    ours = n / median_seconds(lambda: engine.train_one_epoch(model, optimizer, loader, device, epoch=1,
-                                                             scaler=scaler if cuda else None, warmup_iters=0,
-                                                             progress=False), device, cfg['runs'])
     print(f'4. one epoch, {n} synthetic images {size} px, batch {cfg["train_batch"]}, {"AMP" if cuda else "fp32"}')
-    row('utils.engine.train_one_epoch vs bare torchvision loop', ours, plain)
+    settings = dict(learning_rate=0.005, momentum=0.9, weight_decay=0.0)
+    for label, fused in (('the trainer\'s fused SGD', True), ('plain SGD: a sync per step in fp32', False)):
+        model, optimizer, scaler = fresh()
+        if fused:
+            optimizer = build_optimizer(model, settings)
+        ours = n / median_seconds(lambda: engine.train_one_epoch(model, optimizer, loader, device, epoch=1,
+                                                                 scaler=scaler if cuda else None, warmup_iters=0,
+                                                                 progress=False), device, cfg['runs'])
+        row(f'utils.engine.train_one_epoch ({label}) vs bare torchvision loop', ours, plain)
 
     model, optimizer, scaler = fresh()
     epochs = cfg['run_epochs']

@@ -12,7 +12,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 from local_runner.draw import detections_from_json, draw_detections
 from local_runner.inputs import RESULT_EXTENSIONS, output_names
 from utils.atomic import write_json
+from utils.config import prediction_batch_size
 from utils.errors import InputError
+from utils.progress import Progress
 from utils.label_map import label_to_id
 
 logger = logging.getLogger('local_runner')
@@ -40,7 +42,6 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
     """Per readable image: ``<stem>.json`` (Dataloop item JSON with the predicted annotations) and
     ``<stem>.png`` (the image with the boxes drawn). Unreadable images are logged and skipped."""
     from torchvision.transforms.functional import pil_to_tensor
-    from tqdm.auto import tqdm
 
     from utils.images import ImageDecodeError, load_image
 
@@ -70,7 +71,8 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
         batch.clear()
 
     limits = adapter.image_limits()
-    bar = tqdm(total=len(inputs), desc='predict', unit='image', dynamic_ncols=True)
+    batch_size = prediction_batch_size(settings['batch_size'], adapter.device)
+    bar = Progress(total=len(inputs), desc='predict', unit='image', log=logger)
     try:
         for index, (path, _) in enumerate(inputs):
             try:
@@ -81,7 +83,7 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
                 bar.update(1)
                 continue
             batch.append((index, image))
-            if len(batch) >= settings['batch_size']:
+            if len(batch) >= batch_size:
                 flush()
         flush()
     finally:

@@ -92,12 +92,15 @@ def evaluate_on_folder(adapter, data_dir: str, subset: str, output_dir: str) -> 
     import torch
 
     from utils import engine
+    from utils.config import prediction_batch_size, worker_count
     from utils.data_loading import collate_fn
 
     settings = adapter.settings
     dataset = _subset_dataset(adapter, data_dir, subset)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings['batch_size'], shuffle=False,
-                                         num_workers=settings['num_workers'], collate_fn=collate_fn)
+    device = adapter.device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=prediction_batch_size(settings['batch_size'], device),
+                                         shuffle=False, num_workers=worker_count(settings['num_workers'], device),
+                                         collate_fn=collate_fn)
     logger.info('evaluating on %d %s image(s) from %s', len(dataset), subset, data_dir)
     evaluation = engine.evaluate(adapter.model, loader, adapter.device)
     metrics = dict(evaluation)

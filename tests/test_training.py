@@ -396,6 +396,31 @@ def test_nonfinite_losses_skip_steps_then_raise_a_clear_error(caplog):
     assert model.weight.item() == 1.0 and not optimizer.state  # no step was taken
 
 
+def test_fused_sgd_skips_on_the_device_exactly_like_a_plain_step(caplog):
+    """Fused SGD is told to skip by an on-device flag (no sync per step); a skipped first step must
+    leave the momentum as if it never happened (torch would leave uninitialised buffers)."""
+    results = {}
+    for fused in (False, True):
+        model = LossModel(nan_calls={0, 1, 3})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01, fused=fused)
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            result = engine.train_one_epoch(model, optimizer, _dummy_loader(6), CPU, epoch=1, warmup_iters=0,
+                                            log_interval=4, progress=False)
+        results[fused] = (model.weight.item(), result, caplog.text.count('skipping this step'))
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6) and results[True][0] != 1.0
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-6)
+    assert results[True][2] == results[False][2] == 3
+
+    model = LossModel(nan_calls={'all'})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    with pytest.raises(engine.NonFiniteLossError, match='10 steps in a row'):
+        engine.train_one_epoch(model, optimizer, _dummy_loader(30), CPU, epoch=0, warmup_iters=5,
+                               max_nonfinite=10, log_interval=20, progress=False)
+    assert model.calls == 10 and model.weight.item() == 1.0  # checked in time, and no step was taken
+    assert all(not state['momentum_buffer'].any() for state in optimizer.state.values())
+
+
 def test_linear_warmup_on_the_first_epoch_only():
     model = LossModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -508,6 +533,36 @@ def test_fit_writes_curves_and_checkpoints(trained):
     # the model is left holding the best epoch's weights
     state = trained.model.state_dict()
     assert all(torch.equal(state[k].cpu(), v) for k, v in best['state_dict'].items())
+
+
+def _sized_records(root, sizes):
+    os.makedirs(root, exist_ok=True)
+    records = []
+    for i, (height, width) in enumerate(sizes):
+        path = os.path.join(str(root), f'img{i}.png')
+        Image.new('RGB', (width, height), (200, 200, 200)).save(path)
+        records.append({'item_id': f'id{i}', 'name': f'img{i}.png', 'image_path': path, 'width': width,
+                        'height': height, 'boxes': [[2.0, 2.0, 20.0, 20.0]], 'labels': ['red']})
+    return records
+
+
+def test_the_training_loader_groups_batches_by_aspect_ratio_and_replays_an_epoch(tmp_path):
+    sizes = [(48, 96), (96, 48), (64, 64)] * 5  # landscape, portrait, square: three groups
+    records = _sized_records(tmp_path, sizes)
+    config = settings(batch_size=2, seed=3)
+    loader, _, _ = trainer._data(records, [], LABEL_TO_ID, config, CPU, None)
+
+    def epoch_batches(epoch):
+        loader.batch_sampler.set_epoch(epoch)
+        return [[(image.shape[1], image.shape[2]) for image in images] for images, _ in loader]
+
+    batches = epoch_batches(0)
+    assert len(batches) == len(loader) == 3 * 3 and all(len(batch) == 2 for batch in batches)
+    assert all(len(set(batch)) == 1 for batch in batches)  # one shape per batch: no mixed padding
+    orders = [[target['image_id'] for _, targets in loader for target in targets] for _ in range(2)]
+    assert orders[0] == orders[1]  # the same epoch replays the same order (as a resumed run does)
+    loader.batch_sampler.set_epoch(1)
+    assert [t['image_id'] for _, targets in loader for t in targets] != orders[0]
 
 
 def test_resume_continues_with_the_saved_state(tmp_path, monkeypatch):

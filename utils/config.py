@@ -7,6 +7,7 @@ that reading never writes back to the platform.
 """
 import dataclasses
 import math
+import os
 import posixpath
 from typing import Any, Dict, Optional, Tuple
 
@@ -27,6 +28,15 @@ DEVICES = ('auto', 'cpu', 'cuda')
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 MAX_IMAGE_PIXELS_CEILING = 400_000_000
 LR_SCHEDULERS = ('multistep', 'cosine')
+AUTO = 'auto'
+# torchvision's detection reference trains at lr 0.02 for 16 images per step; linear scaling per image
+LR_PER_IMAGE = 0.02 / 16
+# 'auto' batch sizes (see README "Speed defaults" for the reasoning): training on a GPU with at least
+# LARGE_GPU_BYTES of memory, on a smaller one (the platform's 16 GB T4s), on the CPU; prediction on a GPU, on the CPU
+TRAIN_BATCH_LARGE_GPU, TRAIN_BATCH_GPU, TRAIN_BATCH_CPU = 8, 4, 2
+PREDICT_BATCH_GPU, PREDICT_BATCH_CPU = 16, 2
+LARGE_GPU_BYTES = 24 * 2 ** 30
+MAX_AUTO_WORKERS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +48,7 @@ class Option:
     maximum: Optional[float] = None
     nullable: bool = False
     training: bool = False  # may be overridden by `yaml_config`
+    auto: bool = False  # may be 'auto': chosen for the device at run time (`for_training`, `prediction_batch_size`)
 
 
 _NUM = (int, float)
@@ -53,7 +64,7 @@ OPTIONS: Dict[str, Option] = {
     # None: the variant's own input size (the builder's default), as torchvision does
     'min_size': Option(None, (int,), minimum=32, nullable=True),
     'max_size': Option(None, (int,), minimum=32, nullable=True),
-    'batch_size': Option(2, (int,), minimum=1),
+    'batch_size': Option(AUTO, (int,), minimum=1, auto=True),
     # the FPN width: embed always returns 256 values, and the SDK drops vectors of any other length
     'embeddings_size': Option(256, (int,), choices=(256,)),
     'rpn_pre_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
@@ -62,7 +73,7 @@ OPTIONS: Dict[str, Option] = {
     'max_image_pixels': Option(DEFAULT_MAX_IMAGE_PIXELS, (int,), minimum=1, maximum=MAX_IMAGE_PIXELS_CEILING),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
-    'learning_rate': Option(0.0025, _NUM, minimum=0.0, training=True),
+    'learning_rate': Option(AUTO, _NUM, minimum=0.0, training=True, auto=True),
     'momentum': Option(0.9, _NUM, minimum=0.0, maximum=1.0, training=True),
     'weight_decay': Option(0.0001, _NUM, minimum=0.0, training=True),
     'warmup_iters': Option(1000, (int,), minimum=0, training=True),
@@ -72,7 +83,7 @@ OPTIONS: Dict[str, Option] = {
     'max_grad_norm': Option(10.0, _NUM, minimum=0.0, training=True),
     'rpn_post_nms_top_n_train': Option(2000, (int,), minimum=1, training=True),
     'box_batch_size_per_image': Option(512, (int,), minimum=1, training=True),
-    'num_workers': Option(2, (int,), minimum=0, training=True),
+    'num_workers': Option(AUTO, (int,), minimum=0, training=True, auto=True),
     'amp': Option(True, (bool,), training=True),
     'early_stopping_patience': Option(0, (int,), minimum=0, training=True),
     'include_background': Option(False, (bool,), training=True),
@@ -115,12 +126,12 @@ def _check_artifact_path(key: str, value: str) -> None:
 
 def _check(key: str, value: Any) -> Any:
     option = OPTIONS[key]
-    if value is None and option.nullable:
+    if (value is None and option.nullable) or (option.auto and value == AUTO):
         return value
     # bool is an int in Python: never accept True for a number or 1 for a bool.
     wrong_bool = isinstance(value, bool) and bool not in option.types
     if wrong_bool or not isinstance(value, option.types):
-        names = ' or '.join(t.__name__ for t in option.types)
+        names = ' or '.join([t.__name__ for t in option.types] + ([repr(AUTO)] if option.auto else []))
         raise ConfigError(f'configuration key {key!r} must be {names}, got {value!r} ({type(value).__name__})')
     if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
         raise ConfigError(f'configuration key {key!r} must be a finite number, got {value!r}')
@@ -163,3 +174,45 @@ def resolve(configuration: Optional[dict]) -> Dict[str, Any]:
         raise ConfigError(f"configuration key 'max_size' ({settings['max_size']}) must be >= "
                           f"'min_size' ({settings['min_size']})")
     return settings
+
+
+def _is_cuda(device: Any) -> bool:
+    return str(getattr(device, 'type', device)).startswith('cuda')
+
+
+def training_batch_size(value: Any, device: Any) -> int:
+    """`batch_size` for training: 'auto' is 8 on a GPU of 24 GB or more, 4 on a smaller one (a T4), 2 on the CPU."""
+    if value != AUTO:
+        return int(value)
+    if not _is_cuda(device):
+        return TRAIN_BATCH_CPU
+    import torch
+    memory = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return TRAIN_BATCH_LARGE_GPU if memory >= LARGE_GPU_BYTES else TRAIN_BATCH_GPU
+
+
+def prediction_batch_size(value: Any, device: Any) -> int:
+    """`batch_size` for prediction and embedding: 'auto' is 16 on a GPU, 2 on the CPU."""
+    if value != AUTO:
+        return int(value)
+    return PREDICT_BATCH_GPU if _is_cuda(device) else PREDICT_BATCH_CPU
+
+
+def worker_count(value: Any, device: Any) -> int:
+    """`num_workers`: 'auto' is min(4, CPU cores - 1) (at least 1) on a GPU, 0 on the CPU."""
+    if value != AUTO:
+        return int(value)
+    if not _is_cuda(device):
+        return 0
+    return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 1))
+
+
+def for_training(settings: Dict[str, Any], device: Any) -> Dict[str, Any]:
+    """`settings` with the 'auto' training values chosen for `device`; an 'auto' learning_rate follows
+    the batch size linearly (`LR_PER_IMAGE` per image)."""
+    resolved = dict(settings)
+    resolved['batch_size'] = training_batch_size(settings['batch_size'], device)
+    resolved['num_workers'] = worker_count(settings['num_workers'], device)
+    if settings['learning_rate'] == AUTO:
+        resolved['learning_rate'] = LR_PER_IMAGE * resolved['batch_size']
+    return resolved

@@ -14,15 +14,13 @@ import logging
 import math
 import time
 import warnings
-from typing import Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from tqdm.auto import tqdm
-
 from utils.coco_eval import CocoEvaluator, Evaluation
 from utils.coco_utils import get_coco_api_from_dataset
-from utils.meters import MetricLogger, SmoothedValue
 from utils.metric_names import LOSS_KEYS
+from utils.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -59,21 +57,63 @@ def _warmup_scheduler(optimizer, epoch: int, warmup_iters: int, n_batches: Optio
     return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=warmup_factor, total_iters=iters)
 
 
-class _SkippedSteps:
-    """Counts skipped steps; each is logged, and `limit` in a row raise `NonFiniteLossError`."""
+class _StepGuard:
+    """Finds the skipped steps without a host sync per step, logs them as before, raises on `limit` in a row.
 
-    def __init__(self, header: str, limit: int, optimizer: torch.optim.Optimizer):
+    Each step leaves its loss values and an on-device "step taken" flag here; they
+    are read back together (one sync) every `check_every` steps, at the latest when
+    the pending steps could complete `limit` in a row, and at the end of the epoch.
+    The losses of the steps taken are summed on the device for the epoch's averages.
+    """
+
+    def __init__(self, header: str, limit: int, optimizer: torch.optim.Optimizer, device: torch.device,
+                 check_every: int):
         self.header, self.limit, self.optimizer = header, limit, optimizer
+        self.check_every = max(1, check_every)
         self.total = 0
         self.in_a_row = 0
+        self.pending: List[Tuple[List[Any], torch.Tensor, torch.Tensor]] = []
+        self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        self.taken = torch.zeros((), dtype=torch.int64, device=device)
 
-    def skip(self, problem: str, targets) -> None:
+    def record(self, targets, values: torch.Tensor, taken: torch.Tensor) -> None:
+        """`values`: the step's LOSS_KEYS values; `taken`: bool tensor, False when the step was skipped."""
+        self.sums += torch.where(taken, values.double(), 0.0)
+        self.taken += taken
+        self.pending.append(([t.get('image_id') for t in targets], values, taken))
+        due = len(self.pending) >= self.check_every
+        if due or (self.limit and self.in_a_row + len(self.pending) >= self.limit):
+            self.check()
+
+    def means(self) -> Dict[str, float]:
+        """The epoch's average of each loss over the steps taken so far (NaN when none was); syncs."""
+        *sums, taken = torch.cat([self.sums, self.taken[None].double()]).tolist()
+        return {key: (value / taken if taken else float('nan')) for key, value in zip(LOSS_KEYS, sums)}
+
+    def check(self) -> None:
+        """Read the pending flags back (one sync): log each skipped step, raise on `limit` in a row."""
+        if not self.pending:
+            return
+        flags = torch.stack([taken for _, _, taken in self.pending]).tolist()
+        values = torch.stack([v for _, v, _ in self.pending]).tolist() if not all(flags) else None
+        pending, self.pending = self.pending, []
+        for step, ((ids, _, _), taken) in enumerate(zip(pending, flags)):
+            if taken:
+                self.in_a_row = 0
+                continue
+            loss = values[step]
+            if math.isfinite(loss[0]):
+                problem = 'non-finite gradient norm'
+            else:
+                parts = {key: round(value, 4) for key, value in zip(LOSS_KEYS[1:], loss[1:])}
+                problem = f'non-finite loss {loss[0]} ({parts})'
+            self.skip(problem, ids)
+
+    def skip(self, problem: str, ids) -> None:
         self.total += 1
         self.in_a_row += 1
-        ids = [t.get('image_id') for t in targets]
         logger.warning('%s: %s on image_id(s) %s: skipping this step (%d in a row)',
                        self.header, problem, ids, self.in_a_row)
-        self.optimizer.zero_grad(set_to_none=True)
         if self.limit and self.in_a_row >= self.limit:
             lr = self.optimizer.param_groups[0]['lr']
             raise NonFiniteLossError(
@@ -83,32 +123,80 @@ class _SkippedSteps:
                 f'NaN coordinates); with amp on, try amp=false')
 
 
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True when `optimizer.step()` can be told to skip by an on-device flag (`found_inf`), as fused SGD can.
+
+    An optimizer built fused whose state came from a run that was not (`load_state_dict` restores
+    the groups' ``fused: False``) is made fused again: both keep the same state, and torch would
+    otherwise hand the flag to the unfused step, which refuses it.
+    """
+    if not getattr(optimizer, '_step_supports_amp_scaling', False):
+        return False
+    for group in optimizer.param_groups:
+        if 'fused' in group:
+            group['fused'] = True
+    return True
+
+
+def _zero_missing_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter a zero momentum buffer before a fused SGD's first step.
+
+    A fused first step that is skipped (`found_inf`) would otherwise leave torch's
+    uninitialised buffers behind (torch 2.14). A zero buffer is exact: with SGD's
+    dampening 0, ``0 * momentum + grad`` is the first step's ``grad``.
+    """
+    for group in optimizer.param_groups:
+        if not group.get('momentum') or group.get('dampening'):
+            continue
+        for param in group['params']:
+            state = optimizer.state[param]
+            if state.get('momentum_buffer') is None:
+                state['momentum_buffer'] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
 def _train_step(model, optimizer, images, targets, device, scaler, max_grad_norm: float):
-    """Forward, backward and optimizer step: ``(loss_dict, total loss, None)``, or a reason (str)
-    in the last place when the step was not taken because of a non-finite loss or gradient."""
+    """Forward, backward and (unless a loss or the gradient is non-finite) the optimizer step.
+
+    Returns ``(values, taken)``: the LOSS_KEYS values and a bool tensor, both on the
+    device, read later (no sync here). With a GradScaler, or an optimizer that skips
+    on an on-device flag (fused SGD), nothing waits for the GPU; a plain optimizer
+    in fp32 needs one sync to decide whether to step.
+    """
     images, targets = _to_device(images, targets, device)
     with torch.autocast(device_type=device.type, enabled=scaler is not None):
         loss_dict = model(images, targets)
         losses = sum(loss for loss in loss_dict.values())
+    values = torch.stack([losses.detach()] + [loss_dict[key].detach() for key in LOSS_KEYS[1:]]).float()
+    finite_loss = torch.isfinite(values).all()
     optimizer.zero_grad(set_to_none=True)
-    loss_value = float(losses.item())
-    if not math.isfinite(loss_value):
-        parts = {k: round(float(v.item()), 4) for k, v in loss_dict.items()}
-        return loss_dict, losses, f'non-finite loss {loss_value} ({parts})'
     clip = bool(max_grad_norm and max_grad_norm > 0)
-    if scaler is not None:
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    if _skips_on_device(optimizer):
+        _zero_missing_momentum(optimizer)
+    if scaler is not None:  # the scaler skips non-finite gradients itself (an overflow is not our concern)
         scaler.scale(losses).backward()
         if clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        scaler.step(optimizer)  # skips the step by itself on inf/NaN gradients
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(optimizer)
         scaler.update()
-        return loss_dict, losses, None
+        return values, finite_loss
     losses.backward()
-    if clip and not torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)):
-        return loss_dict, losses, 'non-finite gradient norm'
-    optimizer.step()
-    return loss_dict, losses, None
+    grads = [p.grad for p in params if p.grad is not None]
+    if clip:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, error_if_nonfinite=False)
+    else:
+        norm = torch.nn.utils.get_total_norm(grads)
+    taken = finite_loss & torch.isfinite(norm)
+    if _skips_on_device(optimizer):
+        optimizer.found_inf = (~taken).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(taken):  # a plain optimizer cannot be told to skip: the one sync of this step
+        optimizer.step()
+    return values, taken
 
 
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_loader: Iterable,
@@ -125,49 +213,36 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
     - `max_grad_norm` > 0 clips the gradients' total norm.
     - A non-finite loss (or gradient norm) skips the optimizer step with a
       warning; `max_nonfinite` in a row raise `NonFiniteLossError`.
-    - `log_interval`: a progress line in the log every this many batches.
+    - `log_interval`: the losses are read back from the device (a host sync)
+      every this many batches, for the skipped-step warnings and the progress.
+    - `progress`: a bar on a terminal, else a log line every 10% of the epoch or 30 s.
 
     Returns ``{'loss', 'loss_classifier', 'loss_box_reg', 'loss_objectness',
     'loss_rpn_box_reg', 'lr'}``; losses are averages over the steps taken (NaN
     when none was).
     """
     model.train()
-    metric_logger = MetricLogger(delimiter='  ', log=logger)
-    metric_logger.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
     epoch_label = f'{epoch + 1}/{total_epochs}' if total_epochs else f'{epoch + 1}'
     header = f'Epoch: [{epoch_label}]'
     n_batches = _length(data_loader)
     warmup = _warmup_scheduler(optimizer, epoch, warmup_iters, n_batches, warmup_factor)
-    skipped = _SkippedSteps(header, max_nonfinite, optimizer)
-    bar = tqdm(data_loader, total=n_batches, desc=f'epoch {epoch_label}', unit='batch',
-               disable=not progress, leave=False, dynamic_ncols=True)
-    with contextlib.closing(bar):
-        for images, targets in metric_logger.log_every(bar, log_interval, header):
-            if len(images) == 0:
-                logger.warning('%s: skipping a batch in which no image could be read', header)
-                step_scheduler(warmup)
-                continue
-            loss_dict, losses, problem = _train_step(model, optimizer, images, targets, device, scaler,
-                                                     max_grad_norm)
-            if problem:
-                skipped.skip(problem, targets)
-            else:
-                skipped.in_a_row = 0
+    guard = _StepGuard(header, max_nonfinite, optimizer, device, check_every=log_interval)
+    bar = Progress(data_loader, total=n_batches, desc=f'epoch {epoch_label}', unit='batch', log=logger,
+                   enabled=progress)
+    for step, (images, targets) in enumerate(bar, 1):
+        if len(images) == 0:
+            logger.warning('%s: skipping a batch in which no image could be read', header)
             step_scheduler(warmup)
-            if problem:
-                continue
-            lr = optimizer.param_groups[0]['lr']
-            metric_logger.update(loss=losses, **loss_dict)
-            metric_logger.update(lr=lr)
-            if progress:
-                bar.set_postfix(loss=f'{metric_logger.loss.median:.3f}', lr=f'{lr:.2e}', refresh=False)
-
-    if skipped.total:
-        logger.warning('%s: %d step(s) skipped because of non-finite values', header, skipped.total)
-    result = {}
-    for key in LOSS_KEYS:
-        meter = metric_logger.meters.get(key)
-        result[key] = meter.global_avg if meter is not None else float('nan')
+            continue
+        values, taken = _train_step(model, optimizer, images, targets, device, scaler, max_grad_norm)
+        guard.record(targets, values, taken)
+        step_scheduler(warmup)
+        if progress and log_interval > 0 and step % log_interval == 0:
+            bar.set_postfix(loss=f"{guard.means()['loss']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    guard.check()
+    if guard.total:
+        logger.warning('%s: %d step(s) skipped because of non-finite values', header, guard.total)
+    result = guard.means()
     result['lr'] = float(optimizer.param_groups[0]['lr'])
     return result
 
@@ -201,7 +276,7 @@ def _coco_protocol(model: torch.nn.Module):
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: torch.device,
-             progress: bool = True, log_interval: int = 50, backend: Optional[str] = None) -> Evaluation:
+             progress: bool = True, backend: Optional[str] = None) -> Evaluation:
     """COCO bbox evaluation: an `Evaluation`, a mapping ``{'mAP', 'mAP_50', 'mAP_75', 'AR_100'}``
     (stats[0], [1], [2], [8]) that also carries what per-class AP and PR curves need.
 
@@ -219,10 +294,9 @@ def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: to
     evaluator = CocoEvaluator(get_coco_api_from_dataset(data_loader.dataset), ['bbox'], backend=backend)
     n_images = 0
     model_time = 0.0
-    metric_logger = MetricLogger(delimiter='  ', log=logger)
-    bar = tqdm(data_loader, desc='evaluate', unit='batch', disable=not progress, leave=False, dynamic_ncols=True)
+    bar = Progress(data_loader, desc='evaluate', unit='batch', log=logger, enabled=progress)
     with _coco_protocol(model), contextlib.closing(bar):
-        for images, targets in metric_logger.log_every(bar, log_interval, 'Test:'):
+        for images, targets in bar:
             if len(images) == 0:
                 continue
             images = [image.to(device, non_blocking=device.type == 'cuda') for image in images]

@@ -16,6 +16,7 @@ is not trained again. With no validation records, every epoch counts as the
 best so far (best.pth = the latest weights) and early stopping is off. At the
 end, the model holds the best epoch's weights.
 """
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,17 +27,18 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from utils import engine
-from utils.config import DEFAULTS
+from utils.config import DEFAULTS, for_training
 from utils.curves import write_curves
 from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.detection_dataset import DetectionDataset
 from utils.errors import InputError
+from utils.group_by_aspect_ratio import GroupedBatchSampler, build_grouped_batch_sampler
 from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
 from utils.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR  # noqa: F401  (part of this module's API)
-from utils.model_factory import (check_compatible, load_checkpoint, make_checkpoint, num_classes_for,
-                                 save_checkpoint)
+from utils.model_factory import (BucketedTransform, check_compatible, load_checkpoint, make_checkpoint,
+                                 num_classes_for, save_checkpoint)
 from utils.transforms import get_transform
 
 logger = logging.getLogger(__name__)
@@ -113,12 +115,39 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, settings: Mapping[str, 
     raise ValueError(f"unknown lr_scheduler {name!r}: use 'multistep' or 'cosine'")
 
 
-def _loader(dataset, settings, device, shuffle: bool, generator: Optional[torch.Generator]):
+def _loader(dataset, settings, device, generator: Optional[torch.Generator], batch_sampler=None):
+    """A DataLoader over `dataset`: batches from `batch_sampler` when given, else in order."""
     workers = int(settings['num_workers'])
+    batching = dict(batch_sampler=batch_sampler) if batch_sampler is not None else \
+        dict(batch_size=int(settings['batch_size']), shuffle=False)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=int(settings['batch_size']), shuffle=shuffle, num_workers=workers,
-        collate_fn=collate_fn, pin_memory=device.type == 'cuda', generator=generator,
-        worker_init_fn=seed_worker if workers > 0 else None, persistent_workers=workers > 0)
+        dataset, num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == 'cuda', generator=generator,
+        worker_init_fn=seed_worker if workers > 0 else None, persistent_workers=workers > 0, **batching)
+
+
+def _grouped_batches(records: Sequence[Mapping[str, Any]], settings) -> GroupedBatchSampler:
+    """Training batches drawn from one aspect-ratio group each (sizes from the records: no decoding),
+    in an order that depends on (seed, epoch) only: `set_epoch` before each epoch, and a resumed
+    run replays the order the uninterrupted one would have seen."""
+    sizes = [(int(record['height']), int(record['width'])) for record in records]
+    return build_grouped_batch_sampler(sizes, int(settings['batch_size']), seed=int(settings['seed']))
+
+
+@contextlib.contextmanager
+def _autotune(model: torch.nn.Module, device: torch.device):
+    """cuDNN's per-shape autotuning (`cudnn.benchmark`) for a training epoch, on CUDA with padding buckets only.
+
+    Autotuning costs a trial of several kernels per new input shape, and pays off
+    when shapes repeat. Grouped batches of one size padded to `BucketedTransform`'s
+    grid leave a handful of shapes, each tuned once in epoch 1 and reused for the
+    rest of the run; with torchvision's 32 px padding, images of many sizes make
+    nearly every batch a new shape, and tuning each would cost more than it saves.
+    """
+    cudnn = torch.backends.cudnn
+    wanted = device.type == 'cuda' and isinstance(getattr(model, 'transform', None), BucketedTransform)
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=wanted or cudnn.benchmark,
+                     deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+        yield
 
 
 def _float(value: Any) -> float:
@@ -151,8 +180,8 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     - `publish_metrics(epoch, metrics)`: once per epoch with the loss components, lr,
       mAP, mAP_50, mAP_75 and AR_100; an exception from it is logged and training goes on.
     """
-    settings = {**DEFAULTS, **(settings or {})}
     device = torch.device(device)
+    settings = for_training({**DEFAULTS, **(settings or {})}, device)
     last_path, best_path = _checkpoint_paths(output_path)
     limits = network_limits(model, settings['max_image_pixels'])  # the item is skipped, not the run
     train_loader, val_loader, generator = _data(train_records, val_records, label_to_id, settings, device, limits)
@@ -206,20 +235,26 @@ def _data(train_records, val_records, label_to_id, settings, device, limits):
     seed_everything(int(settings['seed']))
     train_set = DetectionDataset(train_records, label_to_id, get_transform(True, settings), limits)
     generator = make_generator(int(settings['seed']))
-    train_loader = _loader(train_set, settings, device, shuffle=True, generator=generator)
+    train_loader = _loader(train_set, settings, device, generator, _grouped_batches(train_records, settings))
     val_loader = None
     if val_records:
         val_set = DetectionDataset(val_records, label_to_id, get_transform(False, settings), limits)
-        val_loader = _loader(val_set, settings, device, shuffle=False, generator=None)
+        val_loader = _loader(val_set, settings, device, generator=None)
     return train_loader, val_loader, generator
+
+
+def build_optimizer(model: torch.nn.Module, settings: Mapping[str, Any]) -> torch.optim.SGD:
+    """SGD over the trainable parameters, fused: one kernel per step, and a non-finite step is
+    skipped on an on-device flag (`engine.train_one_epoch` then needs no host sync per step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=settings['learning_rate'], momentum=settings['momentum'],
+                           weight_decay=settings['weight_decay'], fused=True)
 
 
 def _new_run(model, settings, device, generator, checkpoint_info, has_val: bool) -> _Run:
     """The model on `device` with a fresh SGD optimizer, lr scheduler and (CUDA + amp) GradScaler."""
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings['learning_rate'], momentum=settings['momentum'],
-                                weight_decay=settings['weight_decay'])
+    optimizer = build_optimizer(model, settings)
     scaler = torch.amp.GradScaler('cuda') if settings['amp'] and device.type == 'cuda' else None
     return _Run(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, settings),
                 scaler=scaler, generator=generator, checkpoint_info=checkpoint_info,
@@ -272,9 +307,11 @@ def _resume(run: _Run, source: str, best_path: str) -> bool:
 def _train_and_evaluate(run: _Run, train_loader, val_loader, device, epoch: int, settings) -> Dict[str, Any]:
     """One epoch of training, the lr scheduler's step and the validation: the epoch's history record."""
     tic = time.time()
-    losses = engine.train_one_epoch(run.model, run.optimizer, train_loader, device, epoch, scaler=run.scaler,
-                                    warmup_iters=int(settings['warmup_iters']),
-                                    max_grad_norm=float(settings['max_grad_norm']), total_epochs=run.epochs)
+    train_loader.batch_sampler.set_epoch(epoch)
+    with _autotune(run.model, device):
+        losses = engine.train_one_epoch(run.model, run.optimizer, train_loader, device, epoch, scaler=run.scaler,
+                                        warmup_iters=int(settings['warmup_iters']),
+                                        max_grad_norm=float(settings['max_grad_norm']), total_epochs=run.epochs)
     train_time = time.time() - tic
     lr_used = float(losses.pop('lr'))
     engine.step_scheduler(run.lr_scheduler)  # (quiet if every step of the epoch was skipped)
