@@ -23,6 +23,10 @@ from utils.model_factory import load_checkpoint, marks_finished_run, save_checkp
 OLD = time.time() - 3600  # an mtime from before this test process started
 
 
+class _Killed(Exception):
+    pass
+
+
 class FullFile:
     """A file whose writes fail with `code` once `room` bytes are written, as on a full disk."""
 
@@ -157,6 +161,18 @@ def test_only_the_last_checkpoint_of_the_final_epoch_says_finished(tmp_path, mon
     assert fit(records, output, epochs=3).epochs_run == 3 and calls == []
     assert trainer.discard_finished_state(str(output)) and not os.path.exists(last_path)
     assert not trainer.discard_finished_state(str(output))
+
+
+def test_a_run_resumed_with_fewer_epochs_than_it_has_run_is_marked_finished(tmp_path, monkeypatch, records):
+    calls = []
+    stub_training(monkeypatch, calls)
+    with pytest.raises(_Killed):
+        fit(records, tmp_path / 'out', epochs=3, on_epoch_end=lambda e, n: e == 1 and (_ for _ in ()).throw(_Killed()))
+    last_path = str(tmp_path / 'out' / 'weights' / 'last.pth')
+    assert load_checkpoint(last_path)['epoch'] == 1 and not marks_finished_run(last_path)
+    calls.clear()
+    assert fit(records, tmp_path / 'out', epochs=2).epochs_run == 2 and calls == []
+    assert marks_finished_run(last_path)
 
 
 def test_a_resumable_last_pth_is_never_discarded(tmp_path, monkeypatch, records):

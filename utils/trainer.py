@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 # curves.csv has every epoch as soon as it ends.
 CURVES_PNG_INTERVAL_S = 30.0
 
+
 @dataclasses.dataclass
 class FitResult:
     best_score: float
@@ -209,6 +210,7 @@ def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: Check
         _publish(publish_metrics, epoch, metrics)
         finished = run.stopped_early or epoch + 1 >= run.epochs
         curves.write(run.history, draw=finished)
+        writer.wait()  # the previous epoch's files are written before this epoch's snapshot takes memory
         writer.submit(epoch, _checkpoints(run, epoch, metrics, last_path, best_path if improved else None, finished))
         logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
         if run.stopped_early:
@@ -305,11 +307,12 @@ def _resume(run: _Run, source: str, last_path: str, best_path: str) -> bool:
     run.last_epoch = int(checkpoint['epoch'])
     run.best_score, run.best_epoch = float(checkpoint['best_score']), int(checkpoint['best_epoch'])
     run.stale = _epochs_since_best(run.history, run.best_epoch)
-    if checkpoint.get('finished') or checkpoint.get('stopped_early') or int(checkpoint['epoch']) + 1 >= run.epochs:
+    # finished by the plan of this call: a finished run asked for more epochs goes on
+    if checkpoint.get('stopped_early') or int(checkpoint['epoch']) + 1 >= run.epochs:
         run.stopped_early = bool(checkpoint.get('stopped_early', False))
         if not checkpoint.get('finished') and os.path.abspath(source) == os.path.abspath(last_path):
             # finished by this run's settings (fewer epochs than planned): say so, for the adapter and runner
-            save_checkpoint({**checkpoint, 'finished': True}, last_path)
+            save_checkpoint({**{k: v for k, v in checkpoint.items() if k != 'variants'}, 'finished': True}, last_path)
         logger.info('%s: training already finished (%d epoch(s)%s, best mAP %.4f at epoch %d): nothing to do',
                     source, len(run.history), ', stopped early' if run.stopped_early else '',
                     run.best_score, run.best_epoch + 1)
