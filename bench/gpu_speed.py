@@ -12,7 +12,9 @@ annotation upload is the one step left out of "end to end"). Rows:
   3. training steps on fixed-size vs mixed-size images, with and without grouping + padding buckets
      (steady state, and the first pass with its per-shape start-up costs);
   4. utils.engine.train_one_epoch vs a bare torchvision loop at the same precision;
-  5. a short train() (adapter.train: evaluation, checkpoints, curves) vs the bare loop, wall clock;
+  5. a short train() (adapter.train: evaluation, checkpoints, curves) vs the bare loop, wall clock, and
+     how much of it is training, evaluation and the rest (setup, checkpoints, curves between epochs);
+     --run-epochs / --run-images change its size (the issue's case: 30 epochs on 40 images);
   6. JPEG decode (prepare_item_func) on 1 thread and on many;
   7. building boxes: collection.add per box vs the adapter's bulk builder.
 Detections are made plentiful (score threshold 0, up to 100 per image) on both sides, so
