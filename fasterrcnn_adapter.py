@@ -24,7 +24,7 @@ from utils import config as config_lib
 from utils import device as device_lib
 from utils import inference
 from utils import model_factory
-from utils.atomic import atomic_write
+from utils.atomic import atomic_write, remove_stale_temporaries
 from utils.embeddings import fpn_embedding
 from utils.errors import InputError
 from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image, network_limits
@@ -200,6 +200,17 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             model_factory.save_checkpoint(payload, target)
         self.model_entity.configuration['weights_filename'] = settings['weights_filename']
         logger.info('saved weights to %s', target)
+
+    def save_to_model(self, local_path=None, cleanup=False, replace=True, **kwargs):
+        """The SDK's save + upload of all of `local_path`, minus what must not become an artifact: a
+        finished run's weights/last.pth (nothing is left to resume: ship the best weights, not the last
+        epoch's optimizer state) and the temporaries of interrupted writes. A failed run's last.pth is
+        shipped: the retry resumes from it."""
+        if local_path is not None and os.path.isdir(local_path):
+            from utils import trainer
+            trainer.discard_finished_state(local_path)
+            remove_stale_temporaries(local_path, recursive=True)
+        return super().save_to_model(local_path=local_path, cleanup=cleanup, replace=replace, **kwargs)
 
     # ----------------------------------------------------------------- predict
     def image_limits(self):
@@ -484,10 +495,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         finally:
             if uploader is not None:
                 uploader.close()  # nothing may land after the SDK's own upload or the delete below
-        last = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME)
-        if os.path.isfile(last):
-            # the run is complete: ship the best weights, not the optimizer state of the last epoch
-            os.remove(last)
+        # weights/last.pth stays, saying the run finished, until save_to_model ships the folder without it
         self._drop_uploaded_last_checkpoint(uploader is not None and trainer.LAST_NAME in uploader.uploaded_names)
         self.model.eval()
         return result

@@ -104,6 +104,47 @@ def test_train_refuses_to_overwrite_a_finished_run(trained, export_dir, config_f
     assert os.path.getmtime(os.path.join(trained, 'weights', 'best.pth')) == before
 
 
+def test_a_full_disk_before_the_first_last_pth_is_one_line_and_no_finished_run(export_dir, config_file, tmp_path,
+                                                                               monkeypatch, capsys):
+    """best.pth written, last.pth not (its write met a full disk; a kill there leaves the same files):
+    exit 2 with one line, and the same command then trains instead of calling the run finished."""
+    from tests.test_resume_state import fail_writes_of
+    output = str(tmp_path / 'model')
+    fail_writes_of(monkeypatch, lambda path: path.endswith('last.pth'))
+    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) == 2
+    stderr = capsys.readouterr().err  # the training log, then the error in one line
+    assert 'Traceback' not in stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith('local_runner train: error: cannot write ') and 'the disk is full' in last_line
+    assert os.path.join('weights', 'last.pth') in last_line
+    assert sorted(os.listdir(os.path.join(output, 'weights'))) == ['best.pth']
+    monkeypatch.undo()
+    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) == 0
+    assert os.path.isfile(os.path.join(output, 'model.json'))
+    assert sorted(os.listdir(os.path.join(output, 'weights'))) == ['best.pth']
+
+
+def test_train_completes_a_finished_run_killed_before_its_model_json(export_dir, config_file, tmp_path, monkeypatch,
+                                                                      caplog):
+    from local_runner import model_folder
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    output = str(tmp_path / 'model')
+    monkeypatch.setattr(model_folder, 'write_model_description', killed)
+    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) != 0
+    assert not os.path.exists(os.path.join(output, 'model.json'))
+    assert os.path.isfile(os.path.join(output, 'weights', 'last.pth'))  # it says the run finished
+    monkeypatch.undo()
+    caplog.set_level('INFO')
+    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) == 0
+    assert 'training already finished' in caplog.text  # nothing trained again
+    with open(os.path.join(output, 'model.json')) as f:
+        assert json.load(f)['training']['epochs_run'] == 1
+    assert sorted(os.listdir(os.path.join(output, 'weights'))) == ['best.pth']
+
+
 def test_train_config_with_an_unknown_key_or_a_bad_value_is_a_one_line_error(export_dir, tmp_path, capsys):
     bad_key = tmp_path / 'bad_key.json'
     bad_key.write_text(json.dumps({**TINY, 'epohcs': 3}))

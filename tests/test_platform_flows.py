@@ -273,6 +273,11 @@ def test_failed_run_uploads_its_checkpoint_and_a_new_pod_resumes(platform, pod, 
         calls.append(epoch)
         if fail[0] and epoch == 1:  # epoch 2 dies after one optimizer step
             data_loader = FailingLoader(data_loader, good=1)
+            # and a temporary that a write killed in an earlier run left (fit cleaned the folder before)
+            stale = os.path.join('tmp', model_id, 'output', 'weights', '.tmp-k1ll3d00.pth')
+            with open(stale, 'wb') as f:
+                f.write(b'half a checkpoint')
+            os.utime(stale, (time.time() - 3600,) * 2)
         return real_train_one_epoch(model, optimizer, data_loader, device, epoch, **kwargs)
 
     monkeypatch.setattr(engine, 'train_one_epoch', train_one_epoch)
@@ -285,6 +290,7 @@ def test_failed_run_uploads_its_checkpoint_and_a_new_pod_resumes(platform, pod, 
     assert emu.models[model_id]['status'] != 'trained'
     artifacts = artifact_files(emu, platform['project']['id'], 'resumable')
     assert {'weights/last.pth', 'weights/best.pth'} <= set(artifacts), sorted(artifacts)
+    assert not any('.tmp-' in path for path in artifacts), sorted(artifacts)  # temporaries are never shipped
     last = checkpoint_from(artifacts['weights/last.pth'], tmp_path, 'last-1.pth')
     assert last['epoch'] == 0 and len(last['history']) == 1 and 'optimizer' in last
     best = checkpoint_from(artifacts['weights/best.pth'], tmp_path, 'best-1.pth')

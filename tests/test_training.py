@@ -630,18 +630,18 @@ def test_resume_continues_with_the_saved_state(tmp_path, monkeypatch):
 
 def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch):
     scores = iter([0.10, 0.30, 0.20, 0.25, 0.90, 0.95])
-    monkeypatch.setattr(trainer.engine, 'evaluate', lambda model, loader, device, **kw: {
-        'mAP': next(scores), 'mAP_50': 0.5, 'mAP_75': 0.1, 'AR_100': 0.2})
+    snapshots = {}
+
+    def evaluate(model, loader, device, **kw):  # at the end of each epoch: the weights the epoch ends with
+        snapshots[len(snapshots)] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {'mAP': next(scores), 'mAP_50': 0.5, 'mAP_75': 0.1, 'AR_100': 0.2}
+
+    monkeypatch.setattr(trainer.engine, 'evaluate', evaluate)
     train_records = make_records(tmp_path / 'train', 2, seed=21)
     val_records = make_records(tmp_path / 'val', 1, seed=22)
-    snapshots = {}
     model = small_model()
-
-    def snapshot(epoch, total):
-        snapshots[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
     result = trainer.fit(model, train_records, val_records, LABEL_TO_ID, str(tmp_path / 'out'),
-                         settings(epochs=6, early_stopping_patience=2), CPU, CHECKPOINT_INFO, on_epoch_end=snapshot)
+                         settings(epochs=6, early_stopping_patience=2), CPU, CHECKPOINT_INFO)
     assert result.stopped_early and result.epochs_run == 4 and sorted(snapshots) == [0, 1, 2, 3]
     assert result.best_epoch == 1 and result.best_score == pytest.approx(0.30)
     assert [row['mAP'] for row in result.history] == pytest.approx([0.10, 0.30, 0.20, 0.25])
@@ -650,7 +650,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch):
     assert all(torch.equal(best['state_dict'][k], v) for k, v in snapshots[1].items())
     assert not all(torch.equal(best['state_dict'][k], v) for k, v in snapshots[3].items())
     last = load_checkpoint(str(tmp_path / 'out' / 'weights' / 'last.pth'))
-    assert last['stopped_early'] and last['epoch'] == 3
+    assert last['stopped_early'] and last['epoch'] == 3 and last['finished']
     # resuming an early-stopped run does nothing more
     again = trainer.fit(small_model(), train_records, val_records, LABEL_TO_ID, str(tmp_path / 'out'),
                         settings(epochs=6, early_stopping_patience=2), CPU, CHECKPOINT_INFO)

@@ -4,12 +4,35 @@ Every file the project writes for later reading (checkpoints, curves, the data
 index, model.json, evaluation reports) goes through `atomic_write`: the data
 goes to a temporary file in the target's folder (same filesystem, so the final
 `os.replace` is atomic), which then replaces the target in one step.
+
+A process killed mid-write leaves its temporary file behind (``.tmp-XXXXXXXX`` plus
+the target's extension, as `tempfile.mkstemp` names it); `remove_stale_temporaries`
+deletes those on the next run. A full disk (ENOSPC, EDQUOT) is a `DiskFullError`
+naming the file, not a traceback.
 """
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
+import stat
 import tempfile
-from typing import IO, Any, Iterator, Optional
+import threading
+import time
+from typing import IO, Any, Iterator, List, Optional, Set
+
+from utils.errors import DiskFullError
+
+logger = logging.getLogger(__name__)
+
+TEMP_PREFIX = '.tmp-'
+# exactly what mkstemp(prefix=TEMP_PREFIX, suffix=<extension>) makes: 8 characters of its alphabet
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r'[a-z0-9_]{8}(\.[A-Za-z0-9]+)?$')
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_STARTED = time.time()  # temporaries older than this process cannot be its own writes in progress
+_in_flight: Set[str] = set()  # this process's temporaries being written now (any thread)
+_in_flight_lock = threading.Lock()
 
 
 def _umask() -> int:
@@ -25,13 +48,20 @@ def atomic_write(path: str, mode: str = 'w', fsync: bool = False, **open_kwargs)
     `mode` is 'w' (text) or 'wb' (binary); `open_kwargs` go to `open` (e.g.
     ``newline=''``). With `fsync`, the data reaches the disk before the rename
     (for files that must survive a power cut, such as checkpoints). On an
-    exception the temporary file is removed and `path` is left as it was.
+    exception the temporary file is removed and `path` is left as it was; a full disk
+    becomes a `DiskFullError` naming `path`.
     """
     if mode not in ('w', 'wb'):
         raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=os.path.splitext(path)[1])
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1])
+    except OSError as err:
+        _raise_if_disk_full(err, path)
+        raise
+    with _in_flight_lock:
+        _in_flight.add(tmp)
     try:
         # mkstemp makes the file owner-only (0600); give it the permissions a plain open() would
         os.chmod(tmp, 0o666 & ~_umask())
@@ -41,10 +71,67 @@ def atomic_write(path: str, mode: str = 'w', fsync: bool = False, **open_kwargs)
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        _raise_if_disk_full(err, path)
         raise
+    finally:
+        with _in_flight_lock:
+            _in_flight.discard(tmp)
+
+
+def _raise_if_disk_full(err: BaseException, path: str) -> None:
+    """A DiskFullError for `path` when `err` or what it wraps is ENOSPC / EDQUOT (torch.save turns the
+    OSError of its file into a RuntimeError whose context is that OSError)."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL:
+            what = 'the disk quota is exceeded' if seen.errno == errno.EDQUOT else 'the disk is full'
+            raise DiskFullError(f'cannot write {path}: {what} ({os.path.dirname(os.path.abspath(path))}); free some '
+                                f'space there or write to another folder, then run again (the previous '
+                                f'{os.path.basename(path)}, if any, is kept)') from err
+        seen = seen.__cause__ or seen.__context__
+
+
+def remove_stale_temporaries(folder: str, recursive: bool = False) -> List[str]:
+    """Delete the temporaries that interrupted `atomic_write`s left in `folder` (and below, with
+    `recursive`); return their paths.
+
+    Only names `atomic_write` makes, and only files that no write of this process has open and
+    that were last written before this process started: another run's write in progress is
+    never touched, nor is any other file.
+    """
+    removed, freed = [], 0
+    walk = os.walk(folder) if recursive else [(folder, [], _listdir(folder))]
+    with _in_flight_lock:
+        busy = set(_in_flight)
+    for directory, _, names in walk:
+        for name in names:
+            path = os.path.join(directory, name)
+            if not _TEMP_NAME.match(name) or path in busy:
+                continue
+            try:
+                info = os.lstat(path)
+                if not stat.S_ISREG(info.st_mode) or info.st_mtime >= _STARTED:
+                    continue
+                os.remove(path)
+            except OSError as err:  # gone already, or not ours to delete: leave it
+                logger.debug('could not remove %s: %s', path, err)
+                continue
+            removed.append(path)
+            freed += info.st_size
+    if removed:
+        logger.info('removed %d temporary file(s) (%.1f MB) that an interrupted write left in %s',
+                    len(removed), freed / 1e6, folder)
+    return removed
+
+
+def _listdir(folder: str) -> List[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:  # no folder yet: nothing to clean
+        return []
 
 
 def write_json(path: str, document: Any, indent: Optional[int] = None) -> str:

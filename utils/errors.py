@@ -11,3 +11,11 @@ caught ValueError before keep working.
 
 class InputError(ValueError):
     """Bad input, explained in the message (which item, file or key; what to change)."""
+
+
+class DiskFullError(InputError):
+    """A write failed because the disk (or the user's quota) is full; the message names the file.
+
+    An InputError: freeing space or pointing the output elsewhere is the user's move, and the
+    local runner shows it as one line (exit 2). The file that was there before is kept.
+    """

@@ -1,5 +1,6 @@
 """Build torchvision Faster R-CNN variants and (de)serialize adapter checkpoints."""
 import collections
+import copy
 import functools
 import logging
 import math
@@ -153,11 +154,25 @@ def input_sizes(model: torch.nn.Module) -> Tuple[int, int]:
     return int(min_size), int(transform.max_size)
 
 
+def cpu_copy(value: Any) -> Any:
+    """`value` with every tensor (in dicts, lists, tuples) copied to the CPU: a snapshot that training,
+    which goes on updating the originals in place, does not change (what a background write needs)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to('cpu', copy=True)
+    if isinstance(value, dict):
+        return {key: cpu_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
 def make_checkpoint(model: torch.nn.Module, variant: str, id_to_label_map: Mapping[int, str],
-                    min_size: Optional[int] = None, max_size: Optional[int] = None, **extra: Any) -> Dict[str, Any]:
+                    min_size: Optional[int] = None, max_size: Optional[int] = None,
+                    state_dict: Optional[Mapping[str, torch.Tensor]] = None, **extra: Any) -> Dict[str, Any]:
     """Everything needed to rebuild the network without the platform: weights, variant, labels, sizes.
 
-    The sizes recorded are the network's own unless given.
+    The sizes recorded are the network's own unless given. The weights are a CPU copy of the
+    model's (`state_dict`, when given, is used as it is: a snapshot already taken).
     """
     own_min, own_max = input_sizes(model)
     return {
@@ -167,7 +182,7 @@ def make_checkpoint(model: torch.nn.Module, variant: str, id_to_label_map: Mappi
         'id_to_label_map': parse_id_to_label(id_to_label_map),
         'min_size': int(own_min if min_size is None else min_size),
         'max_size': int(own_max if max_size is None else max_size),
-        'state_dict': {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        'state_dict': dict(state_dict) if state_dict is not None else cpu_copy(model.state_dict()),
         **extra,
     }
 
@@ -313,6 +328,27 @@ def load_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path: str)
     except RuntimeError as err:
         raise CheckpointError(f'checkpoint {path!r} does not fit the network: '
                               f"{' '.join(str(err).split())}") from err
+
+
+def marks_finished_run(path: str) -> bool:
+    """True when `path` is the last.pth of a run that finished: written after its final epoch (or its
+    early stop), it says ``finished`` (checkpoints from before that flag: its epoch is the last planned).
+
+    A missing or unreadable file is no finished run. Memory-mapped: the tensors are not read.
+    """
+    try:
+        with torch.serialization.safe_globals([collections.Counter]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        return False
+    if not isinstance(checkpoint, dict):
+        return False
+    if 'finished' in checkpoint:
+        return bool(checkpoint['finished'])
+    try:
+        return bool(checkpoint.get('stopped_early')) or int(checkpoint['epoch']) + 1 >= int(checkpoint['epochs'])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def check_compatible(checkpoint: Mapping[str, Any], path: str, variant: str, num_classes: int) -> None:

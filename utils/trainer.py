@@ -4,19 +4,25 @@
 ``output_path``::
 
     weights/last.pth   every epoch: weights + optimizer, lr scheduler, GradScaler and
-                       RNG state, epoch, best score, history (everything to resume)
+                       RNG state, epoch, best score, history (everything to resume); the
+                       one written after the final epoch (or early stop) says ``finished``
     weights/best.pth   whenever validation mAP@[.5:.95] improves: weights + epoch, metrics
-    curves.csv/.png    the history so far
+    curves.csv         the history so far, every epoch
+    curves.png         the same drawn, at most every CURVES_PNG_INTERVAL_S and at the end
 
 Epoch numbers in the history, the checkpoints, `FitResult.best_epoch`,
 ``publish_metrics`` and ``on_epoch_end`` are 0-based indices; log lines count
 from 1 ("epoch 3/10"). When ``weights/last.pth`` exists (or `resume_path` is
 given) training continues after its epoch with the same state; a finished run
-is not trained again. With no validation records, every epoch counts as the
+is not trained again (only a last.pth that says so is a finished run: a
+best.pth alone is not). The checkpoints are written on a background thread
+(`utils.checkpoint_writer`) from a CPU snapshot taken at the end of the epoch, so
+the next epoch trains meanwhile. With no validation records, every epoch counts as the
 best so far (best.pth = the latest weights) and early stopping is off. At the
 end, the model holds the best epoch's weights.
 """
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -27,8 +33,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from utils import engine
+from utils.atomic import remove_stale_temporaries
+from utils.checkpoint_writer import CheckpointWriter
 from utils.config import DEFAULTS, for_training
-from utils.curves import write_curves
+from utils.curves import write_csv, write_png
 from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.detection_dataset import DetectionDataset
 from utils.errors import InputError
@@ -36,13 +44,17 @@ from utils.group_by_aspect_ratio import GroupedBatchSampler, build_grouped_batch
 from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
-from utils.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR  # noqa: F401  (part of this module's API)
-from utils.model_factory import (BucketedTransform, check_compatible, load_checkpoint, make_checkpoint,
+from utils.output_layout import BEST_NAME, CURVES_CSV, CURVES_PNG, LAST_NAME, WEIGHTS_DIR  # noqa: F401
+from utils.model_factory import (BucketedTransform, check_compatible, cpu_copy, load_checkpoint, make_checkpoint,
+                                 marks_finished_run,
                                  num_classes_for, save_checkpoint)
 from utils.transforms import get_transform
 
 logger = logging.getLogger(__name__)
 
+# Drawing curves.png takes longer than a short epoch: redraw it at most this often (and at the end);
+# curves.csv has every epoch as soon as it ends.
+CURVES_PNG_INTERVAL_S = 30.0
 
 
 @dataclasses.dataclass
@@ -175,8 +187,12 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     - `settings`: the resolved configuration (`utils.config.resolve`); missing keys take defaults.
     - `checkpoint_info`: `make_checkpoint` kwargs: variant, id_to_label_map (and optionally
       min_size, max_size; by default the network's own).
-    - `on_epoch_end(epoch, epochs)`: called last in each epoch, after the checkpoints are
-      written; an exception from it stops training (and `fit` can resume later).
+    - `on_epoch_end(epoch, epochs)`: called once per epoch, in order, as soon as that epoch's
+      weights/last.pth (and best.pth when it improved) are complete on disk: whatever it
+      reads or uploads of them is whole and is what a resumed run starts from. It runs on
+      the checkpoint writer's thread while the next epoch trains (so it must not read the
+      model, and calls never overlap); an exception from it stops training at the next
+      epoch boundary, or fails `fit` at the end (and `fit` can resume later).
     - `publish_metrics(epoch, metrics)`: once per epoch with the loss components, lr,
       mAP, mAP_50, mAP_75 and AR_100; an exception from it is logged and training goes on.
     """
@@ -187,29 +203,25 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     train_loader, val_loader, generator = _data(train_records, val_records, label_to_id, settings, device, limits)
     run = _new_run(model, settings, device, generator, checkpoint_info, has_val=val_loader is not None)
     source = resume_path or (last_path if os.path.exists(last_path) else None)
-    if source and _resume(run, source, best_path):
+    if source and _resume(run, source, last_path, best_path):
         return run.result()  # that run had finished
+    if not source and os.path.exists(best_path):
+        logger.warning('%s has no %s: the run that wrote it stopped before its first epoch was saved; '
+                       'starting over', best_path, LAST_NAME)
     logger.info('training %s for %d epoch(s) on %s: %d train / %d validation image(s), batch %d, %d batch(es)/epoch',
                 checkpoint_info.get('variant'), run.epochs, device, len(train_records), len(val_records or []),
                 settings['batch_size'], len(train_loader))
-    for epoch in range(run.last_epoch + 1, run.epochs):
-        record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
-        improved = run.add(record)
-        metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
-        _publish(publish_metrics, epoch, metrics)
-        try:
-            write_curves(run.history, output_path)
-        except Exception as err:
-            logger.warning('could not write the training curves: %s: %s', type(err).__name__, err)
-        _write_checkpoints(run, epoch, metrics, last_path, best_path if improved else None)
-        logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, run.epochs)
-        if run.stopped_early:
-            logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
-                        'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
-                        epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
-            break
+    writer = CheckpointWriter(None if on_epoch_end is None else lambda epoch: on_epoch_end(epoch, run.epochs))
+    curves = _Curves(output_path)
+    try:
+        _epochs(run, train_loader, val_loader, device, settings, writer, curves, publish_metrics, last_path,
+                best_path)
+        writer.wait()  # the final checkpoints are on disk (and on_epoch_end saw them) before fit returns
+    except BaseException:
+        writer.close_quietly()  # the last good checkpoints land before the error goes on
+        raise
+    finally:
+        curves.draw(run.history)
     _load_best(model, best_path, run.best_epoch, run.last_epoch, None)
     logger.info('training done: %d epoch(s)%s, best mAP %.4f at epoch %d; weights in %s', len(run.history),
                 ' (stopped early)' if run.stopped_early else '', run.best_score, run.best_epoch + 1,
@@ -217,10 +229,62 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     return run.result()
 
 
+def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: CheckpointWriter, curves: '_Curves',
+            publish_metrics, last_path: str, best_path: str) -> None:
+    """The epochs left: train, evaluate, publish, curves, then the checkpoints handed to `writer`."""
+    for epoch in range(run.last_epoch + 1, run.epochs):
+        writer.check()  # a failed write (or on_epoch_end) of the previous epoch stops the run here
+        record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
+        improved = run.add(record)
+        metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
+        _publish(publish_metrics, epoch, metrics)
+        finished = run.stopped_early or epoch + 1 >= run.epochs
+        curves.write(run.history, draw=finished)
+        writer.wait()  # the previous epoch's files are written before this epoch's snapshot takes memory
+        writer.submit(epoch, _checkpoints(run, epoch, metrics, last_path, best_path if improved else None, finished))
+        logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
+        if run.stopped_early:
+            logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
+                        'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
+                        epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
+            break
+
+
+class _Curves:
+    """curves.csv after every epoch; curves.png at most every CURVES_PNG_INTERVAL_S, when asked, and at the
+    end. Failures are warnings: the curves are a view of the history, which last.pth keeps."""
+
+    def __init__(self, output_path: str):
+        self.csv_path = os.path.join(output_path, CURVES_CSV)
+        self.png_path = os.path.join(output_path, CURVES_PNG)
+        self.drawn_epochs = -1  # how many epochs curves.png shows
+        self.drawn_at = -math.inf
+
+    def write(self, history: Sequence[Mapping[str, Any]], draw: bool) -> None:
+        self._try(write_csv, history, self.csv_path)
+        if draw or time.monotonic() - self.drawn_at >= CURVES_PNG_INTERVAL_S:
+            self.draw(history)
+
+    def draw(self, history: Sequence[Mapping[str, Any]]) -> None:
+        if history and len(history) != self.drawn_epochs:
+            self._try(write_png, history, self.png_path)
+            self.drawn_epochs, self.drawn_at = len(history), time.monotonic()
+
+    @staticmethod
+    def _try(write, history, path) -> None:
+        try:
+            write(history, path)
+        except Exception as err:
+            logger.warning('could not write %s: %s: %s', path, type(err).__name__, err)
+
+
 def _checkpoint_paths(output_path: str) -> Tuple[str, str]:
-    """(weights/last.pth, weights/best.pth) under `output_path`; the folder is created."""
+    """(weights/last.pth, weights/best.pth) under `output_path`; the folder is created, and the
+    temporaries that interrupted writes left in it (or in `output_path`) are removed."""
     weights_dir = os.path.join(output_path, WEIGHTS_DIR)
     os.makedirs(weights_dir, exist_ok=True)
+    remove_stale_temporaries(output_path)
+    remove_stale_temporaries(weights_dir)
     return os.path.join(weights_dir, LAST_NAME), os.path.join(weights_dir, BEST_NAME)
 
 
@@ -261,9 +325,9 @@ def _new_run(model, settings, device, generator, checkpoint_info, has_val: bool)
                 epochs=int(settings['epochs']), patience=int(settings['early_stopping_patience']), has_val=has_val)
 
 
-def _resume(run: _Run, source: str, best_path: str) -> bool:
+def _resume(run: _Run, source: str, last_path: str, best_path: str) -> bool:
     """Continue the run saved in `source` (a last.pth); True when that run had already finished
-    (the model then holds its best weights and `run` its history)."""
+    (the model then holds its best weights and `run` its history, and `last_path` says finished)."""
     checkpoint = load_checkpoint(source)
     info = run.checkpoint_info
     check_compatible(checkpoint, source, info['variant'], num_classes_for(info['id_to_label_map']))
@@ -279,8 +343,12 @@ def _resume(run: _Run, source: str, best_path: str) -> bool:
     run.last_epoch = int(checkpoint['epoch'])
     run.best_score, run.best_epoch = float(checkpoint['best_score']), int(checkpoint['best_epoch'])
     run.stale = _epochs_since_best(run.history, run.best_epoch)
+    # finished by the plan of this call: a finished run asked for more epochs goes on
     if checkpoint.get('stopped_early') or int(checkpoint['epoch']) + 1 >= run.epochs:
         run.stopped_early = bool(checkpoint.get('stopped_early', False))
+        if not checkpoint.get('finished') and os.path.abspath(source) == os.path.abspath(last_path):
+            # finished by this run's settings (fewer epochs than planned): say so, for the adapter and runner
+            save_checkpoint({**{k: v for k, v in checkpoint.items() if k != 'variants'}, 'finished': True}, last_path)
         logger.info('%s: training already finished (%d epoch(s)%s, best mAP %.4f at epoch %d): nothing to do',
                     source, len(run.history), ', stopped early' if run.stopped_early else '',
                     run.best_score, run.best_epoch + 1)
@@ -340,18 +408,33 @@ def _publish(publish_metrics, epoch: int, metrics: Dict[str, float]) -> None:
                        type(err).__name__, err, exc_info=logger.isEnabledFor(logging.DEBUG))
 
 
-def _write_checkpoints(run: _Run, epoch: int, metrics: Dict[str, float], last_path: str,
-                       best_path: Optional[str]) -> None:
-    """best.pth (weights + metrics) when `best_path` is given, then last.pth with everything to resume."""
+def _checkpoints(run: _Run, epoch: int, metrics: Dict[str, float], last_path: str, best_path: Optional[str],
+                 finished: bool) -> List[Tuple[str, Dict[str, Any]]]:
+    """[(best.pth, weights + metrics) when `best_path` is given, (last.pth, everything to resume)]: a CPU
+    snapshot of this moment, for the background writer (best.pth first: last.pth names it as the best)."""
+    weights = cpu_copy(run.model.state_dict())
+    files = []
     if best_path is not None:
-        save_checkpoint(make_checkpoint(run.model, **run.checkpoint_info, epoch=epoch, metrics=metrics), best_path)
-    save_checkpoint(make_checkpoint(
-        run.model, **run.checkpoint_info,
-        optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(),
+        files.append((best_path, make_checkpoint(run.model, **run.checkpoint_info, state_dict=weights,
+                                                 epoch=epoch, metrics=dict(metrics))))
+    files.append((last_path, make_checkpoint(
+        run.model, **run.checkpoint_info, state_dict=weights,
+        optimizer=cpu_copy(run.optimizer.state_dict()), lr_scheduler=copy.deepcopy(run.lr_scheduler.state_dict()),
         scaler=run.scaler.state_dict() if run.scaler is not None else None,
-        epoch=epoch, epochs=run.epochs, best_score=run.best_score, best_epoch=run.best_epoch, history=run.history,
-        stopped_early=run.stopped_early,
-        rng={'torch': torch.get_rng_state(), 'loader': run.generator.get_state()}), last_path)
+        epoch=epoch, epochs=run.epochs, best_score=run.best_score, best_epoch=run.best_epoch,
+        history=list(run.history), stopped_early=run.stopped_early, finished=finished,
+        rng={'torch': torch.get_rng_state(), 'loader': run.generator.get_state()})))
+    return files
+
+
+def discard_finished_state(output_path: str) -> bool:
+    """Delete `output_path`'s weights/last.pth when it is a finished run's (nothing is left to resume, and
+    its optimizer state doubles the weights' size); True when it did. A resumable one is kept."""
+    last_path = os.path.join(output_path, WEIGHTS_DIR, LAST_NAME)
+    if not marks_finished_run(last_path):
+        return False
+    os.remove(last_path)
+    return True
 
 
 def _epochs_since_best(history: Sequence[Mapping[str, Any]], best_epoch: int) -> int:
