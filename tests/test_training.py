@@ -19,11 +19,12 @@ from PIL import Image, ImageDraw
 
 from utils import engine, trainer
 from utils.coco_eval import CocoEvaluator
-from utils.coco_utils import coco_from_records, convert_to_coco_api
+from utils.coco_utils import convert_to_coco_api
 from utils.config import DEFAULTS
-from utils.curves import COLUMNS, read_csv, write_curves
+from utils.curves import COLUMNS, read_csv, write_csv, write_png
 from utils.detection_dataset import DetectionDataset
 from utils.model_factory import build_model, load_checkpoint
+from utils.output_layout import CURVES_CSV, CURVES_PNG
 from utils.transforms import (Compose, RandomHorizontalFlip, RandomPhotometricDistort, RandomVerticalFlip,
                               get_transform)
 from utils.data_loading import collate_fn
@@ -229,7 +230,7 @@ def _prediction(boxes, labels, score=0.9):
 
 def test_coco_ground_truth_from_records(tmp_path):
     records = make_records(tmp_path, 4, seed=6, negatives=1)
-    coco = coco_from_records(records, LABEL_TO_ID)
+    coco = convert_to_coco_api(DetectionDataset(records, LABEL_TO_ID))
     assert sorted(coco.getImgIds()) == [0, 1, 2, 3]
     assert {c['id']: c['name'] for c in coco.loadCats(coco.getCatIds())} == ID_TO_LABEL
     assert coco.getAnnIds(imgIds=[0]) == []
@@ -455,7 +456,8 @@ def test_curves_csv_and_png(tmp_path):
     history = [dict(epoch=e, loss=1.0 / (e + 1), loss_classifier=0.5, loss_box_reg=0.2, loss_objectness=0.1,
                     loss_rpn_box_reg=0.05, lr=0.01, mAP=0.1 * e, mAP_50=0.2 * e, mAP_75=0.05 * e, AR_100=0.3,
                     train_time=1.0) for e in range(3)]
-    csv_path, png_path = write_curves(history, str(tmp_path))
+    csv_path = write_csv(history, str(tmp_path / CURVES_CSV))
+    png_path = write_png(history, str(tmp_path / CURVES_PNG))
     rows = read_csv(csv_path)
     assert [row['epoch'] for row in rows] == [0, 1, 2] and rows[2]['mAP'] == pytest.approx(0.2)
     with open(csv_path) as f:

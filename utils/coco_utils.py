@@ -8,7 +8,7 @@ ids; ``area`` is the box area (we have no masks), ``iscrowd`` is 0.
 import contextlib
 import io
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from pycocotools.coco import COCO
@@ -73,11 +73,6 @@ def convert_to_coco_api(dataset) -> COCO:
     if not isinstance(base, DetectionDataset):
         raise TypeError(f'expected a DetectionDataset (or a Subset of one), got {type(base).__name__}')
     return coco_from_dict(coco_dict_from_dataset(base, indices))
-
-
-def coco_from_records(records: Sequence[Mapping[str, Any]], label_to_id: Mapping[str, int]) -> COCO:
-    """A COCO ground truth straight from reader records; image ids are the record positions."""
-    return convert_to_coco_api(DetectionDataset(records, label_to_id, transforms=None))
 
 
 def get_coco_api_from_dataset(dataset) -> COCO:

@@ -1,13 +1,12 @@
 """Training curves: ``curves.csv`` (one row per epoch) and ``curves.png`` (losses and mAP panels).
 
-Written after every epoch from the trainer's history, so an interrupted run
-still leaves its curves behind. Both files are replaced atomically. The
+The trainer writes the csv after every epoch and draws the png at most every
+``CURVES_PNG_INTERVAL_S`` and at the end, from its history, so an interrupted
+run still leaves its curves behind. Both files are replaced atomically. The
 ``epoch`` column is the 0-based epoch index used everywhere in the trainer.
 """
 import csv
-import logging
 import math
-import os
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 # The Agg canvas directly (no pyplot): no global backend switch, no GUI, safe in any thread.
@@ -16,9 +15,6 @@ from matplotlib.figure import Figure
 
 from utils.atomic import atomic_write
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
-from utils.output_layout import CURVES_CSV, CURVES_PNG
-
-logger = logging.getLogger(__name__)
 
 COLUMNS = ('epoch',) + LOSS_KEYS + ('lr',) + EVAL_KEYS
 
@@ -76,14 +72,6 @@ def write_png(history: Sequence[Mapping[str, Any]], path: str) -> str:
     with atomic_write(path, 'wb') as f:
         figure.savefig(f, format='png')
     return path
-
-
-def write_curves(history: Sequence[Mapping[str, Any]], output_path: str) -> Tuple[str, str]:
-    """Write ``output_path/curves.csv`` and ``output_path/curves.png``; return both paths."""
-    os.makedirs(output_path, exist_ok=True)
-    csv_path = write_csv(history, os.path.join(output_path, CURVES_CSV))
-    png_path = write_png(history, os.path.join(output_path, CURVES_PNG))
-    return csv_path, png_path
 
 
 def read_csv(path: str) -> List[Dict[str, float]]:

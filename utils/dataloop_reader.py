@@ -303,6 +303,34 @@ def clip_box(box, width: int, height: int):
 
 # ----------------------------------------------------------------------------- items
 
+def _refuse_video(metadata, annotations: list) -> None:
+    mimetype = _get(metadata, 'system', 'mimetype')
+    if (isinstance(mimetype, str) and mimetype.startswith('video/')) or any(
+            _get(a, 'metadata', 'system', 'snapshots_') for a in annotations):
+        raise _Skip('video item', 'video items are not images')
+
+
+# Drops worth a line each (the data can be fixed); the others (types, duplicates, empty masks) are only counted.
+_WARNED_ANNOTATION_DROPS = ('bad coordinates', 'bad annotation', 'no label', 'mask too large',
+                            'mask size differs from image')
+
+
+def _labelled_boxes(annotation, frame: _Frame, seen: set) -> Tuple[str, List[Tuple[float, float, float, float]]]:
+    """(label, unclipped boxes) of one annotation; `seen` keys catch exact duplicates within the item."""
+    if not isinstance(annotation, dict):
+        raise _Skip('bad annotation', f'not an object: {annotation!r:.80}')
+    label = annotation.get('label')
+    key = (label, annotation.get('type'),
+           json.dumps(annotation.get('coordinates', annotation.get('data')), sort_keys=True))
+    if key in seen:
+        raise _Skip('duplicate annotation')
+    seen.add(key)
+    raw = annotation_boxes(annotation, frame)
+    if not isinstance(label, str) or not label:
+        raise _Skip('no label', 'annotation without a label')
+    return label, raw
+
+
 class _SubsetReader:
     """Reads one subset; keeps the per-directory listing cache used to find images by stem."""
 
@@ -356,97 +384,101 @@ class _SubsetReader:
 
     def read_item(self, json_path: str) -> Optional[dict]:
         rel_json = os.path.relpath(json_path, self.json_dir)
-        name = '/' + os.path.splitext(rel_json)[0].replace(os.sep, '/')
-        report = self.report
+        name = '/' + os.path.splitext(rel_json)[0].replace(os.sep, '/')  # until the item names itself
         try:
-            self._checked(json_path)
-            try:
-                with open(json_path, 'rb') as f:
-                    item = json.load(f)
-            except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                raise _Skip('unparseable json', str(err)) from None
-            if isinstance(item, list):  # a bare list of annotations
-                annotations, item = item, {}
-            elif isinstance(item, dict):
-                annotations = item.get('annotations') or []
-            else:
-                raise _Skip('unparseable json', f'top level is a {type(item).__name__}')
-            if not isinstance(annotations, list):
-                raise _Skip('unparseable json', '`annotations` is not a list')
+            item, annotations = self._parse_item(json_path)
             filename = item.get('filename')
-            if isinstance(filename, str) and filename:
+            named = isinstance(filename, str) and bool(filename)
+            if named:
                 name = filename
-            item_id = item.get('id') or item.get('_id') or next(
-                (a.get('itemId') for a in annotations if isinstance(a, dict) and a.get('itemId')), '')
             metadata = item.get('metadata') if isinstance(item.get('metadata'), dict) else item.get('itemMetadata')
-            mimetype = _get(metadata, 'system', 'mimetype')
-            if (isinstance(mimetype, str) and mimetype.startswith('video/')) or any(
-                    _get(a, 'metadata', 'system', 'snapshots_') for a in annotations):
-                raise _Skip('video item', 'video items are not images')
+            _refuse_video(metadata, annotations)
             image_path = self._find_image(filename, rel_json)
-            if not isinstance(filename, str) or not filename:
+            if not named:
                 name = '/' + os.path.relpath(image_path, os.path.realpath(self.items_dir)).replace(os.sep, '/')
-            try:
-                width, height = image_size(image_path, self.limits)
-            except ImageSizeError as err:
-                raise _Skip(err.reason, str(err)) from None
-            except (ImageDecodeError, Image.DecompressionBombError) as err:
-                raise _Skip('undecodable image', str(err)) from None
+            width, height = self._image_size(image_path)
         except _Skip as skip:
-            report.dropped[skip.reason] += 1
-            report.skipped_items.append((name, skip.reason))
-            logger.warning('%s: skipping item %s (%s): %s', self.subset, name, skip.reason, skip.detail)
+            self._skip_item(name, skip)
             return None
+        self._note_stale_size(name, metadata, width, height)
+        boxes, labels = self._item_boxes(name, annotations, _Frame(width, height, self.limits.max_pixels))
+        if not boxes:
+            if not self.include_background:
+                self.report.dropped['no usable boxes'] += 1
+                self.report.skipped_items.append((name, 'no usable boxes'))
+                logger.debug('%s: item %s has no usable boxes: skipped (include_background is off)',
+                             self.subset, name)
+                return None
+            self.report.negatives += 1
+        self.report.items_used += 1
+        item_id = item.get('id') or item.get('_id') or next(
+            (a.get('itemId') for a in annotations if isinstance(a, dict) and a.get('itemId')), '')
+        return {'item_id': str(item_id), 'name': name, 'image_path': image_path,
+                'width': int(width), 'height': int(height), 'boxes': boxes, 'labels': labels}
 
+    def _parse_item(self, json_path: str) -> Tuple[dict, list]:
+        """The item JSON (``{}`` for a bare list of annotations) and its annotations list."""
+        self._checked(json_path)
+        try:
+            with open(json_path, 'rb') as f:
+                item = json.load(f)
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise _Skip('unparseable json', str(err)) from None
+        if isinstance(item, list):  # a bare list of annotations
+            annotations, item = item, {}
+        elif isinstance(item, dict):
+            annotations = item.get('annotations') or []
+        else:
+            raise _Skip('unparseable json', f'top level is a {type(item).__name__}')
+        if not isinstance(annotations, list):
+            raise _Skip('unparseable json', '`annotations` is not a list')
+        return item, annotations
+
+    def _image_size(self, image_path: str) -> Tuple[int, int]:
+        """(width, height) as displayed; an image the limits refuse or that does not decode is a skip."""
+        try:
+            return image_size(image_path, self.limits)
+        except ImageSizeError as err:
+            raise _Skip(err.reason, str(err)) from None
+        except (ImageDecodeError, Image.DecompressionBombError) as err:
+            raise _Skip('undecodable image', str(err)) from None
+
+    def _skip_item(self, name: str, skip: _Skip) -> None:
+        self.report.dropped[skip.reason] += 1
+        self.report.skipped_items.append((name, skip.reason))
+        logger.warning('%s: skipping item %s (%s): %s', self.subset, name, skip.reason, skip.detail)
+
+    def _note_stale_size(self, name: str, metadata, width: int, height: int) -> None:
         meta_size = (_get(metadata, 'system', 'width'), _get(metadata, 'system', 'height'))
         if meta_size[0] and meta_size != (width, height):
             logger.debug('%s: %s metadata says %sx%s, the image is %dx%d: using the image', self.subset, name,
                          meta_size[0], meta_size[1], width, height)
+
+    def _item_boxes(self, name: str, annotations: list, frame: _Frame) -> Tuple[List[List[float]], List[str]]:
+        """Clipped boxes and their labels; every annotation or box left out is counted by reason."""
         boxes, labels, seen = [], [], set()
-        frame = _Frame(width, height, self.limits.max_pixels)
         for annotation in annotations:
             try:
-                if not isinstance(annotation, dict):
-                    raise _Skip('bad annotation', f'not an object: {annotation!r:.80}')
-                label = annotation.get('label')
-                key = (label, annotation.get('type'),
-                       json.dumps(annotation.get('coordinates', annotation.get('data')), sort_keys=True))
-                if key in seen:
-                    raise _Skip('duplicate annotation')
-                seen.add(key)
-                raw = annotation_boxes(annotation, frame)
-                if not isinstance(label, str) or not label:
-                    raise _Skip('no label', 'annotation without a label')
+                label, raw = _labelled_boxes(annotation, frame, seen)
             except _Skip as skip:
-                report.dropped[skip.reason] += 1
-                if skip.detail and skip.reason in ('bad coordinates', 'bad annotation', 'no label', 'mask too large',
-                                                   'mask size differs from image'):
+                self.report.dropped[skip.reason] += 1
+                if skip.detail and skip.reason in _WARNED_ANNOTATION_DROPS:
                     logger.warning('%s: item %s: dropping annotation %s (%s): %s', self.subset, name,
                                    _get(annotation, 'id') or '?', skip.reason, skip.detail)
                 continue
             for box in raw:
-                clipped, reason = clip_box(box, width, height)
+                clipped, reason = clip_box(box, frame.width, frame.height)
                 if clipped is None:
-                    report.dropped[reason] += 1
+                    self.report.dropped[reason] += 1
                     continue
                 self.labels_found.add(label)
                 if self.labels is not None and label not in self.labels:
-                    report.dropped['label not in model'] += 1
+                    self.report.dropped['label not in model'] += 1
                     continue
                 boxes.append(clipped)
                 labels.append(label)
-                report.boxes_per_label[label] += 1
-        if not boxes:
-            if not self.include_background:
-                report.dropped['no usable boxes'] += 1
-                report.skipped_items.append((name, 'no usable boxes'))
-                logger.debug('%s: item %s has no usable boxes: skipped (include_background is off)',
-                             self.subset, name)
-                return None
-            report.negatives += 1
-        report.items_used += 1
-        return {'item_id': str(item_id), 'name': name, 'image_path': image_path,
-                'width': int(width), 'height': int(height), 'boxes': boxes, 'labels': labels}
+                self.report.boxes_per_label[label] += 1
+        return boxes, labels
 
     def json_files(self) -> List[str]:
         found = []

@@ -165,6 +165,50 @@ def _prepare_dir(path: str, overwrite: bool) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def _check_arguments(labels: List[str], image_size: Tuple[int, int], size_range: Tuple[float, float],
+                     max_objects: int, segment_fraction: float) -> Tuple[int, int]:
+    """(width, height) as ints; ValueError naming the first bad argument."""
+    if not labels:
+        raise ValueError('labels must not be empty')
+    unknown = [label for label in labels if label not in SHAPE_COLORS]
+    if unknown:
+        raise ValueError(f'unknown label(s) {unknown}: labels must be shapes from {sorted(SHAPE_COLORS)}')
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'labels must be distinct, got {labels}')
+    width, height = (int(v) for v in image_size)
+    if min(width, height) < 32:
+        raise ValueError(f'image_size must be at least 32x32, got {image_size}')
+    if not 0 < size_range[0] <= size_range[1] <= 0.9:
+        raise ValueError(f'size_range must satisfy 0 < low <= high <= 0.9, got {size_range}')
+    if max_objects < 1:
+        raise ValueError(f'max_objects must be >= 1, got {max_objects}')
+    if not 0.0 <= segment_fraction <= 1.0:
+        raise ValueError(f'segment_fraction must be in [0, 1], got {segment_fraction}')
+    return width, height
+
+
+def _write_item(rng: np.random.Generator, image: Image.Image, annotations: List[dict], stem: str,
+                items_dir: str, json_dir: str, jpeg_quality: int) -> None:
+    """items/<stem>.jpg and json/<stem>.json as the platform exports them; the item id is drawn from `rng`."""
+    buffer = io.BytesIO()
+    image.save(buffer, format='JPEG', quality=int(jpeg_quality))
+    data = buffer.getvalue()
+    name = f'{stem}.jpg'
+    with open(os.path.join(items_dir, name), 'wb') as f:
+        f.write(data)
+    item_json = {
+        'id': _hex_id(rng),
+        'filename': f'/{name}',
+        'name': name,
+        'type': 'file',
+        'metadata': {'system': {'width': image.width, 'height': image.height, 'mimetype': 'image/jpeg',
+                                'size': len(data)}},
+        'annotations': annotations,
+    }
+    with open(os.path.join(json_dir, f'{stem}.json'), 'w') as f:
+        json.dump(item_json, f, indent=1)
+
+
 def make_synthetic_export(root: str, n_train: int = 200, n_val: int = 50,
                           image_size: Tuple[int, int] = (320, 320),
                           labels: Sequence[str] = DEFAULT_LABELS, seed: int = 0,
@@ -194,23 +238,7 @@ def make_synthetic_export(root: str, n_train: int = 200, n_val: int = 50,
         under ``summary['subsets'][subset]``.
     """
     labels = list(labels)
-    if not labels:
-        raise ValueError('labels must not be empty')
-    unknown = [label for label in labels if label not in SHAPE_COLORS]
-    if unknown:
-        raise ValueError(f'unknown label(s) {unknown}: labels must be shapes from {sorted(SHAPE_COLORS)}')
-    if len(set(labels)) != len(labels):
-        raise ValueError(f'labels must be distinct, got {labels}')
-    width, height = (int(v) for v in image_size)
-    if min(width, height) < 32:
-        raise ValueError(f'image_size must be at least 32x32, got {image_size}')
-    if not 0 < size_range[0] <= size_range[1] <= 0.9:
-        raise ValueError(f'size_range must satisfy 0 < low <= high <= 0.9, got {size_range}')
-    if max_objects < 1:
-        raise ValueError(f'max_objects must be >= 1, got {max_objects}')
-    if not 0.0 <= segment_fraction <= 1.0:
-        raise ValueError(f'segment_fraction must be in [0, 1], got {segment_fraction}')
-
+    width, height = _check_arguments(labels, image_size, size_range, max_objects, segment_fraction)
     summary = {'root': os.path.abspath(root), 'labels': labels, 'image_size': [width, height],
                'seed': int(seed), 'subsets': {}}
     for subset, count in (('train', int(n_train)), ('validation', int(n_val))):
@@ -229,24 +257,7 @@ def make_synthetic_export(root: str, n_train: int = 200, n_val: int = 50,
             rng = np.random.default_rng([int(seed), _SUBSET_KEYS[subset], index])
             image, annotations = render_item(rng, (width, height), labels, max_objects=max_objects,
                                              size_range=size_range, segment_fraction=segment_fraction)
-            buffer = io.BytesIO()
-            image.save(buffer, format='JPEG', quality=int(jpeg_quality))
-            data = buffer.getvalue()
-            stem = f'{subset}_{index:06d}'
-            name = f'{stem}.jpg'
-            with open(os.path.join(items_dir, name), 'wb') as f:
-                f.write(data)
-            item_json = {
-                'id': _hex_id(rng),
-                'filename': f'/{name}',
-                'name': name,
-                'type': 'file',
-                'metadata': {'system': {'width': width, 'height': height, 'mimetype': 'image/jpeg',
-                                        'size': len(data)}},
-                'annotations': annotations,
-            }
-            with open(os.path.join(json_dir, f'{stem}.json'), 'w') as f:
-                json.dump(item_json, f, indent=1)
+            _write_item(rng, image, annotations, f'{subset}_{index:06d}', items_dir, json_dir, jpeg_quality)
             stats['annotations'] += len(annotations)
             for ann in annotations:
                 stats['per_label'][ann['label']] += 1
