@@ -5,11 +5,10 @@ import dtlpy as dl
 import pytest
 import torch
 
-from fasterrcnn_adapter import boxes_to_collection
 from torchvision.models.detection._utils import BoxCoder
 
 from utils.group_by_aspect_ratio import aspect_ratio_groups, build_grouped_batch_sampler
-from utils.inference import Prefetcher, fold_batch_norms, inference_network
+from utils.inference import Prefetcher, boxes_to_collection, fold_batch_norms, inference_network
 from utils.model_factory import BucketedTransform, build_model
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
