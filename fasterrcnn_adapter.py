@@ -405,24 +405,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             already_uploaded=(trainer.BEST_NAME, trainer.LAST_NAME) if resumed else ())
 
     def _resume_from_artifacts(self, output_path: str) -> bool:
-        """A retried run on a fresh pod finds its checkpoints among the model's artifacts; True when it copied them.
-
-        best.pth comes along with last.pth: the resumed run must still know (and ship)
-        the earlier run's best epoch when its own epochs do not beat it.
-        """
+        """A retried run on a fresh pod finds its checkpoints among the model's artifacts; True when it copied them."""
         from utils import trainer
-        uploaded = os.path.join(self.artifacts_path or '', trainer.WEIGHTS_DIR)
-        local = os.path.join(output_path, trainer.WEIGHTS_DIR)
-        if os.path.isfile(os.path.join(local, trainer.LAST_NAME)) or not self.artifacts_path \
-                or not os.path.isfile(os.path.join(uploaded, trainer.LAST_NAME)):
+        if not self.artifacts_path:
             return False
-        os.makedirs(local, exist_ok=True)
-        for name in (trainer.BEST_NAME, trainer.LAST_NAME):  # last.pth last: it marks a complete copy
-            if os.path.isfile(os.path.join(uploaded, name)):
-                shutil.copyfile(os.path.join(uploaded, name), os.path.join(local, name))
-        logger.info('resuming from the checkpoint uploaded by an earlier run: %s',
-                    os.path.join(uploaded, trainer.LAST_NAME))
-        return True
+        return artifact_sync.restore_checkpoints(os.path.join(self.artifacts_path, trainer.WEIGHTS_DIR),
+                                                 os.path.join(output_path, trainer.WEIGHTS_DIR),
+                                                 names=(trainer.BEST_NAME, trainer.LAST_NAME))
 
     def _drop_uploaded_last_checkpoint(self, uploaded_by_this_run: bool) -> None:
         """After a finished run, delete the last.pth this run or a failed one uploaded (the SDK's upload never
