@@ -1,8 +1,9 @@
 """Dataloop model adapter for torchvision's Faster R-CNN.
 
 Thin by design: it reads the model's configuration, builds the network
-(`utils.model_factory`), and delegates data reading (`utils.dataloop_reader`)
-and training (`utils.trainer`). Settings are read from
+(`utils.model_factory`), and delegates data reading (`utils.dataloop_reader`),
+training (`utils.trainer`, `utils.artifact_sync`) and prediction
+(`utils.inference`). Settings are read from
 `model_entity.configuration` as a plain dict, so reading never PATCHes the model.
 """
 import contextlib
