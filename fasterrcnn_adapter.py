@@ -1,12 +1,12 @@
 """Dataloop model adapter for torchvision's Faster R-CNN.
 
 Thin by design: it reads the model's configuration, builds the network
-(`utils.model_factory`), and delegates data reading (`utils.dataloop_reader`)
-and training (`utils.trainer`). Settings are read from
+(`utils.model_factory`), and delegates data reading (`utils.dataloop_reader`),
+training (`utils.trainer`, `utils.artifact_sync`) and prediction
+(`utils.inference`). Settings are read from
 `model_entity.configuration` as a plain dict, so reading never PATCHes the model.
 """
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -14,9 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import dtlpy as dl
 from dtlpy.ml import base_model_adapter as _sdk_adapter
-import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from utils import artifact_sync
@@ -25,9 +23,9 @@ from utils import device as device_lib
 from utils import inference
 from utils import model_factory
 from utils.atomic import atomic_write, remove_stale_temporaries
-from utils.embeddings import fpn_embedding
 from utils.errors import InputError
 from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image, network_limits
+from utils.inference import UnreadableItem
 from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
 from utils.progress import route_sdk_bars
@@ -42,16 +40,6 @@ RPN_TEST_KEYS = ('rpn_pre_nms_top_n_test', 'rpn_post_nms_top_n_test')
 # predict_items / embed_items draw a tqdm bar the SDK offers no switch for: in a service log, bounded lines instead
 route_sdk_bars(_sdk_adapter)
 
-@dataclasses.dataclass
-class UnreadableItem:
-    """Stands in a batch for an item that could not be decoded, so the rest of the batch goes on."""
-    item_id: Optional[str]
-    name: str
-    reason: str
-
-    def __str__(self):
-        return f'{self.name} (id {self.item_id}): {self.reason}'
-
 
 def _fill_sdk_keys(model_entity: dl.Model) -> None:
     """Put the SDK's adapter keys in the configuration up front: a missing one makes the SDK PATCH the model."""
@@ -65,26 +53,6 @@ def _fill_sdk_keys(model_entity: dl.Model) -> None:
     # read with .get(key, default) by the SDK's predict_dataset / evaluate_model: missing, each is a PATCH
     configuration.setdefault('predict_embed_subset_limit', _sdk_adapter.PREDICT_EMBED_DEFAULT_SUBSET_LIMIT)
     configuration.setdefault('predict_embed_timeout', _sdk_adapter.PREDICT_EMBED_DEFAULT_TIMEOUT)
-
-
-def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: str,
-                        model_id: Optional[str]) -> dl.AnnotationCollection:
-    """One image's rows [left, top, right, bottom, score, label id] as an AnnotationCollection of boxes.
-
-    Same annotations as `collection.add(annotation_definition=dl.Box(...), model_info=...)` per box,
-    built with `dl.Annotation.new` directly: `add`'s per-call checks (video frames, object ids,
-    model_info validation) do not apply to image boxes whose confidences are already in [0, 1].
-    """
-    collection = dl.AnnotationCollection()
-    new, box, append = dl.Annotation.new, dl.Box, collection.annotations.append
-    for left, top, right, bottom, score, label_id in rows:
-        label_id = int(label_id)
-        confidence = round(min(max(score, 0.0), 1.0), 4)
-        metadata = {'user': {'model': {'confidence': confidence, 'name': model_name, 'model_id': model_id}}}
-        append(new(annotation_definition=box(left=left, top=top, right=right, bottom=bottom,
-                                             label=labels.get(label_id, str(label_id))),
-                   automated=True, metadata=metadata))
-    return collection
 
 
 @contextlib.contextmanager
@@ -108,7 +76,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
         self.unreadable_items: List[UnreadableItem] = []
         self._prefetchers: List[inference.Prefetcher] = []  # one per predict_items call in flight
-        self._inference_cache = (None, None, None)  # (network it was made from, its weights version, the copy)
+        self._inference_networks = inference.NetworkCache()
         self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
         super().__init__(model_entity)
 
@@ -244,104 +212,27 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         logger.error('cannot read item %s (id %s) as an image: %s', name, item.id, reason)
         return UnreadableItem(item.id, name, reason)
 
-    @staticmethod
-    def _to_tensor(image) -> torch.Tensor:
-        """uint8 CHW tensor from what a batch may hold: a tensor, a PIL image or an HxW(xC) array."""
-        if isinstance(image, torch.Tensor):
-            return image
-        if isinstance(image, Image.Image):
-            return pil_to_tensor(image.convert('RGB'))
-        array = np.asarray(image)
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=2)
-        if array.shape[2] == 4:
-            array = array[..., :3]
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-
     def predict(self, batch, **kwargs):
         """One forward pass over the whole batch; one AnnotationCollection of boxes per input."""
         settings = self._resolve_settings()
-        network = self._inference_network()
-        roi_heads = network.roi_heads
-        roi_heads.score_thresh = float(settings['conf_threshold'])
-        roi_heads.nms_thresh = float(settings['nms_iou_threshold'])
-        roi_heads.detections_per_img = int(settings['max_detections'])
-        for key, counts in zip(RPN_TEST_KEYS, (network.rpn._pre_nms_top_n, network.rpn._post_nms_top_n)):
-            if settings[key] is not None:  # None: the variant's default, set when the network was built
-                counts['testing'] = int(settings[key])
+        network = self._inference_networks.get(self.model, self.device)
+        inference.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
+                                  settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
         labels = self.id_to_label_map()
         images, positions = self._readable(batch)
-        rows = self._forward(network, images, float(settings['conf_threshold'])) if images else []
+        rows = inference.detection_rows(network, images, self.device, float(settings['conf_threshold'])) \
+            if images else []
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
         for position, image_rows in zip(positions, rows):
-            collections[position] = boxes_to_collection(image_rows, labels, model_name, model_id)
+            collections[position] = inference.boxes_to_collection(image_rows, labels, model_name, model_id)
         return collections
 
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
-        """The batch's decoded images (uint8 CHW) and their positions; unreadable entries are kept for the error."""
-        images, positions = [], []
-        limits = self.image_limits()
-        for position, entry in enumerate(batch):
-            if entry is None:
-                continue
-            if not isinstance(entry, UnreadableItem):
-                image = self._to_tensor(entry)
-                try:  # an image the resize would squash to 0 px would fail the whole forward pass
-                    limits.check(image.shape[-1], image.shape[-2])
-                    images.append(image)
-                    positions.append(position)
-                    continue
-                except ImageSizeError as err:
-                    logger.error('cannot read batch entry %d: %s', position, err)
-                    entry = UnreadableItem(None, f'batch entry {position}', str(err))
-            self.unreadable_items.append(entry)
+        """The batch's decoded images and their positions; unreadable entries are kept for the run's error."""
+        images, positions, unreadable = inference.split_readable(batch, self.image_limits())
+        self.unreadable_items.extend(unreadable)
         return images, positions
-
-    def _device_inputs(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
-        """uint8 images to float [0, 1] on the model's device: the network's own transform does the rest."""
-        return [image.to(self.device, non_blocking=True).float().div_(255) for image in images]
-
-    @contextlib.contextmanager
-    def _inference_context(self):
-        """No autograd; fp16 on CUDA (the inference copy keeps anchors and box decoding in fp32), fp32 on CPU."""
-        cuda = self.device.type == 'cuda'
-        cudnn = torch.backends.cudnn
-        # padding_bucket keeps the input shapes few, so cuDNN's per-shape autotuning pays off
-        with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16, enabled=cuda), \
-                cudnn.flags(enabled=cudnn.enabled, benchmark=cuda or cudnn.benchmark,
-                            deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
-            yield
-
-    def _inference_network(self) -> torch.nn.Module:
-        """On CUDA, the fp16-ready copy of the network (remade when the weights change); else the network itself."""
-        if self.device.type != 'cuda':
-            return self.model
-        source, version, network = self._inference_cache
-        if source is not self.model or version != inference.weights_version(self.model):
-            network = inference.inference_network(self.model)
-            self._inference_cache = (self.model, inference.weights_version(self.model), network)
-        return network
-
-    def _forward(self, network: torch.nn.Module, images: List[torch.Tensor], conf_threshold: float) -> List[list]:
-        """Per image, rows [left, top, right, bottom, score, label id] clipped to the image, scores >= threshold.
-
-        The rows of the whole batch come back to the host in one copy (one sync, not three per image).
-        """
-        inputs = self._device_inputs(images)
-        with self._inference_context():
-            outputs = network(inputs)
-            per_image = []
-            for image, output in zip(images, outputs):
-                height, width = image.shape[-2:]
-                boxes = output['boxes'].float()
-                limits = boxes.new_tensor([width, height, width, height])
-                boxes = torch.minimum(boxes.clamp(min=0), limits)
-                per_image.append(torch.cat([boxes, output['scores'].float()[:, None],
-                                            output['labels'].float()[:, None]], dim=1))
-            counts = [len(rows) for rows in per_image]
-            table = torch.cat(per_image).cpu() if per_image else torch.zeros((0, 6))
-        return [block[block[:, 4] >= conf_threshold].tolist() for block in table.split(counts)]
 
     @dl.Package.decorators.function(display_name='Predict Items',
                                     inputs={'items': 'Item[]'},
@@ -387,12 +278,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         images, positions = self._readable(batch)
         vectors: List[Optional[List[float]]] = [None] * len(batch)
         if images:
-            network = self._inference_network()
-            with self._inference_context():
-                image_list, _ = network.transform(self._device_inputs(images))
-                features = network.backbone(image_list.tensors)
-            pooled = fpn_embedding(features, image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
-            for position, vector in zip(positions, pooled.cpu().tolist()):
+            network = self._inference_networks.get(self.model, self.device)
+            for position, vector in zip(positions, inference.image_vectors(network, images, self.device)):
                 vectors[position] = vector
         return vectors
 
@@ -519,24 +406,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             already_uploaded=(trainer.BEST_NAME, trainer.LAST_NAME) if resumed else ())
 
     def _resume_from_artifacts(self, output_path: str) -> bool:
-        """A retried run on a fresh pod finds its checkpoints among the model's artifacts; True when it copied them.
-
-        best.pth comes along with last.pth: the resumed run must still know (and ship)
-        the earlier run's best epoch when its own epochs do not beat it.
-        """
+        """A retried run on a fresh pod finds its checkpoints among the model's artifacts; True when it copied them."""
         from utils import trainer
-        uploaded = os.path.join(self.artifacts_path or '', trainer.WEIGHTS_DIR)
-        local = os.path.join(output_path, trainer.WEIGHTS_DIR)
-        if os.path.isfile(os.path.join(local, trainer.LAST_NAME)) or not self.artifacts_path \
-                or not os.path.isfile(os.path.join(uploaded, trainer.LAST_NAME)):
+        if not self.artifacts_path:
             return False
-        os.makedirs(local, exist_ok=True)
-        for name in (trainer.BEST_NAME, trainer.LAST_NAME):  # last.pth last: it marks a complete copy
-            if os.path.isfile(os.path.join(uploaded, name)):
-                shutil.copyfile(os.path.join(uploaded, name), os.path.join(local, name))
-        logger.info('resuming from the checkpoint uploaded by an earlier run: %s',
-                    os.path.join(uploaded, trainer.LAST_NAME))
-        return True
+        return artifact_sync.restore_checkpoints(os.path.join(self.artifacts_path, trainer.WEIGHTS_DIR),
+                                                 os.path.join(output_path, trainer.WEIGHTS_DIR),
+                                                 names=(trainer.BEST_NAME, trainer.LAST_NAME))
 
     def _drop_uploaded_last_checkpoint(self, uploaded_by_this_run: bool) -> None:
         """After a finished run, delete the last.pth this run or a failed one uploaded (the SDK's upload never

@@ -40,9 +40,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.timing import seconds  # noqa: E402
-from fasterrcnn_adapter import FasterRCNNAdapter, boxes_to_collection  # noqa: E402
+from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
 from utils import engine  # noqa: E402
 from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
+from utils.inference import boxes_to_collection  # noqa: E402
 from utils.local_model import local_model  # noqa: E402
 from utils.model_factory import build_model  # noqa: E402
 from utils.synthetic import make_synthetic_export  # noqa: E402

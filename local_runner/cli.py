@@ -117,15 +117,7 @@ def _logging_options(default) -> argparse.ArgumentParser:
     return options
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # the options work before and after the command; SUPPRESS keeps the subcommand from resetting them
-    common = _logging_options(argparse.SUPPRESS)
-    parser = argparse.ArgumentParser(
-        prog='python -m local_runner', parents=[_logging_options(False)],
-        description='Train, evaluate, predict and export with the Faster R-CNN Dataloop adapter on local folders, '
-                    'offline (no Dataloop account, no platform calls).')
-    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
-
+def _add_train(commands, common) -> None:
     p = commands.add_parser('train', parents=[common], help='fine-tune on a local export (DIR/train, DIR/validation)',
                             description='convert_from_dtlpy + train + save on a folder in Dataloop\'s download '
                                         'layout. Writes OUT/weights/best.pth, OUT/model.json, OUT/curves.csv/png. '
@@ -141,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='class labels in id order (ids 1..K); default: the labels found in the data, sorted')
     p.set_defaults(func=cmd_train)
 
+
+def _add_predict(commands, common) -> None:
     p = commands.add_parser('predict', parents=[common], help='boxes on images: Dataloop annotation JSON + PNG',
                             description='One <name>.json (Dataloop item JSON with the box annotations '
                                         'predict_items would upload) and one <name>.png (boxes, labels, scores '
@@ -152,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep boxes with score >= this (default: the model's conf_threshold, 0.5 unless configured)")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_evaluate(commands, common) -> None:
     p = commands.add_parser('evaluate', parents=[common], help='COCO mAP, per-class AP, precision-recall plot',
                             description='COCO bbox evaluation of a trained model on one subset of a local export. '
                                         'Writes evaluation_<subset>.json/.txt and pr_curve_<subset>.png.')
@@ -161,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', metavar='DIR', help='where to write the results (default: the model folder)')
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_export(commands, common) -> None:
     p = commands.add_parser('export', parents=[common], help='the trained network as ONNX at a fixed input size',
                             description='Writes an ONNX file (classic TorchScript-based exporter, opset 17; needs '
                                         'the onnx package of requirements-dev.txt) and beside it FILE.onnx.json: the '
@@ -172,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input height and width in pixels, each >= 32 (default: a min_size square)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_demo(commands, common) -> None:
     p = commands.add_parser('demo', parents=[common],
                             help='synthetic data -> train from random weights -> evaluate -> predict',
                             description='Writes a seeded synthetic detection set, trains on it from random '
@@ -186,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--n-val', type=_positive_int, default=None,
                    help=f"validation images (default {demo.DEMO_DATA['n_val']})")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # the options work before and after the command; SUPPRESS keeps the subcommand from resetting them
+    common = _logging_options(argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(
+        prog='python -m local_runner', parents=[_logging_options(False)],
+        description='Train, evaluate, predict and export with the Faster R-CNN Dataloop adapter on local folders, '
+                    'offline (no Dataloop account, no platform calls).')
+    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for add_command in (_add_train, _add_predict, _add_evaluate, _add_export, _add_demo):  # the help's order
+        add_command(commands, common)
     return parser
 
 

@@ -5,11 +5,10 @@ import dtlpy as dl
 import pytest
 import torch
 
-from fasterrcnn_adapter import boxes_to_collection
 from torchvision.models.detection._utils import BoxCoder
 
 from utils.group_by_aspect_ratio import aspect_ratio_groups, build_grouped_batch_sampler
-from utils.inference import Prefetcher, fold_batch_norms, inference_network
+from utils.inference import NetworkCache, Prefetcher, boxes_to_collection, fold_batch_norms, inference_network
 from utils.model_factory import BucketedTransform, build_model
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
@@ -135,6 +134,17 @@ def test_inference_copy_folds_batch_norms_and_keeps_the_detections():
     assert torch.equal(expected['labels'], got['labels'])
     assert torch.allclose(expected['boxes'], got['boxes'], atol=1e-2)
     assert torch.allclose(expected['scores'], got['scores'], atol=1e-4)
+
+
+def test_inference_copy_is_cached_until_the_weights_change():
+    model, cache = build_model(VARIANT, 4, 160, 240).eval(), NetworkCache()
+    assert cache.get(model, torch.device('cpu')) is model  # off CUDA: the network itself
+    cuda = torch.device('cuda')  # the copy is made on the model's own device: no GPU needed to check the cache
+    copy = cache.get(model, cuda)
+    assert copy is not model and cache.get(model, cuda) is copy
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias.add_(1.0)  # what an optimizer step does
+    assert cache.get(model, cuda) is not copy
 
 
 def test_inference_copy_keeps_anchors_and_box_decoding_in_fp32_under_fp16():

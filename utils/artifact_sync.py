@@ -4,7 +4,8 @@ Why: the SDK uploads a run's files only once `train` returns or raises. A pod
 reset or a preemption kills the process before either, and the retried
 execution starts on a fresh pod that has nothing but the model's artifacts.
 With the resume checkpoint uploaded every `interval_s`, such a retry resumes
-from it and loses at most that interval plus the epoch in progress.
+from it and loses at most that interval plus the epoch in progress
+(`restore_checkpoints` copies them back).
 
 How: at an epoch end (the checkpoints of the epoch are written by then) the
 files that changed since their last upload are copied to a staging folder on
@@ -27,6 +28,24 @@ logger = logging.getLogger(__name__)
 
 Signature = Tuple[int, int, int]
 STAGING_PREFIX = '.checkpoint-upload-'
+
+
+def restore_checkpoints(uploaded_dir: str, local_dir: str, names: Sequence[str]) -> bool:
+    """The retry's side: copy `names` from the artifacts' `uploaded_dir` into `local_dir`; True when it copied.
+
+    The last name is the resume checkpoint: nothing is copied unless it was uploaded and `local_dir`
+    has none of its own (a local one is newer). The others come along: a resumed run must still know
+    (and ship) the earlier run's best epoch when its own epochs do not beat it.
+    """
+    resume = names[-1]
+    if os.path.isfile(os.path.join(local_dir, resume)) or not os.path.isfile(os.path.join(uploaded_dir, resume)):
+        return False
+    os.makedirs(local_dir, exist_ok=True)
+    for name in names:  # the resume checkpoint last: it marks a complete copy
+        if os.path.isfile(os.path.join(uploaded_dir, name)):
+            shutil.copyfile(os.path.join(uploaded_dir, name), os.path.join(local_dir, name))
+    logger.info('resuming from the checkpoint uploaded by an earlier run: %s', os.path.join(uploaded_dir, resume))
+    return True
 
 
 def _signature(path: str) -> Optional[Signature]:

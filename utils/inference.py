@@ -1,21 +1,36 @@
-"""Fast prediction pieces: a GPU copy of the network for fp16 inference, and decoding ahead of the GPU.
+"""The prediction path: batch entries to network inputs, the forward pass, its rows as Dataloop boxes.
 
-On CUDA the adapter predicts with `inference_network(model)`: batch norms folded into
-the convolutions, channels_last, run under fp16 autocast, with anchors and box
-decoding kept in fp32 (in fp16, coordinates near 1000 px are only 0.5-1 px apart,
-so boxes would drift by about a pixel). On CPU the training network is used as is.
+The adapter's predict / embed / predict_items are short calls into this module:
+`split_readable` turns a batch into images (and the entries that cannot run),
+`detection_rows` / `image_vectors` run them under `inference_context`, and
+`boxes_to_collection` turns one image's rows into annotations. Two pieces are
+about speed: on CUDA the adapter predicts with `inference_network(model)`
+(cached by `NetworkCache`): batch norms folded into the convolutions,
+channels_last, run under fp16 autocast, with anchors and box decoding kept in
+fp32 (in fp16, coordinates near 1000 px are only 0.5-1 px apart, so boxes would
+drift by about a pixel); on CPU the training network is used as is. And
+`Prefetcher` decodes the next batch while the network runs this one.
 """
+import contextlib
 import copy
+import dataclasses
 import logging
 import threading
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, List, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+import dtlpy as dl
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.transforms.functional import pil_to_tensor
+
+from utils.embeddings import fpn_embedding
+from utils.images import ImageLimits, ImageSizeError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +117,155 @@ def inference_network(model: nn.Module) -> nn.Module:
 def weights_version(model: nn.Module) -> int:
     """Changes whenever a parameter or buffer is modified in place (optimizer step, load_state_dict)."""
     return sum(t._version for t in model.parameters()) + sum(t._version for t in model.buffers())
+
+
+class NetworkCache:
+    """The network to predict with: on CUDA the fp16-ready copy, made once and remade only when the
+    weights change (a copy costs far more than a batch); elsewhere the network itself."""
+
+    def __init__(self):
+        self._entry = (None, None, None)  # (network it was made from, its weights version, the copy)
+
+    def get(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if device.type != 'cuda':
+            return model
+        source, version, network = self._entry
+        if source is not model or version != weights_version(model):
+            network = inference_network(model)
+            self._entry = (model, weights_version(model), network)
+        return network
+
+
+@dataclasses.dataclass
+class UnreadableItem:
+    """Stands in a batch for an item that could not be decoded, so the rest of the batch goes on."""
+    item_id: Optional[str]
+    name: str
+    reason: str
+
+    def __str__(self):
+        return f'{self.name} (id {self.item_id}): {self.reason}'
+
+
+def to_tensor(image) -> torch.Tensor:
+    """uint8 CHW tensor from what a batch may hold: a tensor, a PIL image or an HxW(xC) array."""
+    if isinstance(image, torch.Tensor):
+        return image
+    if isinstance(image, Image.Image):
+        return pil_to_tensor(image.convert('RGB'))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    if array.shape[2] == 4:
+        array = array[..., :3]
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def split_readable(batch: Sequence[Any], limits: ImageLimits
+                   ) -> Tuple[List[torch.Tensor], List[int], List[UnreadableItem]]:
+    """The batch's decoded images (uint8 CHW), their positions, and its unreadable entries in batch order.
+
+    None entries are skipped. An image the network's resize would squash to 0 px is refused here:
+    in the forward pass it would fail the whole batch.
+    """
+    images, positions, unreadable = [], [], []
+    for position, entry in enumerate(batch):
+        if entry is None:
+            continue
+        if not isinstance(entry, UnreadableItem):
+            image = to_tensor(entry)
+            try:
+                limits.check(image.shape[-1], image.shape[-2])
+                images.append(image)
+                positions.append(position)
+                continue
+            except ImageSizeError as err:
+                logger.error('cannot read batch entry %d: %s', position, err)
+                entry = UnreadableItem(None, f'batch entry {position}', str(err))
+        unreadable.append(entry)
+    return images, positions, unreadable
+
+
+def device_inputs(images: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """uint8 images to float [0, 1] on `device`: the network's own transform does the rest."""
+    return [image.to(device, non_blocking=True).float().div_(255) for image in images]
+
+
+@contextlib.contextmanager
+def inference_context(device: torch.device):
+    """No autograd; fp16 on CUDA (the inference copy keeps anchors and box decoding in fp32), fp32 on CPU."""
+    cuda = device.type == 'cuda'
+    cudnn = torch.backends.cudnn
+    # padding_bucket keeps the input shapes few, so cuDNN's per-shape autotuning pays off
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16, enabled=cuda), \
+            cudnn.flags(enabled=cudnn.enabled, benchmark=cuda or cudnn.benchmark,
+                        deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+        yield
+
+
+def set_postprocess(network: nn.Module, score_thresh: float, nms_thresh: float, detections_per_img: int,
+                    rpn_test_counts: Sequence[Optional[int]] = (None, None)) -> None:
+    """Apply the prediction settings to the network's heads before a forward pass (they may change between
+    calls). `rpn_test_counts` (pre-NMS, post-NMS proposals kept at test time): None keeps the variant's own."""
+    roi_heads = network.roi_heads
+    roi_heads.score_thresh = float(score_thresh)
+    roi_heads.nms_thresh = float(nms_thresh)
+    roi_heads.detections_per_img = int(detections_per_img)
+    for count, counts in zip(rpn_test_counts, (network.rpn._pre_nms_top_n, network.rpn._post_nms_top_n)):
+        if count is not None:
+            counts['testing'] = int(count)
+
+
+def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch.device,
+                   conf_threshold: float) -> List[list]:
+    """Per image, rows [left, top, right, bottom, score, label id] clipped to the image, scores >= threshold.
+
+    The rows of the whole batch come back to the host in one copy (one sync, not three per image).
+    """
+    inputs = device_inputs(images, device)
+    with inference_context(device):
+        outputs = network(inputs)
+        per_image = []
+        for image, output in zip(images, outputs):
+            height, width = image.shape[-2:]
+            boxes = output['boxes'].float()
+            limits = boxes.new_tensor([width, height, width, height])
+            boxes = torch.minimum(boxes.clamp(min=0), limits)
+            per_image.append(torch.cat([boxes, output['scores'].float()[:, None],
+                                        output['labels'].float()[:, None]], dim=1))
+        counts = [len(rows) for rows in per_image]
+        table = torch.cat(per_image).cpu() if per_image else torch.zeros((0, 6))
+    return [block[block[:, 4] >= conf_threshold].tolist() for block in table.split(counts)]
+
+
+def image_vectors(network: nn.Module, images: List[torch.Tensor], device: torch.device) -> List[List[float]]:
+    """One L2-normalised vector per image (`utils.embeddings.fpn_embedding`), through the same
+    preprocessing and precision as `detection_rows`, so a vector describes what prediction sees."""
+    with inference_context(device):
+        image_list, _ = network.transform(device_inputs(images, device))
+        features = network.backbone(image_list.tensors)
+    pooled = fpn_embedding(features, image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
+    return pooled.cpu().tolist()
+
+
+def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: str,
+                        model_id: Optional[str]) -> dl.AnnotationCollection:
+    """One image's rows [left, top, right, bottom, score, label id] as an AnnotationCollection of boxes.
+
+    Same annotations as `collection.add(annotation_definition=dl.Box(...), model_info=...)` per box,
+    built with `dl.Annotation.new` directly: `add`'s per-call checks (video frames, object ids,
+    model_info validation) do not apply to image boxes whose confidences are already in [0, 1].
+    """
+    collection = dl.AnnotationCollection()
+    new, box, append = dl.Annotation.new, dl.Box, collection.annotations.append
+    for left, top, right, bottom, score, label_id in rows:
+        label_id = int(label_id)
+        confidence = round(min(max(score, 0.0), 1.0), 4)
+        metadata = {'user': {'model': {'confidence': confidence, 'name': model_name, 'model_id': model_id}}}
+        append(new(annotation_definition=box(left=left, top=top, right=right, bottom=bottom,
+                                             label=labels.get(label_id, str(label_id))),
+                   automated=True, metadata=metadata))
+    return collection
 
 
 class Prefetcher:
