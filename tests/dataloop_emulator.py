@@ -316,9 +316,6 @@ class DataloopEmulator:
                 if (dataset_id is None or i['datasetId'] == dataset_id)
                 and (filename is None or i['filename'] == filename)]
 
-    def not_found_paths(self):
-        return [r.path for r in self.missing]
-
     # ------------------------------------------------------------------ seeding
     def seed_project(self, name='project'):
         """A project and its ``Binaries`` dataset (where the SDK puts model artifacts and exports)."""

@@ -1,12 +1,10 @@
 """Adapter core: variants, weights (artifact / COCO-pretrained / random), save-load, prediction geometry."""
-import io
 import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fasterrcnn_adapter import FasterRCNNAdapter, UnreadableItem
 from utils import config as config_lib

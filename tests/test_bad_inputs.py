@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from local_runner.cli import main as local_runner_main
-from fasterrcnn_adapter import FasterRCNNAdapter, UnreadableItem
+from fasterrcnn_adapter import UnreadableItem
 from test_adapter_core import SMALL, boxes_of, make_adapter, random_image
 from test_dataloop_reader import _image_bytes, _item, _mask_png
 from test_training import LABEL_TO_ID, make_records, settings, small_model
