@@ -163,14 +163,8 @@ def training_rows(cfg, device, cuda):
 
         def epoch():
             for indices in batches:
-                images = [data[i][0].to(device, non_blocking=True) for i in indices]
-                targets = [{k: v.to(device) for k, v in data[i][1].items()} for i in indices]
-                with torch.autocast(device.type, enabled=cuda):
-                    loss = sum(model(images, targets).values())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                bare_step(model, optimizer, scaler, [data[i][0] for i in indices], [data[i][1] for i in indices],
+                          device, cuda)
         first = seconds(epoch, device)
         steady = statistics.median(seconds(epoch, device) for _ in range(cfg['runs']))
         return first / len(batches) * 1000, steady / len(batches) * 1000
@@ -211,18 +205,23 @@ def synthetic_loader(cfg, device, root):
                                        persistent_workers=True), len(label_to_id) + 1
 
 
-def bare_epoch(model, optimizer, scaler, loader, device, amp):
+def bare_step(model, optimizer, scaler, images, targets, device, amp):
     """torchvision's detection tutorial step, nothing else."""
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+    with torch.autocast(device.type, enabled=amp):
+        loss = sum(model(images, targets).values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def bare_epoch(model, optimizer, scaler, loader, device, amp):
+    """One pass of the tutorial step over `loader`."""
     model.train()
     for images, targets in loader:
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, enabled=amp):
-            loss = sum(model(images, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        bare_step(model, optimizer, scaler, images, targets, device, amp)
 
 
 def engine_rows(cfg, device, cuda):

@@ -41,6 +41,11 @@ def _umask() -> int:
     return umask
 
 
+# read once: os.umask can only be read by setting it, and checkpoints are written from a background
+# thread while the main thread creates files (a file created in between would get umask 0)
+_UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = 'w', fsync: bool = False, **open_kwargs) -> Iterator[IO]:
     """Open a temporary sibling of `path` for writing; on a clean exit it replaces `path`.
@@ -64,7 +69,7 @@ def atomic_write(path: str, mode: str = 'w', fsync: bool = False, **open_kwargs)
         _in_flight.add(tmp)
     try:
         # mkstemp makes the file owner-only (0600); give it the permissions a plain open() would
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             if fsync:

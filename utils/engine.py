@@ -40,13 +40,6 @@ def _to_device(images, targets, device: torch.device):
     return images, targets
 
 
-def _length(data_loader) -> Optional[int]:
-    try:
-        return len(data_loader)
-    except TypeError:
-        return None
-
-
 def _warmup_scheduler(optimizer, epoch: int, warmup_iters: int, n_batches: Optional[int], warmup_factor: float):
     """Epoch 0's per-iteration linear warm-up over ``min(warmup_iters, n_batches - 1)`` steps, else None."""
     if epoch != 0 or warmup_iters <= 0:
@@ -154,13 +147,15 @@ def _zero_missing_momentum(optimizer: torch.optim.Optimizer) -> None:
                 state['momentum_buffer'] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
-def _train_step(model, optimizer, images, targets, device, scaler, max_grad_norm: float):
+def _train_step(model, optimizer, params, skips_on_device: bool, images, targets, device, scaler,
+                max_grad_norm: float):
     """Forward, backward and (unless a loss or the gradient is non-finite) the optimizer step.
 
-    Returns ``(values, taken)``: the LOSS_KEYS values and a bool tensor, both on the
-    device, read later (no sync here). With a GradScaler, or an optimizer that skips
-    on an on-device flag (fused SGD), nothing waits for the GPU; a plain optimizer
-    in fp32 needs one sync to decide whether to step.
+    `params`: the optimizer's parameters; `skips_on_device`: `_skips_on_device(optimizer)`,
+    both worked out once per epoch. Returns ``(values, taken)``: the LOSS_KEYS values and a
+    bool tensor, both on the device, read later (no sync here). With a GradScaler, or an
+    optimizer that skips on an on-device flag (fused SGD), nothing waits for the GPU; a
+    plain optimizer in fp32 needs one sync to decide whether to step.
     """
     images, targets = _to_device(images, targets, device)
     with torch.autocast(device_type=device.type, enabled=scaler is not None):
@@ -170,9 +165,6 @@ def _train_step(model, optimizer, images, targets, device, scaler, max_grad_norm
     finite_loss = torch.isfinite(values).all()
     optimizer.zero_grad(set_to_none=True)
     clip = bool(max_grad_norm and max_grad_norm > 0)
-    params = [p for group in optimizer.param_groups for p in group['params']]
-    if _skips_on_device(optimizer):
-        _zero_missing_momentum(optimizer)
     if scaler is not None:  # the scaler skips non-finite gradients itself (an overflow is not our concern)
         scaler.scale(losses).backward()
         if clip:
@@ -182,13 +174,12 @@ def _train_step(model, optimizer, images, targets, device, scaler, max_grad_norm
         scaler.update()
         return values, finite_loss
     losses.backward()
-    grads = [p.grad for p in params if p.grad is not None]
     if clip:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm, error_if_nonfinite=False)
     else:
-        norm = torch.nn.utils.get_total_norm(grads)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     taken = finite_loss & torch.isfinite(norm)
-    if _skips_on_device(optimizer):
+    if skips_on_device:
         optimizer.found_inf = (~taken).float()
         try:
             optimizer.step()
@@ -224,17 +215,20 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
     model.train()
     epoch_label = f'{epoch + 1}/{total_epochs}' if total_epochs else f'{epoch + 1}'
     header = f'Epoch: [{epoch_label}]'
-    n_batches = _length(data_loader)
-    warmup = _warmup_scheduler(optimizer, epoch, warmup_iters, n_batches, warmup_factor)
+    bar = Progress(data_loader, desc=f'epoch {epoch_label}', unit='batch', log=logger, enabled=progress)
+    warmup = _warmup_scheduler(optimizer, epoch, warmup_iters, bar.total, warmup_factor)
     guard = _StepGuard(header, max_nonfinite, optimizer, device, check_every=log_interval)
-    bar = Progress(data_loader, total=n_batches, desc=f'epoch {epoch_label}', unit='batch', log=logger,
-                   enabled=progress)
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    skips_on_device = _skips_on_device(optimizer)
+    if skips_on_device:
+        _zero_missing_momentum(optimizer)  # once: later steps update the buffers in place
     for step, (images, targets) in enumerate(bar, 1):
         if len(images) == 0:
             logger.warning('%s: skipping a batch in which no image could be read', header)
             step_scheduler(warmup)
             continue
-        values, taken = _train_step(model, optimizer, images, targets, device, scaler, max_grad_norm)
+        values, taken = _train_step(model, optimizer, params, skips_on_device, images, targets, device, scaler,
+                                    max_grad_norm)
         guard.record(targets, values, taken)
         step_scheduler(warmup)
         if progress and log_interval > 0 and step % log_interval == 0:
@@ -292,7 +286,6 @@ def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: to
 
     start = time.time()
     evaluator = CocoEvaluator(get_coco_api_from_dataset(data_loader.dataset), ['bbox'], backend=backend)
-    n_images = 0
     model_time = 0.0
     bar = Progress(data_loader, desc='evaluate', unit='batch', log=logger, enabled=progress)
     with _coco_protocol(model), contextlib.closing(bar):
@@ -307,12 +300,12 @@ def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: to
             outputs = [{k: v.to('cpu') for k, v in output.items()} for output in outputs]
             model_time += time.time() - tic
             evaluator.update({target['image_id']: output for target, output in zip(targets, outputs)})
-            n_images += len(images)
 
     tic = time.time()
     evaluator.accumulate()
     evaluator.summarize()
     coco_time = time.time() - tic
+    n_images = len(evaluator.img_ids)  # one entry per image evaluated
     evaluation = Evaluation.of(evaluator, n_images)
     logger.info('evaluated %d image(s) in %.1fs (model %.1fs, COCO %.2fs): %s', n_images, time.time() - start,
                 model_time, coco_time, ' '.join(f'{key} {value:.4f}' for key, value in evaluation.items()))

@@ -22,7 +22,6 @@ best so far (best.pth = the latest weights) and early stopping is off. At the
 end, the model holds the best epoch's weights.
 """
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
@@ -87,8 +86,12 @@ class _Run:
     last_epoch: int = -1  # the last finished epoch
     best_score: float = -math.inf
     best_epoch: int = -1
-    stale: int = 0
     stopped_early: bool = False
+
+    @property
+    def stale(self) -> int:
+        """Epochs since the best one (what early stopping counts)."""
+        return max(0, self.last_epoch - self.best_epoch)
 
     def add(self, record: Dict[str, Any]) -> bool:
         """Append an epoch's record; True when it is the best so far (every epoch, without validation)."""
@@ -96,9 +99,7 @@ class _Run:
         self.last_epoch = record['epoch']
         improved = (not self.has_val) or record['mAP'] > self.best_score
         if improved:
-            self.best_score, self.best_epoch, self.stale = record['mAP'], record['epoch'], 0
-        else:
-            self.stale += 1
+            self.best_score, self.best_epoch = record['mAP'], record['epoch']
         self.stopped_early = bool(self.has_val and self.patience and self.stale >= self.patience)
         return improved
 
@@ -160,10 +161,6 @@ def _autotune(model: torch.nn.Module, device: torch.device):
     with cudnn.flags(enabled=cudnn.enabled, benchmark=wanted or cudnn.benchmark,
                      deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
         yield
-
-
-def _float(value: Any) -> float:
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 def _summary_line(record: Mapping[str, Any], epochs: int, best_score: float, best_epoch: int) -> str:
@@ -342,7 +339,6 @@ def _resume(run: _Run, source: str, last_path: str, best_path: str) -> bool:
     run.history = list(checkpoint.get('history') or [])
     run.last_epoch = int(checkpoint['epoch'])
     run.best_score, run.best_epoch = float(checkpoint['best_score']), int(checkpoint['best_epoch'])
-    run.stale = _epochs_since_best(run.history, run.best_epoch)
     # finished by the plan of this call: a finished run asked for more epochs goes on
     if checkpoint.get('stopped_early') or int(checkpoint['epoch']) + 1 >= run.epochs:
         run.stopped_early = bool(checkpoint.get('stopped_early', False))
@@ -389,9 +385,9 @@ def _train_and_evaluate(run: _Run, train_loader, val_loader, device, epoch: int,
     eval_time = time.time() - tic
 
     record: Dict[str, Any] = {'epoch': epoch}
-    record.update({key: _float(losses[key]) for key in LOSS_KEYS})
+    record.update({key: float(losses[key]) for key in LOSS_KEYS})
     record['lr'] = lr_used
-    record.update({key: _float(scores.get(key, 0.0)) for key in EVAL_KEYS})
+    record.update({key: float(scores.get(key, 0.0)) for key in EVAL_KEYS})
     n_train = len(train_loader.dataset)
     record.update(train_time=train_time, eval_time=eval_time,
                   images_per_s=n_train / train_time if train_time > 0 else 0.0)
@@ -419,7 +415,7 @@ def _checkpoints(run: _Run, epoch: int, metrics: Dict[str, float], last_path: st
                                                  epoch=epoch, metrics=dict(metrics))))
     files.append((last_path, make_checkpoint(
         run.model, **run.checkpoint_info, state_dict=weights,
-        optimizer=cpu_copy(run.optimizer.state_dict()), lr_scheduler=copy.deepcopy(run.lr_scheduler.state_dict()),
+        optimizer=cpu_copy(run.optimizer.state_dict()), lr_scheduler=cpu_copy(run.lr_scheduler.state_dict()),
         scaler=run.scaler.state_dict() if run.scaler is not None else None,
         epoch=epoch, epochs=run.epochs, best_score=run.best_score, best_epoch=run.best_epoch,
         history=list(run.history), stopped_early=run.stopped_early, finished=finished,
@@ -435,12 +431,6 @@ def discard_finished_state(output_path: str) -> bool:
         return False
     os.remove(last_path)
     return True
-
-
-def _epochs_since_best(history: Sequence[Mapping[str, Any]], best_epoch: int) -> int:
-    if not history:
-        return 0
-    return max(0, int(history[-1]['epoch']) - best_epoch)
 
 
 def _load_best(model: torch.nn.Module, best_path: str, best_epoch: int, last_epoch: int,
