@@ -9,7 +9,6 @@ training (`utils.trainer`, `utils.artifact_sync`) and prediction
 import contextlib
 import logging
 import os
-import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
 import dtlpy as dl
@@ -22,18 +21,20 @@ from utils import config as config_lib
 from utils import device as device_lib
 from utils import inference
 from utils import model_factory
-from utils.atomic import atomic_write, remove_stale_temporaries
+from utils.atomic import copy_file, remove_stale_temporaries
 from utils.errors import InputError
 from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image, network_limits
 from utils.inference import UnreadableItem
 from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
+from utils.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR
 from utils.progress import route_sdk_bars
 
 logger = logging.getLogger('fasterrcnn.adapter')
 
 INDEX_FILENAME = 'fasterrcnn_index.json'
 ANNOTATION_TYPES_FOR_TRAINING = ['box', 'segment', 'binary', 'ellipse']
+CHECKPOINT_NAMES = (BEST_NAME, LAST_NAME)  # the resume checkpoint last: it names the best epoch
 RPN_TEST_KEYS = ('rpn_pre_nms_top_n_test', 'rpn_post_nms_top_n_test')
 
 
@@ -161,8 +162,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         best = self.best_checkpoint_path
         if best and os.path.isfile(best):
             if os.path.abspath(best) != os.path.abspath(target):
-                with open(best, 'rb') as source, atomic_write(target, 'wb') as f:
-                    shutil.copyfileobj(source, f)
+                copy_file(best, target)
         else:
             payload = model_factory.make_checkpoint(self.model, settings['model_variant'], self.id_to_label_map())
             model_factory.save_checkpoint(payload, target)
@@ -220,8 +220,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                   settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
         labels = self.id_to_label_map()
         images, positions = self._readable(batch)
-        rows = inference.detection_rows(network, images, self.device, float(settings['conf_threshold'])) \
-            if images else []
+        rows = inference.detection_rows(network, images, self.device) if images else []
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
         for position, image_rows in zip(positions, rows):
@@ -362,7 +361,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         resumed = self._resume_from_artifacts(output_path)
         # set before fitting: if the run fails, the SDK's save-on-failure ships the trainer's best epoch
         # as is, instead of save() overwriting it with the half-trained weights of the failed epoch
-        self.best_checkpoint_path = os.path.join(output_path, trainer.WEIGHTS_DIR, trainer.BEST_NAME)
+        self.best_checkpoint_path = os.path.join(output_path, WEIGHTS_DIR, BEST_NAME)
         uploader = self._checkpoint_uploader(output_path, settings, resumed)
         callback = kwargs.get('on_epoch_end_callback')
 
@@ -383,14 +382,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             if uploader is not None:
                 uploader.close()  # nothing may land after the SDK's own upload or the delete below
         # weights/last.pth stays, saying the run finished, until save_to_model ships the folder without it
-        self._drop_uploaded_last_checkpoint(uploader is not None and trainer.LAST_NAME in uploader.uploaded_names)
+        self._drop_uploaded_last_checkpoint(uploader is not None and LAST_NAME in uploader.uploaded_names)
         self.model.eval()
         return result
 
     def _checkpoint_uploader(self, output_path: str, settings: Dict[str, Any],
                              resumed: bool) -> Optional[artifact_sync.CheckpointUploader]:
         """Uploads last.pth / best.pth during training, so a pod reset resumes from them; None off the platform."""
-        from utils import trainer
         if not self.model_entity.project_id:  # a local model (local_runner, tests): no artifacts to upload to
             return None
 
@@ -399,29 +397,27 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                 raise RuntimeError('the SDK reported the upload as failed (its warning says why)')
 
         return artifact_sync.CheckpointUploader(
-            upload, os.path.join(output_path, trainer.WEIGHTS_DIR), trainer.WEIGHTS_DIR,
-            names=(trainer.BEST_NAME, trainer.LAST_NAME),  # last.pth last: it names the best epoch
+            upload, os.path.join(output_path, WEIGHTS_DIR), WEIGHTS_DIR,
+            names=CHECKPOINT_NAMES,
             interval_s=settings['checkpoint_upload_interval_s'],
             staging_parent=os.path.dirname(os.path.abspath(output_path)),
-            already_uploaded=(trainer.BEST_NAME, trainer.LAST_NAME) if resumed else ())
+            already_uploaded=CHECKPOINT_NAMES if resumed else ())
 
     def _resume_from_artifacts(self, output_path: str) -> bool:
         """A retried run on a fresh pod finds its checkpoints among the model's artifacts; True when it copied them."""
-        from utils import trainer
         if not self.artifacts_path:
             return False
-        return artifact_sync.restore_checkpoints(os.path.join(self.artifacts_path, trainer.WEIGHTS_DIR),
-                                                 os.path.join(output_path, trainer.WEIGHTS_DIR),
-                                                 names=(trainer.BEST_NAME, trainer.LAST_NAME))
+        return artifact_sync.restore_checkpoints(os.path.join(self.artifacts_path, WEIGHTS_DIR),
+                                                 os.path.join(output_path, WEIGHTS_DIR),
+                                                 names=CHECKPOINT_NAMES)
 
     def _drop_uploaded_last_checkpoint(self, uploaded_by_this_run: bool) -> None:
         """After a finished run, delete the last.pth this run or a failed one uploaded (the SDK's upload never
         deletes): left among the artifacts, the next train_model (or a clone's) would resume from it."""
-        from utils import trainer
         if not uploaded_by_this_run and not (self.artifacts_path and os.path.isfile(
-                os.path.join(self.artifacts_path, trainer.WEIGHTS_DIR, trainer.LAST_NAME))):
+                os.path.join(self.artifacts_path, WEIGHTS_DIR, LAST_NAME))):
             return  # the model has no uploaded last.pth
-        remote = f'/artifacts/models/{self.model_entity.name}/{trainer.WEIGHTS_DIR}/{trainer.LAST_NAME}'
+        remote = f'/artifacts/models/{self.model_entity.name}/{WEIGHTS_DIR}/{LAST_NAME}'
         try:
             self.model_entity.artifacts.items_repository.delete(filters=dl.Filters(field='filename', values=remote))
             logger.info('deleted the resume checkpoint %s from the model\'s artifacts: the run is complete', remote)

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from utils.atomic import copy_file
+
 logger = logging.getLogger(__name__)
 
 Signature = Tuple[int, int, int]
@@ -41,9 +43,9 @@ def restore_checkpoints(uploaded_dir: str, local_dir: str, names: Sequence[str])
     if os.path.isfile(os.path.join(local_dir, resume)) or not os.path.isfile(os.path.join(uploaded_dir, resume)):
         return False
     os.makedirs(local_dir, exist_ok=True)
-    for name in names:  # the resume checkpoint last: it marks a complete copy
+    for name in names:  # the resume checkpoint last (and whole, or not at all): it marks a complete copy
         if os.path.isfile(os.path.join(uploaded_dir, name)):
-            shutil.copyfile(os.path.join(uploaded_dir, name), os.path.join(local_dir, name))
+            copy_file(os.path.join(uploaded_dir, name), os.path.join(local_dir, name))
     logger.info('resuming from the checkpoint uploaded by an earlier run: %s', os.path.join(uploaded_dir, resume))
     return True
 

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import stat
+import shutil
 import tempfile
 import threading
 import time
@@ -137,6 +138,13 @@ def _listdir(folder: str) -> List[str]:
         return os.listdir(folder)
     except OSError:  # no folder yet: nothing to clean
         return []
+
+
+def copy_file(source: str, path: str) -> str:
+    """Copy `source` to `path` atomically: a copy cut off half-way never stands at `path`."""
+    with open(source, 'rb') as src, atomic_write(path, 'wb') as f:
+        shutil.copyfileobj(src, f)
+    return path
 
 
 def write_json(path: str, document: Any, indent: Optional[int] = None) -> str:

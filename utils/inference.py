@@ -31,6 +31,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from utils.embeddings import fpn_embedding
 from utils.images import ImageLimits, ImageSizeError
+from utils.model_factory import cudnn_autotune
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +196,8 @@ def device_inputs(images: List[torch.Tensor], device: torch.device) -> List[torc
 def inference_context(device: torch.device):
     """No autograd; fp16 on CUDA (the inference copy keeps anchors and box decoding in fp32), fp32 on CPU."""
     cuda = device.type == 'cuda'
-    cudnn = torch.backends.cudnn
     # padding_bucket keeps the input shapes few, so cuDNN's per-shape autotuning pays off
-    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16, enabled=cuda), \
-            cudnn.flags(enabled=cudnn.enabled, benchmark=cuda or cudnn.benchmark,
-                        deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16, enabled=cuda), cudnn_autotune(cuda):
         yield
 
 
@@ -216,9 +214,9 @@ def set_postprocess(network: nn.Module, score_thresh: float, nms_thresh: float, 
             counts['testing'] = int(count)
 
 
-def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch.device,
-                   conf_threshold: float) -> List[list]:
-    """Per image, rows [left, top, right, bottom, score, label id] clipped to the image, scores >= threshold.
+def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch.device) -> List[list]:
+    """Per image, rows [left, top, right, bottom, score, label id] clipped to the image (the network's
+    `roi_heads.score_thresh`, set by `set_postprocess`, has already dropped the low scores).
 
     The rows of the whole batch come back to the host in one copy (one sync, not three per image).
     """
@@ -235,7 +233,7 @@ def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch
                                         output['labels'].float()[:, None]], dim=1))
         counts = [len(rows) for rows in per_image]
         table = torch.cat(per_image).cpu() if per_image else torch.zeros((0, 6))
-    return [block[block[:, 4] >= conf_threshold].tolist() for block in table.split(counts)]
+    return [block.tolist() for block in table.split(counts)]
 
 
 def image_vectors(network: nn.Module, images: List[torch.Tensor], device: torch.device) -> List[List[float]]:

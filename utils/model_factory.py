@@ -1,5 +1,6 @@
 """Build torchvision Faster R-CNN variants and (de)serialize adapter checkpoints."""
 import collections
+import contextlib
 import copy
 import functools
 import logging
@@ -90,6 +91,16 @@ def bucketed_side(side: int, anchor: int, step: int, cap: int) -> int:
     else:
         value = anchor + _round_up(side - anchor, step)
     return max(side, min(value, cap))
+
+
+@contextlib.contextmanager
+def cudnn_autotune(enabled: bool):
+    """cuDNN's per-shape autotuning (`cudnn.benchmark`) on inside the block when `enabled` (left as it
+    was otherwise): it pays off where input shapes repeat, as `BucketedTransform`'s grid makes them."""
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=enabled or cudnn.benchmark,
+                     deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+        yield
 
 
 class BucketedTransform(GeneralizedRCNNTransform):
@@ -212,14 +223,19 @@ def save_checkpoint(payload: Mapping[str, Any], path: str) -> str:
 def load_checkpoint(path: str, map_location: Optional[str] = 'cpu') -> Dict[str, Any]:
     """Load with `weights_only=True` (a checkpoint carrying code to execute is refused), then
     `validate_checkpoint`: what comes back is a checkpoint dict whose metadata agrees with its tensors."""
+    try:
+        loaded = _torch_load(path, map_location=map_location)
+    except Exception as err:
+        raise CheckpointError(f'refusing to load checkpoint {path!r}: it is not a plain weights file '
+                              f'(only tensors and plain containers are accepted): {err}') from err
+    return validate_checkpoint(loaded, path)
+
+
+def _torch_load(path: str, **kwargs) -> Any:
+    """`torch.load` with `weights_only=True`: a checkpoint carrying code to execute is refused."""
     # MultiStepLR keeps its milestones in a Counter: allow that one plain container.
     with torch.serialization.safe_globals([collections.Counter]):
-        try:
-            loaded = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:
-            raise CheckpointError(f'refusing to load checkpoint {path!r}: it is not a plain weights file '
-                                  f'(only tensors and plain containers are accepted): {err}') from err
-    return validate_checkpoint(loaded, path)
+        return torch.load(path, weights_only=True, **kwargs)
 
 
 # BatchNorm statistics a checkpoint may lack: torchvision's frozen-BN files have no counter, and
@@ -337,8 +353,7 @@ def marks_finished_run(path: str) -> bool:
     A missing or unreadable file is no finished run. Memory-mapped: the tensors are not read.
     """
     try:
-        with torch.serialization.safe_globals([collections.Counter]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        checkpoint = _torch_load(path, map_location='cpu', mmap=True)
     except Exception:
         return False
     if not isinstance(checkpoint, dict):

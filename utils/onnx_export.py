@@ -18,6 +18,7 @@ import torch
 
 from utils import config as config_lib
 from utils import model_factory
+from utils.atomic import atomic_write, write_json
 from utils.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -132,24 +133,18 @@ def export_onnx(model_dir: str, output_path: str, size: Optional[Sequence[int]] 
         raise ExportError('ONNX export needs the onnx package: pip install -r requirements-dev.txt')
     model, settings, id_to_label = load_network(model_dir)
     height, width = _check_size(size, settings)
-    directory = os.path.dirname(os.path.abspath(output_path))
-    os.makedirs(directory, exist_ok=True)
     example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
-    tmp_path = output_path + '.tmp'
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic_write(output_path, 'wb') as f:
         # the tracer warns about every Python-side shape computation it freezes at this size, and
         # torchvision's box code about tensor copies: expected for a fixed-size export, noise to a user
         warnings.simplefilter('ignore', torch.jit.TracerWarning)
         warnings.filterwarnings('ignore', message='To copy construct from a tensor', category=UserWarning)
         warnings.filterwarnings('ignore', message='Exporting aten::index operator', category=UserWarning)
         warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
-        torch.onnx.export(model, ([example],), tmp_path, dynamo=False, opset_version=OPSET,
+        torch.onnx.export(model, ([example],), f, dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                           dynamic_axes={name: {0: 'detections'} for name in OUTPUT_NAMES})
-    os.replace(tmp_path, output_path)
-    with open(sidecar_path(output_path) + '.tmp', 'w') as f:
-        json.dump(describe(model, settings, id_to_label, height, width), f, indent=2)
-    os.replace(sidecar_path(output_path) + '.tmp', sidecar_path(output_path))
+    write_json(sidecar_path(output_path), describe(model, settings, id_to_label, height, width), indent=2)
     logger.info('exported %s at %dx%d (HxW) to %s (+ %s)', settings['model_variant'], height, width,
                 output_path, os.path.basename(sidecar_path(output_path)))
     return output_path

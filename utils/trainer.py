@@ -44,7 +44,7 @@ from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
 from utils.output_layout import BEST_NAME, CURVES_CSV, CURVES_PNG, LAST_NAME, WEIGHTS_DIR  # noqa: F401
-from utils.model_factory import (BucketedTransform, check_compatible, cpu_copy, load_checkpoint, make_checkpoint,
+from utils.model_factory import (BucketedTransform, check_compatible, cudnn_autotune, cpu_copy, load_checkpoint, make_checkpoint,
                                  marks_finished_run,
                                  num_classes_for, save_checkpoint)
 from utils.transforms import get_transform
@@ -156,10 +156,7 @@ def _autotune(model: torch.nn.Module, device: torch.device):
     rest of the run; with torchvision's 32 px padding, images of many sizes make
     nearly every batch a new shape, and tuning each would cost more than it saves.
     """
-    cudnn = torch.backends.cudnn
-    wanted = device.type == 'cuda' and isinstance(getattr(model, 'transform', None), BucketedTransform)
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=wanted or cudnn.benchmark,
-                     deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+    with cudnn_autotune(device.type == 'cuda' and isinstance(getattr(model, 'transform', None), BucketedTransform)):
         yield
 
 
