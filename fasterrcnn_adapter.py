@@ -427,6 +427,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     def _publish_metrics(self, epoch: int, metrics: Dict[str, float]) -> None:
         """One call per epoch: loss components on one figure, validation mAP / AR on another."""
+        if not self.model_entity.project_id:  # a local model (local_runner, benches): no platform to plot them
+            return
         x = epoch + 1
         samples = [dl.PlotSample(figure='training loss', legend=key, x=x, y=float(metrics[key]))
                    for key in LOSS_KEYS if key in metrics]

@@ -1,4 +1,4 @@
-# Runner image of the CPU deploy service `fasterrcnn-deploy` (predict_items, predict_dataset): CPU wheels of
+# Runner image of the CPU deploy service `fasterrcnn-deploy` (predict_items, predict_dataset, embed_*): CPU wheels of
 # torch, a fraction of the GPU image's size, which matters with minReplicas 0 (every cold start pulls it).
 # Its tag is the manifest's runnerImage ending in `-cpu` (dataloop.json); `make images` builds it from the
 # repository root, `make push-images` pushes it.

@@ -3,6 +3,7 @@
     python -m local_runner train    --data DIR --output DIR [--config FILE.json] [--labels a,b,c]
     python -m local_runner predict  --model DIR --input FILE_OR_DIR --output DIR [--conf 0.5]
     python -m local_runner evaluate --model DIR --data DIR [--subset validation] [--output DIR]
+    python -m local_runner export   --model DIR --output FILE.onnx [--size H W]
     python -m local_runner demo     [--output DIR] [--epochs N] [--n-train N] [--n-val N]
 
 Every command drives the same `FasterRCNNAdapter` the platform runs, on a

@@ -5,10 +5,11 @@ import shutil
 import time
 from typing import Any, Dict, Optional
 
-from local_runner.inputs import list_images, resolve_configuration
+from local_runner.inputs import list_images
 from local_runner.model_folder import load_model_dir, train_on_folder
 from local_runner.predict import predict_images
 from local_runner.report import evaluate_on_folder
+from utils import config as config_lib
 from utils.errors import InputError
 
 logger = logging.getLogger('local_runner')
@@ -80,7 +81,7 @@ def run_demo(output: str, data_overrides: Optional[Dict[str, Any]] = None,
     from utils.synthetic import make_synthetic_export
     data_settings = {**DEMO_DATA, **(data_overrides or {})}
     settings = {**DEMO_SETTINGS, **(settings_overrides or {})}
-    resolve_configuration(settings)  # a bad setting fails before any data is written
+    config_lib.resolve(settings)  # a bad setting fails before any data is written
     prepare_demo_output(output)
     data_dir = os.path.join(output, 'data')
     model_dir = os.path.join(output, 'model')

@@ -41,16 +41,6 @@ def check_data_dir(path: str, subsets: Sequence[str], option: str = '--data') ->
     return path
 
 
-def resolve_configuration(configuration: Dict[str, Any]) -> Dict[str, Any]:
-    """`configuration` over the manifest's defaults, validated by `utils.config.resolve`.
-
-    Used to check what a user gives before any work starts; once an adapter
-    exists, its `settings` are the resolved configuration.
-    """
-    from utils.local_model import manifest_model_block
-    return config_lib.resolve({**manifest_model_block()['configuration'], **configuration})
-
-
 def read_config_file(path: Optional[str]) -> Dict[str, Any]:
     """The JSON object of configuration keys in `path`; unknown keys and bad values are ConfigErrors."""
     if path is None:
@@ -69,7 +59,7 @@ def read_config_file(path: Optional[str]) -> Dict[str, Any]:
     if unknown:
         raise ConfigError(f'--config {path}: unknown configuration key(s) {unknown}; '
                           f'valid keys are {sorted(config_lib.OPTIONS)}')
-    resolve_configuration(configuration)
+    config_lib.resolve(configuration)  # a bad key or value fails before any work starts
     return configuration
 
 

@@ -73,25 +73,13 @@ def find_model_files(model_dir: str) -> Tuple[Optional[str], str]:
     return None, weights
 
 
-def _local_adapter_class():
-    from fasterrcnn_adapter import FasterRCNNAdapter
-
-    class LocalFasterRCNNAdapter(FasterRCNNAdapter):
-        """The platform adapter, unchanged except that per-epoch metrics are not sent to the platform
-        (there is none here): they are in the trainer's curves.csv / curves.png and the log."""
-
-        def _publish_metrics(self, epoch: int, metrics: Dict[str, float]) -> None:
-            return None
-
-    return LocalFasterRCNNAdapter
-
-
 def new_adapter(configuration: Dict[str, Any], labels: Optional[Sequence[str]], name: str,
                 local_path: Optional[str]):
     """A loaded adapter on an offline model entity; weights from `local_path` (a model folder), else
     pretrained or random. A failed download of COCO weights is an InputError saying what to do."""
+    from fasterrcnn_adapter import FasterRCNNAdapter
     from utils.local_model import local_model
-    adapter = _local_adapter_class()()
+    adapter = FasterRCNNAdapter()
     adapter.model_entity = local_model(configuration=configuration, labels=labels, name=name)
     try:
         adapter.load(local_path)
@@ -156,9 +144,8 @@ def train_on_folder(data_dir: str, output_dir: str, configuration: Dict[str, Any
                     labels: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """convert_from_dtlpy + train + save on a local export; returns paths and the best epoch's metrics."""
     if labels is None:
-        from local_runner.inputs import resolve_configuration
         from utils.dataloop_reader import read_dataloop_export
-        include_background = resolve_configuration(configuration)['include_background']
+        include_background = config_lib.resolve(configuration)['include_background']
         labels = read_dataloop_export(data_dir, include_background=include_background).labels_found
         if not labels:
             raise InputError(f'--data {data_dir}: no usable box, polygon, mask or ellipse annotation with a label '

@@ -16,6 +16,7 @@ from PIL import Image
 
 from local_runner import demo, inputs, report
 from local_runner.cli import main
+from utils import config as config_lib
 from utils.synthetic import make_synthetic_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -388,7 +389,7 @@ def test_only_the_projects_input_errors_become_one_line_exits(tmp_path, capsys, 
 def test_demo_settings_are_one_place_and_valid():
     from utils import config
     assert set(demo.DEMO_SETTINGS) <= set(config.OPTIONS)
-    settings = inputs.resolve_configuration(demo.DEMO_SETTINGS)
+    settings = config_lib.resolve(demo.DEMO_SETTINGS)
     assert settings['pretrained'] is False  # the demo never downloads
     assert settings['min_size'] <= min(demo.DEMO_DATA['image_size'])
 
