@@ -17,11 +17,10 @@ from utils.atomic import write_json
 from utils.errors import InputError
 from utils.label_map import configuration_entries, labels_in_id_order, parse_id_to_label
 from utils.metric_names import EVAL_KEYS
-from utils.output_layout import CURVES_PNG, LAST_NAME, WEIGHTS_DIR
+from utils.output_layout import CURVES_PNG, LAST_NAME, MODEL_FILE, WEIGHTS_DIR
 
 logger = logging.getLogger('local_runner')
 
-MODEL_FILE = 'model.json'
 MODEL_FORMAT = 'fasterrcnn-local-model/1'
 DEFAULT_WEIGHTS = config_lib.DEFAULTS['weights_filename']
 

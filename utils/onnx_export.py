@@ -20,10 +20,11 @@ from utils import config as config_lib
 from utils import model_factory
 from utils.atomic import atomic_write, write_json
 from utils.errors import InputError
+from utils.label_map import configuration_entries, parse_id_to_label
+from utils.output_layout import MODEL_FILE
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = 'model.json'
 OPSET = 17  # >= 11 (what torchvision's detection export needs); 17 is well supported by onnxruntime
 INPUT_NAME = 'image'
 OUTPUT_NAMES = ('boxes', 'labels', 'scores')
@@ -74,9 +75,9 @@ def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[
         checkpoint = model_factory.load_checkpoint(weights)
     except ValueError as err:
         raise ExportError(str(err)) from None
-    id_to_label = {int(k): str(v) for k, v in (checkpoint.get('id_to_label_map') or {}).items()}
-    if not id_to_label or 'state_dict' not in checkpoint:
-        raise ExportError(f'{weights} is not a checkpoint of this adapter (no label map or weights in it)')
+    id_to_label = parse_id_to_label(checkpoint.get('id_to_label_map'))
+    if not id_to_label:  # (load_checkpoint has checked the weights)
+        raise ExportError(f'{weights} is not a checkpoint of this adapter (no label map in it)')
     variant = checkpoint.get('model_variant', settings['model_variant'])
     settings.update(model_variant=variant, min_size=int(checkpoint.get('min_size', settings['min_size'])),
                     max_size=int(checkpoint.get('max_size', settings['max_size'])))
@@ -85,8 +86,14 @@ def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[
     model = model_factory.build_model(variant, num_classes, settings['min_size'], settings['max_size'],
                                       box_score_thresh=float(settings['conf_threshold']),
                                       box_nms_thresh=float(settings['nms_iou_threshold']),
-                                      box_detections_per_img=int(settings['max_detections']))
-    model.load_state_dict(checkpoint['state_dict'])
+                                      box_detections_per_img=int(settings['max_detections']),
+                                      **{key: settings[key] for key in ('rpn_pre_nms_top_n_test',
+                                                                        'rpn_post_nms_top_n_test')
+                                         if settings[key] is not None})
+    try:
+        model_factory.load_state(model, checkpoint, weights)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     return model.eval(), settings, id_to_label
 
 
@@ -118,7 +125,7 @@ def describe(model: torch.nn.Module, settings: Dict[str, Any], id_to_label: Dict
         'max_detections': int(settings['max_detections']),
         'outputs': {'boxes': '[N, 4] float32 x1, y1, x2, y2', 'labels': '[N] int64 class ids (id_to_label_map)',
                     'scores': '[N] float32, descending per class'},
-        'id_to_label_map': {str(k): v for k, v in sorted(id_to_label.items())},
+        'id_to_label_map': configuration_entries(id_to_label)['id_to_label_map'],
         'opset': OPSET,
     }
 

@@ -8,3 +8,4 @@ LAST_NAME = 'last.pth'   # every epoch: everything to resume
 BEST_NAME = 'best.pth'   # the best epoch's weights: what the model ships
 CURVES_CSV = 'curves.csv'
 CURVES_PNG = 'curves.png'
+MODEL_FILE = 'model.json'  # the local runner's description of a trained model folder
