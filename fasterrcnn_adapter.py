@@ -9,12 +9,12 @@ training (`utils.trainer`, `utils.artifact_sync`) and prediction
 import contextlib
 import logging
 import os
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import dtlpy as dl
 from dtlpy.ml import base_model_adapter as _sdk_adapter
 import torch
-from torchvision.transforms.functional import pil_to_tensor
 
 from utils import artifact_sync
 from utils import config as config_lib
@@ -23,7 +23,7 @@ from utils import inference
 from utils import model_factory
 from utils.atomic import copy_file, remove_stale_temporaries
 from utils.errors import InputError
-from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image, network_limits
+from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
 from utils.inference import UnreadableItem
 from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
@@ -77,6 +77,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
         self.unreadable_items: List[UnreadableItem] = []
         self._prefetchers: List[inference.Prefetcher] = []  # one per predict_items call in flight
+        self._decode_slots = threading.BoundedSemaphore(inference.DECODE_THREADS)
         self._inference_networks = inference.NetworkCache()
         self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
         super().__init__(model_entity)
@@ -202,7 +203,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         name = getattr(item, 'filename', None) or getattr(item, 'name', '?')
         try:
             buffer = item.download(save_locally=False)
-            return pil_to_tensor(load_image(buffer, self.image_limits()))
+            with self._decode_slots:  # downloads overlap freely; decodes take the GIL, so few at a time
+                return load_image_tensor(buffer, self.image_limits())
         except ImageSizeError as err:
             reason = str(err)
         except ImageDecodeError as err:
@@ -220,7 +222,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                   settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
         labels = self.id_to_label_map()
         images, positions = self._readable(batch)
-        rows = inference.detection_rows(network, images, self.device) if images else []
+        rows = inference.detection_rows(network, images, self.device, self.settings['cudnn_benchmark']) if images else []
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
         for position, image_rows in zip(positions, rows):
@@ -242,7 +244,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         size = self._prediction_batch(batch_size)
         # two batches ahead: the next one is ready when the GPU finishes this one, and one more is on its way
         prefetcher = inference.Prefetcher(self._decode_item, items, lookahead=2 * size,
-                                          workers=min(16, max(2, os.cpu_count() or 1)))
+                                          workers=inference.DOWNLOAD_THREADS)
         self._prefetchers.append(prefetcher)
         try:
             result = super().predict_items(items, batch_size=size, **kwargs)
@@ -278,7 +280,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         vectors: List[Optional[List[float]]] = [None] * len(batch)
         if images:
             network = self._inference_networks.get(self.model, self.device)
-            for position, vector in zip(positions, inference.image_vectors(network, images, self.device)):
+            for position, vector in zip(positions, inference.image_vectors(network, images, self.device,
+                                                                               self.settings['cudnn_benchmark'])):
                 vectors[position] = vector
         return vectors
 

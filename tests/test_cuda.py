@@ -15,9 +15,11 @@ from utils.synthetic import make_synthetic_export
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
+# conf_threshold 0.05 (COCO's) and 6 epochs: with 0.3 after 3 epochs, an H100 run found no box above the
+# threshold in fp32, and the parity check had nothing to compare
 SETTINGS = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'auto',
-            'min_size': 320, 'max_size': 320, 'batch_size': 4, 'num_workers': 2, 'epochs': 3,
-            'learning_rate': 0.02, 'warmup_iters': 20, 'amp': True, 'conf_threshold': 0.3}
+            'min_size': 320, 'max_size': 320, 'batch_size': 4, 'num_workers': 2, 'epochs': 6,
+            'learning_rate': 0.02, 'warmup_iters': 20, 'amp': True, 'conf_threshold': 0.05}
 LABELS = ['circle', 'square', 'triangle']
 
 
@@ -35,7 +37,7 @@ def test_train_with_amp_on_cuda_then_predict_on_cuda_and_cpu(tmp_path):
     assert adapter.device.type == 'cuda'
     adapter.convert_from_dtlpy(str(data))
     result = adapter.train(str(data), str(tmp_path / 'output'))
-    assert result.epochs_run == 3
+    assert result.epochs_run == SETTINGS['epochs']
     assert all(torch.isfinite(torch.tensor(h['loss'])) for h in result.history)
     assert result.history[-1]['loss'] < result.history[0]['loss']
     adapter.save(str(tmp_path / 'artifacts'))

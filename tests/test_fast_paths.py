@@ -1,9 +1,14 @@
 """The speed pieces of issue 8 on CPU: grouped batches, padding buckets, the GPU inference copy, bulk boxes."""
 import collections
+import io
+import threading
+import time
 
 import dtlpy as dl
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from torchvision.models.detection._utils import BoxCoder
 
@@ -201,3 +206,65 @@ def test_prefetcher_returns_in_order_and_passes_errors_through():
     finally:
         prefetcher.close()
     assert sorted(started) == sorted(items)
+
+
+class _Gauge:
+    """How many threads are inside a block at once, at most."""
+
+    def __init__(self):
+        self.now = self.most = 0
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.now -= 1
+
+
+class _InMemoryItem:
+    """An item whose download takes a while (many overlap) and whose bytes take a while to decode."""
+
+    def __init__(self, index, data, downloads, decodes):
+        self.id, self.name, self.filename, self.mimetype = f'item-{index}', f'{index}.jpg', f'/{index}.jpg', 'image/jpeg'
+        self.data, self.downloads, self.decodes = data, downloads, decodes
+        self.annotations = self  # the platform's annotations endpoint: delete the old, keep the new
+
+    def download(self, save_locally=False, **kwargs):
+        with self.downloads:
+            time.sleep(0.05)
+        item = self
+
+        class Bytes(io.BytesIO):
+            def read(self, *args):  # decoding reads the bytes: inside the decode slots
+                with item.decodes:
+                    time.sleep(0.02)
+                    return super().read(*args)
+        return Bytes(self.data)
+
+    def delete(self, filters=None):
+        return True
+
+    def upload(self, annotations):
+        return annotations
+
+
+def test_predict_items_downloads_ahead_in_many_threads_but_decodes_in_few():
+    """Decoding holds the GIL that the thread driving the GPU needs: at most DECODE_THREADS at once."""
+    from fasterrcnn_adapter import FasterRCNNAdapter
+    from utils.inference import DECODE_THREADS
+    from utils.local_model import local_model
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(buffer, 'JPEG')
+    downloads, decodes = _Gauge(), _Gauge()
+    items = [_InMemoryItem(i, buffer.getvalue(), downloads, decodes) for i in range(12)]
+    adapter = FasterRCNNAdapter()
+    adapter.model_entity = local_model({'pretrained': False, 'model_variant': VARIANT, 'device': 'cpu',
+                                        'conf_threshold': 0.0}, labels=['a', 'b'])
+    adapter.load('/nonexistent')
+    _, annotations = adapter.predict_items(items, batch_size=4)
+    assert annotations  # every image went through (random weights, no score threshold)
+    assert downloads.most > DECODE_THREADS >= decodes.most >= 1

@@ -158,3 +158,40 @@ def test_unreadable_item_is_reported_not_raised(dataloop_env):
     entry = FasterRCNNAdapter().prepare_item_func(dl.items.get(item_id=truncated['id']))
     assert isinstance(entry, UnreadableItem)
     assert entry.item_id == truncated['id'] and entry.name == '/odd/cut.jpg'
+
+
+def _noisy_jpeg(orientation=1, mode='RGB', **save):
+    pixels = np.random.default_rng(orientation).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format='JPEG', exif=exif.tobytes(), **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize('data', [_noisy_jpeg(o) for o in range(1, 9)]
+                         + [_noisy_jpeg(mode='L'), _noisy_jpeg(mode='CMYK'), _noisy_jpeg(progressive=True),
+                            _noisy_jpeg(subsampling=0, quality=97), _noisy_jpeg(subsampling=2, quality=60)],
+                         ids=[f'exif{o}' for o in range(1, 9)] + ['gray', 'cmyk', 'progressive', '444', '420'])
+def test_jpeg_tensor_decode_gives_pil_pixels_exactly(data):
+    """Prediction decodes JPEGs with torchvision (less GIL held): the very pixels `load_image` gives."""
+    from torchvision.transforms.functional import pil_to_tensor
+    from utils.images import load_image_tensor
+    fast = load_image_tensor(data)
+    assert fast.dtype == torch.uint8
+    assert torch.equal(fast, pil_to_tensor(load_image(data)))
+
+
+def test_jpeg_tensor_decode_fails_as_pil_does():
+    from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor
+    truncated = _noisy_jpeg()[:300]
+    with pytest.raises(ImageDecodeError) as fast:
+        load_image_tensor(truncated)
+    with pytest.raises(ImageDecodeError) as slow:
+        load_image(truncated)
+    assert str(fast.value) == str(slow.value)
+    with pytest.raises(ImageSizeError, match='over the limit'):
+        load_image_tensor(_noisy_jpeg(), ImageLimits(max_pixels=100))
+    with pytest.raises(ImageDecodeError, match='not a decodable image'):
+        load_image_tensor(b'this is not an image')

@@ -69,7 +69,9 @@ OPTIONS: Dict[str, Option] = {
     'embeddings_size': Option(256, (int,), choices=(256,)),
     'rpn_pre_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
     'rpn_post_nms_top_n_test': Option(None, (int,), minimum=1, nullable=True),
-    'padding_bucket': Option(128, (int,), minimum=32),
+    'padding_bucket': Option(64, (int,), minimum=32),
+    # cuDNN's per-shape autotuning: measured on an H100 it costs seconds per new input shape (bench/RESULTS.md)
+    'cudnn_benchmark': Option(False, (bool,)),
     'max_image_pixels': Option(DEFAULT_MAX_IMAGE_PIXELS, (int,), minimum=1, maximum=MAX_IMAGE_PIXELS_CEILING),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),

@@ -4,6 +4,7 @@ Sizes are checked from the header, before decoding (`ImageLimits`): an image
 over the pixel limit, or one the network's resize would squash below one pixel,
 is refused with its dimensions, so one bad file never costs the batch.
 """
+import contextlib
 import dataclasses
 import functools
 import io
@@ -12,7 +13,14 @@ import os
 from typing import Optional, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torchvision.transforms.functional import pil_to_tensor
+
+try:  # deprecated since torchvision 0.29 (TorchCodec takes over); without it PIL decodes every image
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - a future torchvision
+    decode_jpeg = None
 
 from utils.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
 from utils.errors import InputError
@@ -98,15 +106,54 @@ def load_image(source: Union[str, os.PathLike, bytes, io.IOBase],
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     limits = limits or ImageLimits()
+    with _decode_errors(), Image.open(source) as image:
+        # the stored size: both rules hold under rotation, and reading EXIF can decode (PNG)
+        limits.check(*image.size)
+        image.load()  # force full decode: a truncated file fails here, not later
+        image = ImageOps.exif_transpose(image)
+        if image.mode == 'RGB':
+            return image.copy()
+        return _to_rgb8(image)
+
+
+def load_image_tensor(source: Union[str, os.PathLike, bytes, io.IOBase],
+                      limits: Optional[ImageLimits] = None) -> torch.Tensor:
+    """`load_image` as a uint8 CHW tensor, the same pixels, the same errors.
+
+    A JPEG is decoded by torchvision (libjpeg-turbo, EXIF orientation applied), which holds
+    Python's GIL for a fraction of the time PIL's decode and copies do: prediction decodes
+    the next batch in threads while the main thread drives the GPU, and every GIL hand-over
+    it waits for slows the network down. Anything else, and a JPEG torchvision refuses
+    (truncated, say), goes through PIL, which names the problem.
+    """
+    data = _read_bytes(source)
+    limits = limits or ImageLimits()
+    with _decode_errors(), Image.open(io.BytesIO(data)) as header:  # reads the header only
+        limits.check(*header.size)
+        jpeg = header.format == 'JPEG'
+    if jpeg and decode_jpeg is not None:
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                               apply_exif_orientation=True)
+        except RuntimeError:
+            pass
+    return pil_to_tensor(load_image(data, limits))
+
+
+def _read_bytes(source: Union[str, os.PathLike, bytes, io.IOBase]) -> bytes:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, 'rb') as f:
+            return f.read()
+    return source.read()
+
+
+@contextlib.contextmanager
+def _decode_errors():
+    """What PIL raises on data it cannot decode, as ImageDecodeError (ImageSizeError goes through)."""
     try:
-        with Image.open(source) as image:
-            # the stored size: both rules hold under rotation, and reading EXIF can decode (PNG)
-            limits.check(*image.size)
-            image.load()  # force full decode: a truncated file fails here, not later
-            image = ImageOps.exif_transpose(image)
-            if image.mode == 'RGB':
-                return image.copy()
-            return _to_rgb8(image)
+        yield
     except ImageSizeError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:

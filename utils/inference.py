@@ -35,6 +35,14 @@ from utils.model_factory import cudnn_autotune
 
 logger = logging.getLogger(__name__)
 
+#: Images decoded at once while predict_items runs ahead (downloads are not limited). Decoding
+#: holds the GIL in stretches, and the thread driving the GPU waits for it at every hand-over:
+#: on 2 cores, 16 decoding threads slowed a GPU-like main loop 11-13x, 2 threads 1.0-1.2x
+#: (bench/decode_contention.py); 2 threads decode 640x480 JPEGs at thousands per second.
+DECODE_THREADS = 2
+#: Items downloaded at once while predict_items runs ahead: waiting on the network holds no GIL (the SDK's own 16).
+DOWNLOAD_THREADS = 16
+
 _NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
 
 
@@ -193,11 +201,12 @@ def device_inputs(images: List[torch.Tensor], device: torch.device) -> List[torc
 
 
 @contextlib.contextmanager
-def inference_context(device: torch.device):
-    """No autograd; fp16 on CUDA (the inference copy keeps anchors and box decoding in fp32), fp32 on CPU."""
+def inference_context(device: torch.device, autotune: bool = False):
+    """No autograd; fp16 on CUDA (the inference copy keeps anchors and box decoding in fp32), fp32 on CPU;
+    cuDNN's per-shape autotuning when `autotune` (the `cudnn_benchmark` setting)."""
     cuda = device.type == 'cuda'
-    # padding_bucket keeps the input shapes few, so cuDNN's per-shape autotuning pays off
-    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16, enabled=cuda), cudnn_autotune(cuda):
+    with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16, enabled=cuda), \
+            cudnn_autotune(cuda and autotune):
         yield
 
 
@@ -214,14 +223,15 @@ def set_postprocess(network: nn.Module, score_thresh: float, nms_thresh: float, 
             counts['testing'] = int(count)
 
 
-def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch.device) -> List[list]:
+def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch.device,
+                   autotune: bool = False) -> List[list]:
     """Per image, rows [left, top, right, bottom, score, label id] clipped to the image (the network's
     `roi_heads.score_thresh`, set by `set_postprocess`, has already dropped the low scores).
 
     The rows of the whole batch come back to the host in one copy (one sync, not three per image).
     """
     inputs = device_inputs(images, device)
-    with inference_context(device):
+    with inference_context(device, autotune):
         outputs = network(inputs)
         per_image = []
         for image, output in zip(images, outputs):
@@ -236,10 +246,11 @@ def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch
     return [block.tolist() for block in table.split(counts)]
 
 
-def image_vectors(network: nn.Module, images: List[torch.Tensor], device: torch.device) -> List[List[float]]:
+def image_vectors(network: nn.Module, images: List[torch.Tensor], device: torch.device,
+                  autotune: bool = False) -> List[List[float]]:
     """One L2-normalised vector per image (`utils.embeddings.fpn_embedding`), through the same
     preprocessing and precision as `detection_rows`, so a vector describes what prediction sees."""
-    with inference_context(device):
+    with inference_context(device, autotune):
         image_list, _ = network.transform(device_inputs(images, device))
         features = network.backbone(image_list.tensors)
     pooled = fpn_embedding(features, image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))

@@ -167,13 +167,28 @@ def input_sizes(model: torch.nn.Module) -> Tuple[int, int]:
 
 def cpu_copy(value: Any) -> Any:
     """`value` with every tensor (in dicts, lists, tuples) copied to the CPU: a snapshot that training,
-    which goes on updating the originals in place, does not change (what a background write needs)."""
+    which goes on updating the originals in place, does not change (what a background write needs).
+
+    GPU tensors (a resnet50's weights and momentum: ~600 tensors, 320 MB) are all queued for
+    copying first and waited for once, rather than one host sync per tensor.
+    """
+    devices = set()
+    snapshot = _copy_to_cpu(value, devices)
+    for device in devices:
+        torch.cuda.synchronize(device)
+    return snapshot
+
+
+def _copy_to_cpu(value: Any, devices: set) -> Any:
     if isinstance(value, torch.Tensor):
+        if value.is_cuda:
+            devices.add(value.device)
+            return value.detach().to('cpu', non_blocking=True)  # complete once `devices` are synchronized
         return value.detach().to('cpu', copy=True)
     if isinstance(value, dict):
-        return {key: cpu_copy(item) for key, item in value.items()}
+        return {key: _copy_to_cpu(item, devices) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(cpu_copy(item) for item in value)
+        return type(value)(_copy_to_cpu(item, devices) for item in value)
     return copy.deepcopy(value)
 
 

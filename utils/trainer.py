@@ -44,7 +44,7 @@ from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
 from utils.output_layout import BEST_NAME, CURVES_CSV, CURVES_PNG, LAST_NAME, WEIGHTS_DIR  # noqa: F401
-from utils.model_factory import (BucketedTransform, check_compatible, cudnn_autotune, cpu_copy, load_checkpoint, make_checkpoint,
+from utils.model_factory import (check_compatible, cudnn_autotune, cpu_copy, load_checkpoint, make_checkpoint,
                                  marks_finished_run,
                                  num_classes_for, save_checkpoint)
 from utils.transforms import get_transform
@@ -147,16 +147,15 @@ def _grouped_batches(records: Sequence[Mapping[str, Any]], settings) -> GroupedB
 
 
 @contextlib.contextmanager
-def _autotune(model: torch.nn.Module, device: torch.device):
-    """cuDNN's per-shape autotuning (`cudnn.benchmark`) for a training epoch, on CUDA with padding buckets only.
+def _autotune(device: torch.device, settings):
+    """cuDNN's per-shape autotuning (`cudnn.benchmark`) for a training epoch, where `cudnn_benchmark` asks.
 
-    Autotuning costs a trial of several kernels per new input shape, and pays off
-    when shapes repeat. Grouped batches of one size padded to `BucketedTransform`'s
-    grid leave a handful of shapes, each tuned once in epoch 1 and reused for the
-    rest of the run; with torchvision's 32 px padding, images of many sizes make
-    nearly every batch a new shape, and tuning each would cost more than it saves.
+    Autotuning trials every convolution's kernels once per new input shape: on an H100
+    (torch 2.11) 12-17 s per shape for resnet50_fpn at 800 px, then about 14 % saved a
+    step. Mixed sizes meet many shapes in epoch 1, so it is off by default; a long run on
+    images of one size gains from turning it on (bench/RESULTS.md has the figures).
     """
-    with cudnn_autotune(device.type == 'cuda' and isinstance(getattr(model, 'transform', None), BucketedTransform)):
+    with cudnn_autotune(device.type == 'cuda' and bool(settings['cudnn_benchmark'])):
         yield
 
 
@@ -369,7 +368,7 @@ def _train_and_evaluate(run: _Run, train_loader, val_loader, device, epoch: int,
     """One epoch of training, the lr scheduler's step and the validation: the epoch's history record."""
     tic = time.time()
     train_loader.batch_sampler.set_epoch(epoch)
-    with _autotune(run.model, device):
+    with _autotune(device, settings):
         losses = engine.train_one_epoch(run.model, run.optimizer, train_loader, device, epoch, scaler=run.scaler,
                                         warmup_iters=int(settings['warmup_iters']),
                                         max_grad_norm=float(settings['max_grad_norm']), total_epochs=run.epochs)
