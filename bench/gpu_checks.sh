@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks on a lent GPU machine, in one run (see bench/RESULTS.md).
 # Needs the wheels in .whl/: `bash bench/device_wheels.sh` here first, then `run` with carry [".whl"]
-# and `bash bench/gpu_checks.sh` (5 minutes on an H100, 2026-11-27).
+# and `bash bench/gpu_checks.sh` (5 minutes on an H100 on 2026-11-27, before gpu_profile.py was added).
 # With $OUT set (the device tool), the whole log is kept in $OUT/gpu_checks.log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 DATALOOP_PATH=/tmp/dlp
@@ -17,3 +17,5 @@ timeout 110 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --tb=sho
 echo "   (${SECONDS} s)"
 echo '== issue 8 table: every row beside plain torchvision, same run'
 timeout "${GPU_SPEED_TIMEOUT:-240}" python3 bench/gpu_speed.py "$@" 2>&1 | grep -v -E 'DEBUG|WARNING|random weights'
+echo '== profiles of the rows that missed their targets (adapter.predict vs bare forward, engine vs bare loop)'
+timeout "${GPU_PROFILE_TIMEOUT:-150}" python3 bench/gpu_profile.py 2>&1 | grep -v -E 'DEBUG|WARNING|random weights'

@@ -278,12 +278,22 @@ def bare_epoch(model, optimizer, scaler, loader, device, amp):
         bare_step(model, optimizer, scaler, images, targets, device, amp)
 
 
-def engine_rows(cfg, device, cuda):
+#: the optimizer settings of rows 4-5 (the tutorial's lr, no weight decay on either side)
+ENGINE_SETTINGS = dict(learning_rate=0.005, momentum=0.9, weight_decay=0.0)
+
+
+def synthetic_training_set(cfg, device):
+    """Rows 4-5's data: a synthetic export of `run_images` square images, and a loader over its training subset."""
     root = tempfile.mkdtemp()
-    size = cfg['run_size']
     make_synthetic_export(root, n_train=cfg['run_images'], n_val=max(4, cfg['run_images'] // 5),
-                          image_size=(size, size), seed=0)
+                          image_size=(cfg['run_size'], cfg['run_size']), seed=0)
     loader, num_classes = synthetic_loader(cfg, device, root)
+    return root, loader, num_classes
+
+
+def engine_rows(cfg, device, cuda):
+    size = cfg['run_size']
+    root, loader, num_classes = synthetic_training_set(cfg, device)
     n = len(loader.dataset)
 
     def fresh():
@@ -295,11 +305,10 @@ def engine_rows(cfg, device, cuda):
     model, optimizer, scaler = fresh()
     plain = n / median_seconds(lambda: bare_epoch(model, optimizer, scaler, loader, device, cuda), device, cfg['runs'])
     print(f'4. one epoch, {n} synthetic images {size} px, batch {cfg["train_batch"]}, {"AMP" if cuda else "fp32"}')
-    settings = dict(learning_rate=0.005, momentum=0.9, weight_decay=0.0)
     for label, fused in (('the trainer\'s fused SGD', True), ('plain SGD: a sync per step in fp32', False)):
         model, optimizer, scaler = fresh()
         if fused:
-            optimizer = build_optimizer(model, settings)
+            optimizer = build_optimizer(model, ENGINE_SETTINGS)
         ours = n / median_seconds(lambda: engine.train_one_epoch(model, optimizer, loader, device, epoch=1,
                                                                  scaler=scaler if cuda else None, warmup_iters=0,
                                                                  progress=False), device, cfg['runs'])
