@@ -10,6 +10,7 @@ import functools
 import io
 import math
 import os
+import warnings
 from typing import Optional, Union
 
 import numpy as np
@@ -21,6 +22,9 @@ try:  # deprecated since torchvision 0.29 (TorchCodec takes over); without it PI
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # pragma: no cover - a future torchvision
     decode_jpeg = None
+# that deprecation, said at every decode (dtlpy shows DeprecationWarnings), is ours to track, not the user's
+warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision are deprecated',
+                        category=DeprecationWarning)
 
 from utils.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
 from utils.errors import InputError
