@@ -268,3 +268,21 @@ def test_predict_items_downloads_ahead_in_many_threads_but_decodes_in_few():
     _, annotations = adapter.predict_items(items, batch_size=4)
     assert annotations  # every image went through (random weights, no score threshold)
     assert downloads.most > DECODE_THREADS >= decodes.most >= 1
+
+
+def test_cudnn_autotuning_only_where_cudnn_benchmark_asks_and_only_on_cuda():
+    """Off by default: on an H100 each new input shape cost 12-17 s of autotuning (bench/RESULTS.md)."""
+    from utils import config as config_lib
+    from utils.inference import inference_context
+    from utils.trainer import _autotune
+    assert config_lib.DEFAULTS['cudnn_benchmark'] is False
+    with pytest.raises(config_lib.ConfigError, match='cudnn_benchmark'):
+        config_lib.resolve({'cudnn_benchmark': 'yes'})
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    before = torch.backends.cudnn.benchmark
+    for device, asked, expected in ((cuda, True, True), (cuda, False, before), (cpu, True, before)):
+        with _autotune(device, {'cudnn_benchmark': asked}):
+            assert torch.backends.cudnn.benchmark is expected
+        with inference_context(cpu if device.type == 'cpu' else cuda, autotune=asked):
+            assert torch.backends.cudnn.benchmark is expected
+        assert torch.backends.cudnn.benchmark is before
