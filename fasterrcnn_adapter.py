@@ -222,7 +222,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                   settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
         labels = self.id_to_label_map()
         images, positions = self._readable(batch)
-        rows = inference.detection_rows(network, images, self.device, self.settings['cudnn_benchmark']) if images else []
+        rows = inference.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
         for position, image_rows in zip(positions, rows):
@@ -280,8 +280,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         vectors: List[Optional[List[float]]] = [None] * len(batch)
         if images:
             network = self._inference_networks.get(self.model, self.device)
-            for position, vector in zip(positions, inference.image_vectors(network, images, self.device,
-                                                                               self.settings['cudnn_benchmark'])):
+            found = inference.image_vectors(network, images, self.device, self.settings['cudnn_benchmark'])
+            for position, vector in zip(positions, found):
                 vectors[position] = vector
         return vectors
 

@@ -77,7 +77,8 @@ def main():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=ENGINE_SETTINGS['learning_rate'], momentum=ENGINE_SETTINGS['momentum'])
     profiled('row 4: bare tutorial loop, 5 steps',
-             lambda: [bare_step(model, optimizer, scaler, images_, targets, device, cuda) for images_, targets in batches],
+             lambda: [bare_step(model, optimizer, scaler, batch_images, targets, device, cuda)
+                      for batch_images, targets in batches],
              device)
 
 

@@ -1,6 +1,6 @@
 """Issue 8's table in one run: each row of this project beside plain torchvision, measured in the same process.
 
-    python bench/gpu_speed.py                       # on the GPU: resnet50_fpn, 640x480, min_size 800 (3.6 min on an H100)
+    python bench/gpu_speed.py                       # on the GPU: resnet50_fpn, 640x480, min_size 800 (3.6 min, H100)
     python bench/gpu_speed.py --device cpu --tiny   # dry run on CPU: mobilenet_320 at 160 px, a couple of minutes
 
 Random weights (no download), entities built offline (no platform calls: the SDK's

@@ -229,7 +229,7 @@ class _InMemoryItem:
     """An item whose download takes a while (many overlap) and whose bytes take a while to decode."""
 
     def __init__(self, index, data, downloads, decodes):
-        self.id, self.name, self.filename, self.mimetype = f'item-{index}', f'{index}.jpg', f'/{index}.jpg', 'image/jpeg'
+        self.id, self.name, self.filename, self.mimetype = f'item-{index}', f'{index}.jpg', f'/{index}.jpg', 'jpeg'
         self.data, self.downloads, self.decodes = data, downloads, decodes
         self.annotations = self  # the platform's annotations endpoint: delete the old, keep the new
 

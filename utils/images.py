@@ -18,6 +18,10 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
+
+from utils.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
+from utils.errors import InputError
+
 try:  # deprecated since torchvision 0.29 (TorchCodec takes over); without it PIL decodes every image
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # pragma: no cover - a future torchvision
@@ -25,9 +29,6 @@ except ImportError:  # pragma: no cover - a future torchvision
 # that deprecation, said at every decode (dtlpy shows DeprecationWarnings), is ours to track, not the user's
 warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision are deprecated',
                         category=DeprecationWarning)
-
-from utils.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
-from utils.errors import InputError
 
 # PIL's own bomb check, a backstop at the largest `max_image_pixels` allowed; the
 # configured limit (`ImageLimits`, default in utils.config) is applied first, from the header.
