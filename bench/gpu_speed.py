@@ -43,11 +43,13 @@ import dtlpy as dl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from bench.timing import seconds  # noqa: E402
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
 from utils import engine  # noqa: E402
 from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
+from utils.images import load_image  # noqa: E402
 from utils.inference import boxes_to_collection  # noqa: E402
 from utils.local_model import local_model  # noqa: E402
 from utils.model_factory import build_model, cudnn_autotune  # noqa: E402
@@ -103,6 +105,17 @@ def make_adapter(cfg, device, **configuration):
     return adapter
 
 
+class SdkDecoding(FasterRCNNAdapter):
+    """The adapter decoding as it did before the look-ahead: the SDK's predict_items loop, whose pool of 16
+    threads decodes each batch with PIL just before the network runs it (the 'before' of row 1's decoding)."""
+
+    def prepare_item_func(self, item):
+        return pil_to_tensor(load_image(item.download(save_locally=False), self.image_limits()))
+
+    def predict_items(self, items, batch_size=None, **kwargs):
+        return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
+
+
 def bare_network(adapter, cfg, device):
     network = build_model(cfg['variant'], adapter.model.roi_heads.box_predictor.cls_score.out_features,
                           cfg['min_size'], cfg['max_size']).to(device).eval()
@@ -141,6 +154,12 @@ def prediction_rows(cfg, device, cuda):
         row(f'batch {batch:<2} vs plain {what} forward on decoded tensors', n / steady, plain)
         if batch == 16:
             print(f'   first call (one new input shape) {first:.2f} s')
+    sdk_alone = SdkDecoding()
+    sdk_alone.model_entity, sdk_alone.model, sdk_alone.device, sdk_alone.settings = (
+        adapter.model_entity, adapter.model, adapter.device, adapter.settings)
+    sdk_alone._upload_model_annotations = adapter._upload_model_annotations
+    steady = median_seconds(lambda: sdk_alone.predict_items(items, batch_size=16), device, runs)
+    row("batch 16, decoding as before: the SDK's 16 threads, PIL, no look-ahead", n / steady, plain16)
     if cuda:
         tuned = make_adapter(cfg, device, cudnn_benchmark=True)
         first, steady = first_and_median_seconds(lambda: tuned.predict_items(items, batch_size=16), device, runs)
