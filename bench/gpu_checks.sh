@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, torchvision, dtlpy; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'dtlpy', dtlpy.__version__, torch.cuda.get_device_name(), 'cores', __import__('os').cpu_count())"
 echo '== CUDA tests (AMP training + resume, fp16 predict vs fp32 within 1 px / 0.01, fp16 embed vs CPU)'
 SECONDS=0
-timeout 110 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --tb=short -W ignore::DeprecationWarning -W ignore::SyntaxWarning 2>&1 | grep -v -E "TIMEFRAME|TIMESTAMP|COMMENT_PATTERN|SyntaxWarning"
+timeout 150 python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --tb=short -W ignore::DeprecationWarning -W ignore::SyntaxWarning 2>&1 | grep -v -E "TIMEFRAME|TIMESTAMP|COMMENT_PATTERN|SyntaxWarning"
 echo "   (${SECONDS} s)"
 echo '== issue 8 table: every row beside plain torchvision, same run'
 timeout "${GPU_SPEED_TIMEOUT:-240}" python3 bench/gpu_speed.py "$@" 2>&1 | grep -v -E 'DEBUG|WARNING|random weights'

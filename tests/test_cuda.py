@@ -9,17 +9,16 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 
 from fasterrcnn_adapter import FasterRCNNAdapter
+from local_runner.demo import DEMO_DATA, DEMO_SETTINGS
 from utils.images import load_image
 from utils.local_model import local_model
 from utils.synthetic import make_synthetic_export
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
-# conf_threshold 0.05 (COCO's) and 6 epochs: with 0.3 after 3 epochs, an H100 run found no box above the
-# threshold in fp32, and the parity check had nothing to compare
 SETTINGS = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'auto',
-            'min_size': 320, 'max_size': 320, 'batch_size': 4, 'num_workers': 2, 'epochs': 6,
-            'learning_rate': 0.02, 'warmup_iters': 20, 'amp': True, 'conf_threshold': 0.05}
+            'min_size': 320, 'max_size': 320, 'batch_size': 4, 'num_workers': 2, 'epochs': 3,
+            'learning_rate': 0.02, 'warmup_iters': 20, 'amp': True, 'conf_threshold': 0.3}
 LABELS = ['circle', 'square', 'triangle']
 
 
@@ -30,25 +29,29 @@ def make_adapter(configuration, artifacts='/nonexistent'):
     return adapter
 
 
-def test_train_with_amp_on_cuda_then_predict_on_cuda_and_cpu(tmp_path):
+def test_train_with_amp_on_cuda_then_fp16_predictions_match_fp32(tmp_path):
+    """Issue 8 item 5: at the default settings (conf_threshold 0.5) the GPU's fp16 copy of a model trained on
+    the synthetic set (the demo's recipe, with AMP) finds what the fp32 network finds on the CPU: the same
+    labels, boxes within 1 px, scores within 0.01. (Trained less, as in an earlier version of this test, the
+    fp32 network found no box above its threshold and the check compared nothing.)"""
     data = tmp_path / 'data'
-    make_synthetic_export(str(data), n_train=64, n_val=16, image_size=(320, 320), seed=0)
-    adapter = make_adapter({})
+    make_synthetic_export(str(data), **DEMO_DATA)
+    adapter = make_adapter({**DEMO_SETTINGS, 'amp': True, 'num_workers': 2})
     assert adapter.device.type == 'cuda'
     adapter.convert_from_dtlpy(str(data))
     result = adapter.train(str(data), str(tmp_path / 'output'))
-    assert result.epochs_run == SETTINGS['epochs']
+    assert result.epochs_run == DEMO_SETTINGS['epochs']
     assert all(torch.isfinite(torch.tensor(h['loss'])) for h in result.history)
     assert result.history[-1]['loss'] < result.history[0]['loss']
     adapter.save(str(tmp_path / 'artifacts'))
 
     images = [pil_to_tensor(load_image(path)) for path in sorted(glob.glob(str(data / 'validation' / 'items' / '*')))]
     on_gpu = adapter.predict(images)  # fp16, channels_last, folded batch norms
-    on_cpu = make_adapter({'device': 'cpu'}, artifacts=str(tmp_path / 'artifacts')).predict(images)  # fp32
-    assert sum(len(c) for c in on_cpu) >= len(images)
-    threshold = SETTINGS['conf_threshold']
+    on_cpu = make_adapter({**DEMO_SETTINGS, 'device': 'cpu'}, artifacts=str(tmp_path / 'artifacts')).predict(images)
+    assert sum(len(c) for c in on_cpu) >= len(images)  # 1-3 shapes per image: something to compare
+    threshold = DEMO_SETTINGS['conf_threshold']
     for gpu_collection, cpu_collection in zip(on_gpu, on_cpu):
-        # the fp32 detections, up to those within 0.01 of the threshold: same label, box within 1 px, score within .01
+        # each side's detections, up to those within 0.01 of the threshold, found on the other side
         for one, other in ((cpu_collection, gpu_collection), (gpu_collection, cpu_collection)):
             for a in one.annotations:
                 score = a.metadata['user']['model']['confidence']
