@@ -114,11 +114,16 @@ def load_image(source: Union[str, os.PathLike, bytes, io.IOBase],
     with _decode_errors(), Image.open(source) as image:
         # the stored size: both rules hold under rotation, and reading EXIF can decode (PNG)
         limits.check(*image.size)
-        image.load()  # force full decode: a truncated file fails here, not later
-        image = ImageOps.exif_transpose(image)
-        if image.mode == 'RGB':
-            return image.copy()
-        return _to_rgb8(image)
+        return _displayed_rgb(image)
+
+
+def _displayed_rgb(image: Image.Image) -> Image.Image:
+    """An opened image fully decoded, EXIF orientation applied, as 8-bit RGB."""
+    image.load()  # force full decode: a truncated file fails here, not later
+    image = ImageOps.exif_transpose(image)
+    if image.mode == 'RGB':
+        return image.copy()
+    return _to_rgb8(image)
 
 
 def load_image_tensor(source: Union[str, os.PathLike, bytes, io.IOBase],
@@ -133,16 +138,15 @@ def load_image_tensor(source: Union[str, os.PathLike, bytes, io.IOBase],
     """
     data = _read_bytes(source)
     limits = limits or ImageLimits()
-    with _decode_errors(), Image.open(io.BytesIO(data)) as header:  # reads the header only
-        limits.check(*header.size)
-        jpeg = header.format == 'JPEG'
-    if jpeg and decode_jpeg is not None:
-        try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                               apply_exif_orientation=True)
-        except RuntimeError:
-            pass
-    return pil_to_tensor(load_image(data, limits))
+    with _decode_errors(), Image.open(io.BytesIO(data)) as image:  # the header only, until decoded
+        limits.check(*image.size)
+        if image.format == 'JPEG' and decode_jpeg is not None:
+            try:
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                   apply_exif_orientation=True)
+            except RuntimeError:
+                pass
+        return pil_to_tensor(_displayed_rgb(image))
 
 
 def _read_bytes(source: Union[str, os.PathLike, bytes, io.IOBase]) -> bytes:
@@ -172,17 +176,12 @@ def image_size(path: Union[str, os.PathLike], limits: Optional[ImageLimits] = No
     size, before EXIF is read (for a PNG without EXIF up front, PIL decodes to look for it).
     """
     limits = limits or ImageLimits()
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            limits.check(width, height)
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
-                width, height = height, width
-            return width, height
-    except ImageSizeError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise ImageDecodeError(f'not a decodable image: {err}') from err
+    with _decode_errors(), Image.open(path) as image:
+        width, height = image.size
+        limits.check(width, height)
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
+            width, height = height, width
+        return width, height
 
 
 @functools.lru_cache(maxsize=1)
