@@ -286,3 +286,18 @@ def test_cudnn_autotuning_only_where_cudnn_benchmark_asks_and_only_on_cuda():
         with inference_context(cpu if device.type == 'cpu' else cuda, autotune=asked):
             assert torch.backends.cudnn.benchmark is expected
         assert torch.backends.cudnn.benchmark is before
+
+
+def test_detection_rows_clip_boxes_to_each_image_in_one_host_copy():
+    """Rows [left, top, right, bottom, score, label] per image, boxes clipped to that image's own size."""
+    from utils.inference import detection_rows
+
+    def network(inputs):  # what a detector may return: a box past the edges, an image with none
+        assert [tuple(i.shape) for i in inputs] == [(3, 48, 64), (3, 30, 20)]
+        return [{'boxes': torch.tensor([[-5.0, -3.0, 70.0, 40.0], [1.0, 2.0, 3.0, 4.0]]),
+                 'scores': torch.tensor([0.9, 0.5]), 'labels': torch.tensor([2, 1])},
+                {'boxes': torch.zeros((0, 4)), 'scores': torch.zeros(0), 'labels': torch.zeros(0, dtype=torch.int64)}]
+
+    images = [torch.zeros((3, 48, 64), dtype=torch.uint8), torch.zeros((3, 30, 20), dtype=torch.uint8)]
+    rows = detection_rows(network, images, torch.device('cpu'))
+    assert rows == [[[0.0, 0.0, 64.0, 40.0, pytest.approx(0.9), 2.0], [1.0, 2.0, 3.0, 4.0, 0.5, 1.0]], []]

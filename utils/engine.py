@@ -241,15 +241,14 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
     return result
 
 
-def _to_host(outputs: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
-    """A batch's detections (boxes, scores, labels) on the CPU in one copy: one host sync, not three per image."""
+def detections_to_host(outputs: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
+    """Per image, the detector's output as float rows [left, top, right, bottom, score, label id] on the
+    CPU, the whole batch in one copy: one host sync, not three per image (used by prediction too)."""
     if not outputs:
         return []
     rows = [torch.cat([o['boxes'].float(), o['scores'].float()[:, None], o['labels'].float()[:, None]], dim=1)
             for o in outputs]
-    table = torch.cat(rows).cpu()
-    return [{'boxes': t[:, :4], 'scores': t[:, 4], 'labels': t[:, 5].long()}
-            for t in table.split([len(r) for r in rows])]
+    return list(torch.cat(rows).cpu().split([len(r) for r in rows]))
 
 
 def step_scheduler(scheduler) -> None:
@@ -307,7 +306,8 @@ def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: to
             if device.type == 'cuda':
                 torch.cuda.synchronize()
             tic = time.time()
-            outputs = _to_host(model(images))
+            outputs = [{'boxes': t[:, :4], 'scores': t[:, 4], 'labels': t[:, 5].long()}
+                       for t in detections_to_host(model(images))]
             model_time += time.time() - tic
             evaluator.update({target['image_id']: output for target, output in zip(targets, outputs)})
 

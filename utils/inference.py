@@ -30,6 +30,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms.functional import pil_to_tensor
 
 from utils.embeddings import fpn_embedding
+from utils.engine import detections_to_host
 from utils.images import ImageLimits, ImageSizeError
 from utils.model_factory import cudnn_autotune
 
@@ -228,22 +229,17 @@ def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch
     """Per image, rows [left, top, right, bottom, score, label id] clipped to the image (the network's
     `roi_heads.score_thresh`, set by `set_postprocess`, has already dropped the low scores).
 
-    The rows of the whole batch come back to the host in one copy (one sync, not three per image).
+    The rows of the whole batch come back to the host in one copy (`engine.detections_to_host`).
     """
     inputs = device_inputs(images, device)
     with inference_context(device, autotune):
-        outputs = network(inputs)
-        per_image = []
-        for image, output in zip(images, outputs):
-            height, width = image.shape[-2:]
-            boxes = output['boxes'].float()
-            limits = boxes.new_tensor([width, height, width, height])
-            boxes = torch.minimum(boxes.clamp(min=0), limits)
-            per_image.append(torch.cat([boxes, output['scores'].float()[:, None],
-                                        output['labels'].float()[:, None]], dim=1))
-        counts = [len(rows) for rows in per_image]
-        table = torch.cat(per_image).cpu() if per_image else torch.zeros((0, 6))
-    return [block.tolist() for block in table.split(counts)]
+        tables = detections_to_host(network(inputs))
+    rows = []
+    for image, table in zip(images, tables):
+        height, width = image.shape[-2:]
+        boxes = torch.minimum(table[:, :4].clamp(min=0), table.new_tensor([width, height, width, height]))
+        rows.append(torch.cat([boxes, table[:, 4:]], dim=1).tolist())
+    return rows
 
 
 def image_vectors(network: nn.Module, images: List[torch.Tensor], device: torch.device,
