@@ -20,9 +20,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.gpu_speed import (ENGINE_SETTINGS, FULL, TINY, bare_forward, bare_network, bare_step,  # noqa: E402
-                             make_adapter, synthetic_training_set)
+                             fresh_training, make_adapter, synthetic_training_set)
 from utils import engine  # noqa: E402
-from utils.model_factory import build_model  # noqa: E402
 from utils.trainer import build_optimizer  # noqa: E402
 
 
@@ -64,18 +63,12 @@ def main():
     _, loader, num_classes = synthetic_training_set(cfg, device)
     batches = [batch for _, batch in zip(range(5), loader)]
 
-    def fresh():
-        torch.manual_seed(0)
-        model = build_model(cfg['variant'], num_classes, cfg['run_size'], cfg['run_size']).to(device)
-        return model, torch.amp.GradScaler('cuda', enabled=cuda)
-    model, scaler = fresh()
+    model, _, scaler = fresh_training(cfg, num_classes, device, cuda)
     optimizer = build_optimizer(model, ENGINE_SETTINGS)
     profiled('row 4: utils.engine.train_one_epoch, 5 steps',
              lambda: engine.train_one_epoch(model, optimizer, batches, device, epoch=1, scaler=scaler if cuda else None,
                                             warmup_iters=0, progress=False), device)
-    model, scaler = fresh()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                lr=ENGINE_SETTINGS['learning_rate'], momentum=ENGINE_SETTINGS['momentum'])
+    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda)
     profiled('row 4: bare tutorial loop, 5 steps',
              lambda: [bare_step(model, optimizer, scaler, batch_images, targets, device, cuda)
                       for batch_images, targets in batches],

@@ -310,22 +310,25 @@ def synthetic_training_set(cfg, device):
     return root, loader, num_classes
 
 
+def fresh_training(cfg, num_classes, device, cuda):
+    """Rows 4-5's starting point, the same each time: (network, the tutorial's SGD, GradScaler)."""
+    torch.manual_seed(0)
+    model = build_model(cfg['variant'], num_classes, cfg['run_size'], cfg['run_size']).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                lr=ENGINE_SETTINGS['learning_rate'], momentum=ENGINE_SETTINGS['momentum'])
+    return model, optimizer, torch.amp.GradScaler('cuda', enabled=cuda)
+
+
 def engine_rows(cfg, device, cuda):
     size = cfg['run_size']
     root, loader, num_classes = synthetic_training_set(cfg, device)
     n = len(loader.dataset)
 
-    def fresh():
-        torch.manual_seed(0)
-        model = build_model(cfg['variant'], num_classes, size, size).to(device)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.005, momentum=0.9)
-        return model, optimizer, torch.amp.GradScaler('cuda', enabled=cuda)
-
-    model, optimizer, scaler = fresh()
+    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda)
     plain = n / median_seconds(lambda: bare_epoch(model, optimizer, scaler, loader, device, cuda), device, cfg['runs'])
     print(f'4. one epoch, {n} synthetic images {size} px, batch {cfg["train_batch"]}, {"AMP" if cuda else "fp32"}')
     for label, fused in (('the trainer\'s fused SGD', True), ('plain SGD: a sync per step in fp32', False)):
-        model, optimizer, scaler = fresh()
+        model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda)
         if fused:
             optimizer = build_optimizer(model, ENGINE_SETTINGS)
         ours = n / median_seconds(lambda: engine.train_one_epoch(model, optimizer, loader, device, epoch=1,
@@ -333,7 +336,7 @@ def engine_rows(cfg, device, cuda):
                                                                  progress=False), device, cfg['runs'])
         row(f'utils.engine.train_one_epoch ({label}) vs bare torchvision loop', ours, plain)
 
-    model, optimizer, scaler = fresh()
+    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda)
     epochs = cfg['run_epochs']
     plain_wall = seconds(lambda: [bare_epoch(model, optimizer, scaler, loader, device, cuda)
                                   for _ in range(epochs)], device)
