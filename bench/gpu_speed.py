@@ -192,7 +192,7 @@ def training_rows(cfg, device, cuda):
                                                      'labels': torch.tensor([1])}) for h, w in sizes]
 
     def run(data, batches, bucket, benchmark=False):
-        with cudnn_autotune(benchmark):
+        with cudnn_autotune(device, benchmark):
             first, steady, _ = step_times(cfg, data, batches, bucket, device, cuda, cfg['runs'])
         return first, steady
 

@@ -274,14 +274,14 @@ def test_cudnn_autotuning_only_where_cudnn_benchmark_asks_and_only_on_cuda():
     """Off by default: on an H100 each new input shape cost 12-17 s of autotuning (bench/RESULTS.md)."""
     from utils import config as config_lib
     from utils.inference import inference_context
-    from utils.trainer import _autotune
+    from utils.model_factory import cudnn_autotune
     assert config_lib.DEFAULTS['cudnn_benchmark'] is False
     with pytest.raises(config_lib.ConfigError, match='cudnn_benchmark'):
         config_lib.resolve({'cudnn_benchmark': 'yes'})
     cuda, cpu = torch.device('cuda'), torch.device('cpu')
     before = torch.backends.cudnn.benchmark
     for device, asked, expected in ((cuda, True, True), (cuda, False, before), (cpu, True, before)):
-        with _autotune(device, {'cudnn_benchmark': asked}):
+        with cudnn_autotune(device, asked):  # what a training epoch runs under
             assert torch.backends.cudnn.benchmark is expected
         with inference_context(cpu if device.type == 'cpu' else cuda, autotune=asked):
             assert torch.backends.cudnn.benchmark is expected

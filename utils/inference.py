@@ -207,7 +207,7 @@ def inference_context(device: torch.device, autotune: bool = False):
     cuDNN's per-shape autotuning when `autotune` (the `cudnn_benchmark` setting)."""
     cuda = device.type == 'cuda'
     with torch.inference_mode(), torch.autocast('cuda', dtype=torch.float16, enabled=cuda), \
-            cudnn_autotune(cuda and autotune):
+            cudnn_autotune(device, autotune):
         yield
 
 

@@ -21,7 +21,6 @@ the next epoch trains meanwhile. With no validation records, every epoch counts 
 best so far (best.pth = the latest weights) and early stopping is off. At the
 end, the model holds the best epoch's weights.
 """
-import contextlib
 import dataclasses
 import logging
 import math
@@ -144,19 +143,6 @@ def _grouped_batches(records: Sequence[Mapping[str, Any]], settings) -> GroupedB
     run replays the order the uninterrupted one would have seen."""
     sizes = [(int(record['height']), int(record['width'])) for record in records]
     return build_grouped_batch_sampler(sizes, int(settings['batch_size']), seed=int(settings['seed']))
-
-
-@contextlib.contextmanager
-def _autotune(device: torch.device, settings):
-    """cuDNN's per-shape autotuning (`cudnn.benchmark`) for a training epoch, where `cudnn_benchmark` asks.
-
-    Autotuning trials every convolution's kernels once per new input shape: on an H100
-    (torch 2.11) 12-17 s per shape for resnet50_fpn at 800 px, then about 14 % saved a
-    step. Mixed sizes meet many shapes in epoch 1, so it is off by default; a long run on
-    images of one size gains from turning it on (bench/RESULTS.md has the figures).
-    """
-    with cudnn_autotune(device.type == 'cuda' and bool(settings['cudnn_benchmark'])):
-        yield
 
 
 def _summary_line(record: Mapping[str, Any], epochs: int, best_score: float, best_epoch: int) -> str:
@@ -368,7 +354,7 @@ def _train_and_evaluate(run: _Run, train_loader, val_loader, device, epoch: int,
     """One epoch of training, the lr scheduler's step and the validation: the epoch's history record."""
     tic = time.time()
     train_loader.batch_sampler.set_epoch(epoch)
-    with _autotune(device, settings):
+    with cudnn_autotune(device, settings['cudnn_benchmark']):
         losses = engine.train_one_epoch(run.model, run.optimizer, train_loader, device, epoch, scaler=run.scaler,
                                         warmup_iters=int(settings['warmup_iters']),
                                         max_grad_norm=float(settings['max_grad_norm']), total_epochs=run.epochs)
