@@ -63,12 +63,12 @@ def main():
     _, loader, num_classes = synthetic_training_set(cfg, device)
     batches = [batch for _, batch in zip(range(5), loader)]
 
-    model, _, scaler = fresh_training(cfg, num_classes, device, cuda)
+    model, _, scaler = fresh_training(cfg, num_classes, device, cuda, ours=True)
     optimizer = build_optimizer(model, ENGINE_SETTINGS)
     profiled('row 4: utils.engine.train_one_epoch, 5 steps',
              lambda: engine.train_one_epoch(model, optimizer, batches, device, epoch=1, scaler=scaler if cuda else None,
                                             warmup_iters=0, progress=False), device)
-    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda)
+    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda, ours=False)
     profiled('row 4: bare tutorial loop, 5 steps',
              lambda: [bare_step(model, optimizer, scaler, batch_images, targets, device, cuda)
                       for batch_images, targets in batches],

@@ -118,7 +118,7 @@ class SdkDecoding(FasterRCNNAdapter):
 
 def bare_network(adapter, cfg, device):
     network = build_model(cfg['variant'], adapter.model.roi_heads.box_predictor.cls_score.out_features,
-                          cfg['min_size'], cfg['max_size']).to(device).eval()
+                          cfg['min_size'], cfg['max_size'], batched_postprocess=False).to(device).eval()
     network.load_state_dict(adapter.model.state_dict())
     network.roi_heads.score_thresh, network.roi_heads.detections_per_img = 0.0, 100
     return network
@@ -221,10 +221,12 @@ def training_rows(cfg, device, cuda):
         print(f'  {name:<68} {cpu_first:9.1f} ms/step', flush=True)
 
 
-def step_times(cfg, data, batches, bucket, device, amp, runs):
-    """Bare training steps over `batches` of `data`: (first pass, median steady pass) in ms/step, and peak GB."""
+def step_times(cfg, data, batches, bucket, device, amp, runs, batched=False):
+    """Bare training steps over `batches` of `data`: (first pass, median steady pass) in ms/step, and peak GB
+    (`batched`: with this project's batched RPN post-processing, else torchvision's)."""
     torch.manual_seed(0)
-    model = build_model(cfg['variant'], 3, cfg['min_size'], cfg['max_size'], padding_bucket=bucket).to(device)
+    model = build_model(cfg['variant'], 3, cfg['min_size'], cfg['max_size'], padding_bucket=bucket,
+                        batched_postprocess=batched).to(device)
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001, momentum=0.9)
     scaler = torch.amp.GradScaler('cuda', enabled=amp)
@@ -253,7 +255,7 @@ def default_rows(cfg, device, items, adapter):
                                                     'labels': torch.tensor([1])}) for h, w in sizes]
         batches = list(build_grouped_batch_sampler(sizes, batch, seed=0))
         for amp in (True, False) if device.type == 'cuda' else (False,):
-            _, steady, peak = step_times(cfg, data, batches, 128, device, amp, 1)
+            _, steady, peak = step_times(cfg, data, batches, 128, device, amp, 1, batched=True)
             name = f'train batch {batch}, {"AMP" if amp else "fp32"}'
             print(f'  {name:<68} {steady / batch:9.1f} ms/img  '
                   f'peak {peak:5.1f} GB', flush=True)
@@ -310,10 +312,12 @@ def synthetic_training_set(cfg, device):
     return root, loader, num_classes
 
 
-def fresh_training(cfg, num_classes, device, cuda):
-    """Rows 4-5's starting point, the same each time: (network, the tutorial's SGD, GradScaler)."""
+def fresh_training(cfg, num_classes, device, cuda, ours):
+    """Rows 4-5's starting point, the same each time: (network, the tutorial's SGD, GradScaler); `ours`: the
+    network as this project builds it (batched post-processing on CUDA), else plain torchvision's."""
     torch.manual_seed(0)
-    model = build_model(cfg['variant'], num_classes, cfg['run_size'], cfg['run_size']).to(device)
+    model = build_model(cfg['variant'], num_classes, cfg['run_size'], cfg['run_size'],
+                        batched_postprocess=ours).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                                 lr=ENGINE_SETTINGS['learning_rate'], momentum=ENGINE_SETTINGS['momentum'])
     return model, optimizer, torch.amp.GradScaler('cuda', enabled=cuda)
@@ -324,11 +328,11 @@ def engine_rows(cfg, device, cuda):
     root, loader, num_classes = synthetic_training_set(cfg, device)
     n = len(loader.dataset)
 
-    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda)
+    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda, ours=False)
     plain = n / median_seconds(lambda: bare_epoch(model, optimizer, scaler, loader, device, cuda), device, cfg['runs'])
     print(f'4. one epoch, {n} synthetic images {size} px, batch {cfg["train_batch"]}, {"AMP" if cuda else "fp32"}')
     for label, fused in (('the trainer\'s fused SGD', True), ('plain SGD: a sync per step in fp32', False)):
-        model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda)
+        model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda, ours=True)
         if fused:
             optimizer = build_optimizer(model, ENGINE_SETTINGS)
         ours = n / median_seconds(lambda: engine.train_one_epoch(model, optimizer, loader, device, epoch=1,
@@ -336,7 +340,7 @@ def engine_rows(cfg, device, cuda):
                                                                  progress=False), device, cfg['runs'])
         row(f'utils.engine.train_one_epoch ({label}) vs bare torchvision loop', ours, plain)
 
-    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda)
+    model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda, ours=False)
     epochs = cfg['run_epochs']
     plain_wall = seconds(lambda: [bare_epoch(model, optimizer, scaler, loader, device, cuda)
                                   for _ in range(epochs)], device)

@@ -14,6 +14,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from utils.atomic import atomic_write
+from utils.batched_postprocess import batch_postprocessing
 from utils.errors import InputError
 from utils.label_map import parse_id_to_label
 
@@ -51,7 +52,7 @@ def num_classes_for(id_to_label_map: Mapping[int, str]) -> int:
 
 def build_model(variant: str, num_classes: int, min_size: Optional[int] = None, max_size: Optional[int] = None,
                 coco_weights: bool = False, keep_coco_head: bool = False, padding_bucket: int = 32,
-                **options: Any) -> torch.nn.Module:
+                batched_postprocess: bool = True, **options: Any) -> torch.nn.Module:
     """Faster R-CNN of `variant` with `num_classes` outputs (background included).
 
     `min_size` / `max_size` None keep the builder's own input size (800 / 1333, or
@@ -60,6 +61,8 @@ def build_model(variant: str, num_classes: int, min_size: Optional[int] = None, 
     API (so a copy cached under TORCH_HOME is used, no download when present); the
     box predictor is then replaced for `num_classes` unless `keep_coco_head`.
     `padding_bucket` > 32 pads batches to `BucketedTransform`'s coarser grid.
+    `batched_postprocess`: on CUDA, the RPN and RoI heads post-process the whole batch at once
+    (`utils.batched_postprocess`: same results, far fewer host syncs); False: torchvision's as is.
     `options` are further FasterRCNN keyword arguments (e.g. rpn_post_nms_top_n_train).
     """
     builder, weights_enum = BUILDERS[variant]
@@ -73,7 +76,7 @@ def build_model(variant: str, num_classes: int, min_size: Optional[int] = None, 
             replace_box_predictor(model, num_classes)
     if padding_bucket > model.transform.size_divisible:
         model.transform = BucketedTransform(model.transform, padding_bucket)
-    return model
+    return batch_postprocessing(model) if batched_postprocess else model
 
 
 def _round_up(value: int, multiple: int) -> int:
