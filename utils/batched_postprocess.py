@@ -131,7 +131,6 @@ def postprocess_detections(heads: RoIHeads, class_logits: Tensor, box_regression
     """`RoIHeads.postprocess_detections` for the whole batch: per (image, class) the boxes above the score
     threshold and not empty, NMS, then per image the top `detections_per_img` by score."""
     counts = [len(p) for p in proposals]
-    num_classes = class_logits.shape[-1]
     boxes = torch.nn.utils.rnn.pad_sequence(heads.box_coder.decode(box_regression, proposals).split(counts),
                                             batch_first=True)  # [B, P, C, 4]
     scores = torch.nn.utils.rnn.pad_sequence(F.softmax(class_logits, -1).split(counts), batch_first=True)
