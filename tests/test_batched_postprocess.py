@@ -111,6 +111,17 @@ def test_batched_detections_equal_torchvision_s(monkeypatch):
         torch.testing.assert_close(got['boxes'], want['boxes'], rtol=0, atol=1e-4)
 
 
+def test_no_proposal_at_all_gives_no_detection(monkeypatch):
+    """An RPN that lets nothing through (a diverged network's NaN boxes do that): empty results, as torchvision's."""
+    model, images = detector(), images_of_mixed_sizes()
+    model.rpn.score_thresh = 2.0  # above any probability
+    monkeypatch.setattr(batched_postprocess, 'ON_CPU', True)
+    with torch.inference_mode():
+        found = model(images)
+    assert [len(d['boxes']) for d in found] == [0] * len(images)
+    assert all(d['boxes'].shape == (0, 4) and d['labels'].dtype == torch.int64 for d in found)
+
+
 def test_batched_proposals_equal_torchvision_s(monkeypatch):
     model, images = detector(seed=3), images_of_mixed_sizes(seed=4)
     with torch.inference_mode():

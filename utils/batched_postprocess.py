@@ -131,8 +131,8 @@ def postprocess_detections(heads: RoIHeads, class_logits: Tensor, box_regression
     """`RoIHeads.postprocess_detections` for the whole batch: per (image, class) the boxes above the score
     threshold and not empty, NMS, then per image the top `detections_per_img` by score."""
     counts = [len(p) for p in proposals]
-    boxes = torch.nn.utils.rnn.pad_sequence(heads.box_coder.decode(box_regression, proposals).split(counts),
-                                            batch_first=True)  # [B, P, C, 4]
+    decoded = heads.box_coder.decode(box_regression, proposals).reshape(sum(counts), class_logits.shape[-1], 4)
+    boxes = torch.nn.utils.rnn.pad_sequence(decoded.split(counts), batch_first=True)  # [B, P, C, 4]
     scores = torch.nn.utils.rnn.pad_sequence(F.softmax(class_logits, -1).split(counts), batch_first=True)
     real = torch.nn.utils.rnn.pad_sequence(scores.new_ones(sum(counts)).split(counts), batch_first=True) > 0
     boxes = _clip(boxes, image_shapes)[:, :, 1:].transpose(1, 2)  # [B, C-1, P, 4]: groups per class
