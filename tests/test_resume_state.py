@@ -72,9 +72,10 @@ def records(tmp_path):
     return make_records(tmp_path / 'train', 2, seed=31)
 
 
-def fit(records, output, epochs=2, **kwargs):
-    return trainer.fit(small_model(), records, [], LABEL_TO_ID, str(output), settings(epochs=epochs), CPU,
-                       CHECKPOINT_INFO, **kwargs)
+def fit(records, output, epochs=2, val_records=(), checkpoint_interval_s=0, **kwargs):
+    return trainer.fit(small_model(), records, list(val_records), LABEL_TO_ID, str(output),
+                       settings(epochs=epochs, checkpoint_interval_s=checkpoint_interval_s), CPU, CHECKPOINT_INFO,
+                       **kwargs)
 
 
 # ----------------------------------------------------------------------------- a full disk
@@ -323,3 +324,96 @@ def test_curves_png_is_drawn_at_most_every_interval_and_at_the_end(tmp_path, mon
     drawn.clear()
     fit(records, tmp_path / 'again', epochs=3)
     assert drawn == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- checkpoints by interval
+
+class Clock:
+    """trainer's `time`, with a monotonic clock the test moves (each stubbed epoch takes `epoch_s`)."""
+
+    def __init__(self, epoch_s):
+        self.now, self.epoch_s = 0.0, epoch_s
+
+    def monotonic(self):
+        return self.now
+
+    def time(self):
+        return time.time()
+
+
+def clocked_training(monkeypatch, epoch_s, scores=None):
+    """stub_training whose epochs each take `epoch_s` on a fake clock; `scores`: validation mAP per epoch."""
+    clock, calls = Clock(epoch_s), []
+    stub_training(monkeypatch, calls)
+    stubbed = trainer.engine.train_one_epoch
+
+    def timed(*args, **kwargs):
+        clock.now += clock.epoch_s
+        return stubbed(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.engine, 'train_one_epoch', timed)
+    monkeypatch.setattr(trainer, 'time', clock)
+    if scores is not None:
+        monkeypatch.setattr(trainer.engine, 'evaluate', lambda *args, **kwargs: {'mAP': scores[len(calls) - 1]})
+    return calls
+
+
+def test_checkpoints_come_every_interval_and_after_the_final_epoch(tmp_path, monkeypatch, records):
+    clocked_training(monkeypatch, epoch_s=25.0)
+    output, written = tmp_path / 'out', []
+    real_save = model_factory.save_checkpoint
+    monkeypatch.setattr('utils.checkpoint_writer.save_checkpoint',
+                        lambda payload, path: written.append((os.path.basename(path), payload['epoch'])) or
+                        real_save(payload, path))
+    seen = []
+    fit(records, output, epochs=7, checkpoint_interval_s=60,
+        on_epoch_end=lambda epoch, epochs: seen.append(epoch))
+    # epochs end at 25, 50, 75, ... s: due at 75 s (epoch 2), 150 s (epoch 5), and the final epoch 6
+    assert [epoch for name, epoch in written if name == 'last.pth'] == [2, 5, 6]
+    assert seen == list(range(7))  # on_epoch_end still comes once per epoch, in order
+    assert load_checkpoint(str(output / 'weights' / 'last.pth'))['finished']
+
+
+def test_best_pth_holds_the_best_epochs_exact_weights_written_later(tmp_path, monkeypatch, records):
+    """The best epoch (1) ends between writes: its weights wait on the device and go into best.pth at the final
+    write; the model then holds them. Each stubbed epoch adds 1.0 to the first parameter."""
+    clocked_training(monkeypatch, epoch_s=1.0, scores=[0.1, 0.5, 0.3, 0.2])
+    start = next(small_model().parameters()).detach().clone()
+    output = tmp_path / 'out'
+    model = small_model()
+    result = trainer.fit(model, records, make_records(tmp_path / 'val', 1, seed=2), LABEL_TO_ID, str(output),
+                         settings(epochs=4, checkpoint_interval_s=3600), CPU, CHECKPOINT_INFO)
+    assert result.best_epoch == 1
+    best = load_checkpoint(str(output / 'weights' / 'best.pth'))
+    name = next(iter(dict(model.named_parameters())))
+    assert best['epoch'] == 1 and best['metrics']['mAP'] == 0.5
+    after = [start + 1.0]
+    for _ in range(3):
+        after.append(after[-1] + 1.0)  # the weights after each epoch, rounded as training rounds them
+    assert torch.equal(best['state_dict'][name], after[1])
+    assert torch.equal(load_checkpoint(str(output / 'weights' / 'last.pth'))['state_dict'][name], after[3])
+    assert torch.equal(next(model.parameters()).detach(), after[1])
+
+
+def test_a_run_that_fails_between_writes_keeps_its_finished_epochs(tmp_path, monkeypatch, records):
+    """Epochs 0-1 end between writes (their state waits on the device); epoch 2 fails: epoch 1's last.pth is
+    written before the error goes on, and the next run resumes at epoch 2."""
+    calls = clocked_training(monkeypatch, epoch_s=1.0)
+    stubbed = trainer.engine.train_one_epoch
+
+    def fails_in_epoch_2(model, optimizer, data_loader, device, epoch, **kwargs):
+        if epoch == 2:
+            raise _Killed()
+        return stubbed(model, optimizer, data_loader, device, epoch, **kwargs)
+
+    monkeypatch.setattr(trainer.engine, 'train_one_epoch', fails_in_epoch_2)
+    output = tmp_path / 'out'
+    with pytest.raises(_Killed):
+        fit(records, output, epochs=4, checkpoint_interval_s=3600)
+    last = load_checkpoint(str(output / 'weights' / 'last.pth'))
+    assert last['epoch'] == 1 and not last['finished'] and 'optimizer' in last
+    assert load_checkpoint(str(output / 'weights' / 'best.pth'))['epoch'] == 1
+    calls.clear()
+    monkeypatch.setattr(trainer.engine, 'train_one_epoch', stubbed)
+    assert fit(records, output, epochs=4, checkpoint_interval_s=3600).epochs_run == 4
+    assert calls == [2, 3]

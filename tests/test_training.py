@@ -88,7 +88,7 @@ def small_model(seed=0):
 
 def settings(**overrides):
     base = dict(DEFAULTS, epochs=2, batch_size=2, learning_rate=0.01, warmup_iters=4, num_workers=0,
-                lr_steps=[0.8], amp=False, seed=0)
+                lr_steps=[0.8], amp=False, seed=0, checkpoint_interval_s=0)  # checkpoints every epoch
     base.update(overrides)
     return base
 

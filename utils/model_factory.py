@@ -188,6 +188,18 @@ def cpu_copy(value: Any) -> Any:
     return snapshot
 
 
+def device_copy(value: Any) -> Any:
+    """`value` with every tensor (in dicts, lists, tuples) cloned where it is: a snapshot kept on the GPU
+    costs a device-to-device copy (a millisecond for a resnet50's training state) instead of a host one."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: device_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(device_copy(item) for item in value)
+    return copy.deepcopy(value)
+
+
 def _copy_to_cpu(value: Any, devices: set) -> Any:
     if isinstance(value, torch.Tensor):
         if value.is_cuda:

@@ -3,10 +3,13 @@
 `fit(...)` trains a torchvision Faster R-CNN on reader records and leaves in
 ``output_path``::
 
-    weights/last.pth   every epoch: weights + optimizer, lr scheduler, GradScaler and
-                       RNG state, epoch, best score, history (everything to resume); the
-                       one written after the final epoch (or early stop) says ``finished``
-    weights/best.pth   whenever validation mAP@[.5:.95] improves: weights + epoch, metrics
+    weights/last.pth   at the first epoch end `checkpoint_interval_s` after the last write
+                       (0: every epoch) and after the final epoch (or early stop): weights +
+                       optimizer, lr scheduler, GradScaler and RNG state, epoch, best score,
+                       history (everything to resume); the final one says ``finished``
+    weights/best.pth   with last.pth when validation mAP@[.5:.95] improved since the last
+                       write: the best epoch's exact weights (kept in memory meanwhile) +
+                       epoch, metrics
     curves.csv         the history so far, every epoch
     curves.png         the same drawn, at most every CURVES_PNG_INTERVAL_S and at the end
 
@@ -17,7 +20,9 @@ given) training continues after its epoch with the same state; a finished run
 is not trained again (only a last.pth that says so is a finished run: a
 best.pth alone is not). The checkpoints are written on a background thread
 (`utils.checkpoint_writer`) from a CPU snapshot taken at the end of the epoch, so
-the next epoch trains meanwhile. With no validation records, every epoch counts as the
+the next epoch trains meanwhile; by interval, because on a small dataset a GPU
+epoch takes less than a resnet50's 320 MB last.pth does to snapshot and write
+(a crash loses at most that interval of training). With no validation records, every epoch counts as the
 best so far (best.pth = the latest weights) and early stopping is off. At the
 end, the model holds the best epoch's weights.
 """
@@ -43,9 +48,8 @@ from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
 from utils.output_layout import BEST_NAME, CURVES_CSV, CURVES_PNG, LAST_NAME, WEIGHTS_DIR  # noqa: F401
-from utils.model_factory import (check_compatible, cudnn_autotune, cpu_copy, load_checkpoint, make_checkpoint,
-                                 marks_finished_run,
-                                 num_classes_for, save_checkpoint)
+from utils.model_factory import (check_compatible, cudnn_autotune, cpu_copy, device_copy, load_checkpoint,
+                                 make_checkpoint, marks_finished_run, num_classes_for, save_checkpoint)
 from utils.transforms import get_transform
 
 logger = logging.getLogger(__name__)
@@ -166,9 +170,9 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     - `settings`: the resolved configuration (`utils.config.resolve`); missing keys take defaults.
     - `checkpoint_info`: `make_checkpoint` kwargs: variant, id_to_label_map (and optionally
       min_size, max_size; by default the network's own).
-    - `on_epoch_end(epoch, epochs)`: called once per epoch, in order, as soon as that epoch's
-      weights/last.pth (and best.pth when it improved) are complete on disk: whatever it
-      reads or uploads of them is whole and is what a resumed run starts from. It runs on
+    - `on_epoch_end(epoch, epochs)`: called once per epoch, in order, as soon as the checkpoints
+      due at that epoch (none between intervals) are complete on disk: whatever it reads or
+      uploads of weights/ is whole and is what a resumed run starts from. It runs on
       the checkpoint writer's thread while the next epoch trains (so it must not read the
       model, and calls never overlap); an exception from it stops training at the next
       epoch boundary, or fails `fit` at the end (and `fit` can resume later).
@@ -211,22 +215,48 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
 def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: CheckpointWriter, curves: '_Curves',
             publish_metrics, last_path: str, best_path: str) -> None:
     """The epochs left: train, evaluate, publish, curves, then the checkpoints handed to `writer`."""
-    for epoch in range(run.last_epoch + 1, run.epochs):
-        writer.check()  # a failed write (or on_epoch_end) of the previous epoch stops the run here
-        record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
-        improved = run.add(record)
-        metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
-        _publish(publish_metrics, epoch, metrics)
-        finished = run.stopped_early or epoch + 1 >= run.epochs
-        curves.write(run.history, draw=finished)
-        writer.wait()  # the previous epoch's files are written before this epoch's snapshot takes memory
-        writer.submit(epoch, _checkpoints(run, epoch, metrics, last_path, best_path if improved else None, finished))
-        logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
-        if run.stopped_early:
-            logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
-                        'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
-                        epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
-            break
+    interval = float(settings['checkpoint_interval_s'])
+    written_at = time.monotonic()  # the run's start counts as a write: the first comes an interval later
+    best = None  # (epoch, metrics, weights on the model's device) of a best epoch not yet in best.pth
+    unwritten = None  # the checkpoints of the last epoch not written, on the device: written if the run fails
+    try:
+        for epoch in range(run.last_epoch + 1, run.epochs):
+            writer.check()  # a failed write (or on_epoch_end) of the previous epoch stops the run here
+            record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
+            metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
+            if run.add(record):
+                best = (epoch, metrics, device_copy(run.model.state_dict()))
+            _publish(publish_metrics, epoch, metrics)
+            finished = run.stopped_early or epoch + 1 >= run.epochs
+            curves.write(run.history, draw=finished)
+            writer.wait()  # the previous epoch's files are written before this epoch's snapshot takes memory
+            files = _checkpoints(run, epoch, last_path, best_path, best, finished)
+            if finished or time.monotonic() - written_at >= interval:
+                writer.submit(epoch, cpu_copy(files))
+                written_at, best, unwritten = time.monotonic(), None, None
+            else:  # nothing due: on_epoch_end still comes, in order
+                unwritten = device_copy(files)
+                writer.submit(epoch, [])
+            logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
+            if run.stopped_early:
+                logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
+                            'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
+                            epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
+                break
+    except BaseException:
+        writer.close_quietly()
+        _write_now(unwritten)  # the epochs finished since the last write are not lost with the run
+        raise
+
+
+def _write_now(files) -> None:
+    """Write `files` (device snapshots) here and now; a failure is logged (an error is already on its way)."""
+    for path, checkpoint in cpu_copy(files or []):
+        try:
+            save_checkpoint(checkpoint, path)
+            logger.info('wrote %s (epoch %d) before stopping', path, checkpoint.get('epoch', -1) + 1)
+        except Exception as err:
+            logger.error('could not write %s before stopping: %s: %s', path, type(err).__name__, err)
 
 
 class _Curves:
@@ -386,18 +416,22 @@ def _publish(publish_metrics, epoch: int, metrics: Dict[str, float]) -> None:
                        type(err).__name__, err, exc_info=logger.isEnabledFor(logging.DEBUG))
 
 
-def _checkpoints(run: _Run, epoch: int, metrics: Dict[str, float], last_path: str, best_path: Optional[str],
+def _checkpoints(run: _Run, epoch: int, last_path: str, best_path: str,
+                 best: Optional[Tuple[int, Dict[str, float], Dict[str, torch.Tensor]]],
                  finished: bool) -> List[Tuple[str, Dict[str, Any]]]:
-    """[(best.pth, weights + metrics) when `best_path` is given, (last.pth, everything to resume)]: a CPU
-    snapshot of this moment, for the background writer (best.pth first: last.pth names it as the best)."""
-    weights = cpu_copy(run.model.state_dict())
+    """[(best.pth, the best epoch's weights + metrics) when `best` (a best epoch since the last write) is
+    given, (last.pth, everything to resume)], holding the live tensors: the caller snapshots them
+    (`cpu_copy` for the background writer, `device_copy` to keep), as training goes on changing them
+    (best.pth first: last.pth names it as the best)."""
+    weights = run.model.state_dict()
     files = []
-    if best_path is not None:
-        files.append((best_path, make_checkpoint(run.model, **run.checkpoint_info, state_dict=weights,
-                                                 epoch=epoch, metrics=dict(metrics))))
+    if best is not None:
+        best_epoch, metrics, best_weights = best
+        files.append((best_path, make_checkpoint(run.model, **run.checkpoint_info, state_dict=best_weights,
+                                                 epoch=best_epoch, metrics=dict(metrics))))
     files.append((last_path, make_checkpoint(
         run.model, **run.checkpoint_info, state_dict=weights,
-        optimizer=cpu_copy(run.optimizer.state_dict()), lr_scheduler=cpu_copy(run.lr_scheduler.state_dict()),
+        optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(),
         scaler=run.scaler.state_dict() if run.scaler is not None else None,
         epoch=epoch, epochs=run.epochs, best_score=run.best_score, best_epoch=run.best_epoch,
         history=list(run.history), stopped_early=run.stopped_early, finished=finished,
