@@ -76,7 +76,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.artifacts_path: Optional[str] = None
         self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
         self.unreadable_items: List[UnreadableItem] = []
-        self._lookaheads: List[inference.DetectionsAhead] = []  # one per predict_items call in flight
+        self._prefetchers: List[inference.Prefetcher] = []  # one per predict_items call in flight
         self._decode_slots = threading.BoundedSemaphore(inference.DECODE_THREADS)
         self._inference_networks = inference.NetworkCache()
         self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
@@ -193,9 +193,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
         Inside `predict_items` the item was usually decoded already, while the previous batch ran.
         """
-        for lookahead in list(self._lookaheads):
-            loaded = lookahead.take(item)
-            if loaded is not inference.DetectionsAhead.MISSING:
+        for prefetcher in list(self._prefetchers):
+            loaded = prefetcher.take(item)
+            if loaded is not inference.Prefetcher.MISSING:
                 return loaded
         return self._decode_item(item)
 
@@ -215,40 +215,19 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         return UnreadableItem(item.id, name, reason)
 
     def predict(self, batch, **kwargs):
-        """One forward pass over the whole batch; one AnnotationCollection of boxes per input.
-
-        Inside `predict_items` the forward pass usually ran already, while the previous batch's
-        annotations were built and uploaded.
-        """
+        """One forward pass over the whole batch; one AnnotationCollection of boxes per input."""
+        settings = self._resolve_settings()
+        network = self._inference_networks.get(self.model, self.device)
+        inference.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
+                                  settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
         labels = self.id_to_label_map()
         images, positions = self._readable(batch)
-        rows = inference.DetectionsAhead.MISSING
-        for lookahead in list(self._lookaheads):
-            rows = lookahead.rows(batch)
-            if rows is not inference.DetectionsAhead.MISSING:
-                break
-        if rows is inference.DetectionsAhead.MISSING:
-            rows = self._detection_rows(images)
+        rows = inference.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
         for position, image_rows in zip(positions, rows):
             collections[position] = inference.boxes_to_collection(image_rows, labels, model_name, model_id)
         return collections
-
-    def _detection_rows(self, images: List[torch.Tensor]) -> List[list]:
-        """Per image, its rows [left, top, right, bottom, score, label id] at the prediction settings."""
-        if not images:
-            return []
-        settings = self._resolve_settings()
-        network = self._inference_networks.get(self.model, self.device)
-        inference.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
-                                  settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
-        return inference.detection_rows(network, images, self.device, settings['cudnn_benchmark'])
-
-    def _rows_of_entries(self, entries: List[Any]) -> List[list]:
-        """`_detection_rows` of a batch's readable entries (what `DetectionsAhead` runs ahead)."""
-        images, _, _ = inference.split_readable(entries, self.image_limits())
-        return self._detection_rows(images)
 
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
         """The batch's decoded images and their positions; unreadable entries are kept for the run's error."""
@@ -260,20 +239,17 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                     inputs={'items': 'Item[]'},
                                     outputs={'items': 'Item[]', 'annotations': 'Annotation[]'})
     def predict_items(self, items: list, batch_size=None, **kwargs):
-        """The SDK's predict_items, decoding two batches and running the network one batch ahead of it;
-        then one error naming every item that could not be read."""
+        """The SDK's predict_items, decoding a batch ahead; then one error naming every item that could not be read."""
         self.unreadable_items = []
         size = self._prediction_batch(batch_size)
-        # decoded two batches ahead: the next one is ready when the GPU finishes this one, one more on its way
+        # two batches ahead: the next one is ready when the GPU finishes this one, and one more is on its way
         prefetcher = inference.Prefetcher(self._decode_item, items, lookahead=2 * size,
                                           workers=inference.DOWNLOAD_THREADS)
-        lookahead = inference.DetectionsAhead(prefetcher, items, size, self._rows_of_entries)
-        self._lookaheads.append(lookahead)
+        self._prefetchers.append(prefetcher)
         try:
             result = super().predict_items(items, batch_size=size, **kwargs)
         finally:
-            self._lookaheads.remove(lookahead)
-            lookahead.close()
+            self._prefetchers.remove(prefetcher)
             prefetcher.close()
         self._raise_unreadable(len(items), 'got no annotations (the others were annotated)')
         return result

@@ -116,6 +116,14 @@ class SdkDecoding(FasterRCNNAdapter):
         return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
 
 
+class InLoopDecoding(FasterRCNNAdapter):
+    """The adapter with the SDK's predict_items loop as it is: each batch decoded (this project's decoder)
+    just before the network runs it, nothing running beside the network."""
+
+    def predict_items(self, items, batch_size=None, **kwargs):
+        return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
+
+
 def bare_network(adapter, cfg, device):
     network = build_model(cfg['variant'], adapter.model.roi_heads.box_predictor.cls_score.out_features,
                           cfg['min_size'], cfg['max_size'], batched_postprocess=False).to(device).eval()
@@ -147,20 +155,23 @@ def prediction_rows(cfg, device, cuda):
                                           for i in range(0, n, 16)], device, runs)
     plain1 = n / median_seconds(lambda: [bare_forward(network, [t], device, False) for t in tensors], device, runs)
     print(f'1. predict end to end, {n} JPEGs {cfg["width"]}x{cfg["height"]}, {cfg["variant"]} at {cfg["min_size"]} px')
-    for batch in (16, 2, 1):
+    for batch in (16, 2, 1)[:1 if os.environ.get('BENCH_E2E_QUICK') else 3]:
         first, steady = first_and_median_seconds(lambda: adapter.predict_items(items, batch_size=batch), device, runs)
         plain, what = (plain1, 'fp32 batch 1') if batch == 1 else (plain16, f'{"fp16" * cuda or "fp32"} batch-16 '
                                                                             'channels_last')
         row(f'batch {batch:<2} vs plain {what} forward on decoded tensors', n / steady, plain)
         if batch == 16:
             print(f'   first call (one new input shape) {first:.2f} s')
-    sdk_alone = SdkDecoding()
-    sdk_alone.model_entity, sdk_alone.model, sdk_alone.device, sdk_alone.settings = (
-        adapter.model_entity, adapter.model, adapter.device, adapter.settings)
-    sdk_alone._upload_model_annotations = adapter._upload_model_annotations
-    steady = median_seconds(lambda: sdk_alone.predict_items(items, batch_size=16), device, runs)
-    row("batch 16, decoding as before: the SDK's 16 threads, PIL, no look-ahead", n / steady, plain16)
-    if cuda:
+    for variant, name in ((SdkDecoding, "batch 16, decoding as before: the SDK's 16 threads, PIL, no look-ahead"),
+                          (InLoopDecoding, "batch 16, the SDK's loop: this project's decoder, no look-ahead")):
+        other = variant()
+        other.model_entity, other.model, other.device, other.settings = (
+            adapter.model_entity, adapter.model, adapter.device, adapter.settings)
+        other._inference_networks = adapter._inference_networks
+        other._upload_model_annotations = adapter._upload_model_annotations
+        steady = median_seconds(lambda: other.predict_items(items, batch_size=16), device, runs)
+        row(name, n / steady, plain16)
+    if cuda and not os.environ.get('BENCH_E2E_QUICK'):
         tuned = make_adapter(cfg, device, cudnn_benchmark=True)
         first, steady = first_and_median_seconds(lambda: tuned.predict_items(items, batch_size=16), device, runs)
         row('batch 16, cudnn_benchmark on', n / steady, plain16)

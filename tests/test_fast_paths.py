@@ -13,8 +13,7 @@ from PIL import Image
 from torchvision.models.detection._utils import BoxCoder
 
 from utils.group_by_aspect_ratio import aspect_ratio_groups, build_grouped_batch_sampler
-from utils.inference import (DetectionsAhead, NetworkCache, Prefetcher, boxes_to_collection, fold_batch_norms,
-                             inference_network)
+from utils.inference import NetworkCache, Prefetcher, boxes_to_collection, fold_batch_norms, inference_network
 from utils.model_factory import BucketedTransform, build_model
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
@@ -209,47 +208,6 @@ def test_prefetcher_returns_in_order_and_passes_errors_through():
     assert sorted(started) == sorted(items)
 
 
-def test_detections_ahead_runs_one_batch_ahead_in_order_and_hands_errors_to_their_batch():
-    items = list('abcdefg')
-    detected, started = [], threading.Event()
-
-    def detect(entries):
-        detected.append(''.join(entries))
-        started.set()
-        if entries == ['C', 'D']:
-            raise RuntimeError('CUDA out of memory on c, d')
-        return [entry.lower() for entry in entries]
-
-    prefetcher = Prefetcher(str.upper, items, lookahead=4, workers=2)
-    ahead = DetectionsAhead(prefetcher, items, batch_size=2, detect=detect, depth=1)
-    try:
-        batch = [ahead.take(item) for item in 'ab']
-        assert batch == ['A', 'B'] and ahead.take('z') is DetectionsAhead.MISSING
-        started.wait(5)
-        time.sleep(0.2)
-        assert detected == ['AB', 'CD']  # batch 0 and the one ahead, no further until batch 0 is consumed
-        assert ahead.rows(['A', 'B']) is DetectionsAhead.MISSING  # equal entries, but not the ones handed out
-        assert ahead.rows(batch) == ['a', 'b']
-        with pytest.raises(RuntimeError, match='out of memory on c, d'):
-            ahead.rows([ahead.take(item) for item in 'cd'])
-        assert ahead.rows([ahead.take(item) for item in 'ef']) == ['e', 'f']
-        assert ahead.rows([ahead.take('g')]) == ['g']
-        assert detected == ['AB', 'CD', 'EF', 'G']
-    finally:
-        ahead.close()
-        prefetcher.close()
-
-
-def test_detections_ahead_stopped_early_leaves_the_rest_to_the_caller():
-    items = list('abcdef')
-    prefetcher = Prefetcher(str.upper, items, lookahead=2, workers=1)
-    ahead = DetectionsAhead(prefetcher, items, batch_size=2, detect=lambda entries: entries)
-    assert [ahead.take(item) for item in 'ab'] == ['A', 'B']
-    ahead.close()  # the loop stopped: batch 2 was never run
-    prefetcher.close()
-    assert ahead.take('e') is DetectionsAhead.MISSING
-
-
 class _Gauge:
     """How many threads are inside a block at once, at most."""
 
@@ -310,38 +268,6 @@ def test_predict_items_downloads_ahead_in_many_threads_but_decodes_in_few():
     _, annotations = adapter.predict_items(items, batch_size=4)
     assert annotations  # every image went through (random weights, no score threshold)
     assert downloads.most > DECODE_THREADS >= decodes.most >= 1
-
-
-def test_predict_items_runs_the_network_on_the_next_batch_while_this_one_is_uploaded():
-    """Batch 0's upload waits until the network has started on batch 1: without running ahead it never would."""
-    from fasterrcnn_adapter import FasterRCNNAdapter
-    from utils.local_model import local_model
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(buffer, 'JPEG')
-    forwards, second_batch = [], threading.Event()
-    waited = []
-
-    class Item(_InMemoryItem):
-        def upload(self, annotations):
-            if self.id in ('item-0', 'item-1'):
-                waited.append(second_batch.wait(10))
-            return annotations
-
-    items = [Item(i, buffer.getvalue(), _Gauge(), _Gauge()) for i in range(6)]
-    adapter = FasterRCNNAdapter()
-    adapter.model_entity = local_model({'pretrained': False, 'model_variant': VARIANT, 'device': 'cpu',
-                                        'conf_threshold': 0.0}, labels=['a', 'b'])
-    adapter.load('/nonexistent')
-
-    def on_forward(module, inputs):
-        forwards.append(len(inputs[0]))
-        if len(forwards) == 2:
-            second_batch.set()
-
-    adapter.model.register_forward_pre_hook(on_forward)
-    _, annotations = adapter.predict_items(items, batch_size=2)
-    assert waited == [True, True] and forwards == [2, 2, 2]
-    assert len(annotations) > 0 and adapter._lookaheads == []
 
 
 def test_cudnn_autotuning_only_where_cudnn_benchmark_asks_and_only_on_cuda():

@@ -477,7 +477,7 @@ def test_predict_items_decodes_ahead_keeps_order_and_reports_unreadable_items(pl
         expected = sorted((a.label, round(a.left, 2), round(a.top, 2)) for a in alone.annotations)
         assert sorted((a['label'], round(a['coordinates'][0]['x'], 2), round(a['coordinates'][0]['y'], 2))
                       for a in made) == expected
-    assert service._lookaheads == []  # released, threads included
+    assert service._prefetchers == []  # released, threads included
     assert_no_gaps(emu)
 
 

@@ -9,9 +9,7 @@ about speed: on CUDA the adapter predicts with `inference_network(model)`
 channels_last, run under fp16 autocast, with anchors and box decoding kept in
 fp32 (in fp16, coordinates near 1000 px are only 0.5-1 px apart, so boxes would
 drift by about a pixel); on CPU the training network is used as is. And
-`Prefetcher` decodes the next batches while the network runs this one, and
-`DetectionsAhead` runs the network on the next batch while the SDK's loop turns
-this one's rows into annotations and uploads them.
+`Prefetcher` decodes the next batch while the network runs this one.
 """
 import contextlib
 import copy
@@ -318,83 +316,3 @@ class Prefetcher:
         """Drop what nobody took (the caller stopped early) and release the threads."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._futures.clear()
-
-
-class DetectionsAhead:
-    """Runs `detect(entries)` one batch ahead of the SDK's predict_items loop, on its own thread.
-
-    The SDK's loop alternates: decode a batch (`prepare_item_func`), `predict` it, build and
-    upload its annotations. Here a thread walks the same batches (`batch_size` items, in order):
-    it takes each batch's decoded entries from `prefetcher` and runs the network on them while
-    the loop is still busy with the batch before (annotations are Python work; the network mostly
-    waits for the GPU, without the GIL). `take(item)` hands the loop the entries the thread
-    decoded; `rows(batch)` returns what `detect` gave for that very list of entries (or raises its
-    error), `MISSING` for a batch it did not run. At most `depth` batches are run ahead.
-    """
-    MISSING = object()
-
-    def __init__(self, prefetcher: Prefetcher, items: Sequence[Any], batch_size: int,
-                 detect: Callable[[List[Any]], Any], depth: int = 1):
-        self._prefetcher, self._detect = prefetcher, detect
-        self._items = list(items)
-        self._size = max(1, int(batch_size))
-        self._entries: Dict[int, Future] = {position: Future() for position in range(len(self._items))}
-        self._pending: Dict[int, Deque[int]] = defaultdict(deque)
-        for position, item in enumerate(self._items):
-            self._pending[id(item)].append(position)
-        self._results: Dict[Tuple[int, ...], Tuple[List[Any], Future]] = {}
-        self._lock = threading.Lock()
-        self._slots = threading.Semaphore(max(1, int(depth)) + 1)  # the batch being consumed + those ahead
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name='detections-ahead', daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._run_batches()
-        finally:  # stopped early (or broken): the loop decodes what was not handed out itself
-            for entry in self._entries.values():
-                if not entry.done():
-                    entry.set_result(self.MISSING)
-
-    def _run_batches(self) -> None:
-        for start in range(0, len(self._items), self._size):
-            self._slots.acquire()
-            if self._stopped:
-                return
-            entries = []
-            for position in range(start, min(start + self._size, len(self._items))):
-                entry = self._prefetcher.take(self._items[position])
-                entries.append(entry)
-                self._entries[position].set_result(entry)
-            result: Future = Future()
-            with self._lock:
-                self._results[tuple(map(id, entries))] = (entries, result)
-            try:
-                result.set_result(self._detect(entries))
-            except BaseException as err:  # noqa: BLE001 - handed to the loop's predict, which raises it
-                result.set_exception(err)
-
-    def take(self, item: Any) -> Any:
-        """The decoded entry of the next not-yet-taken occurrence of `item` (MISSING: not one of ours)."""
-        with self._lock:
-            positions = self._pending.get(id(item))
-            if not positions:
-                return self.MISSING
-            position = positions.popleft()
-        return self._entries[position].result()
-
-    def rows(self, batch: Sequence[Any]) -> Any:
-        """`detect`'s result for `batch` (the entries `take` handed out, in order); MISSING if not run here."""
-        with self._lock:
-            found = self._results.pop(tuple(map(id, batch)), None)
-        if found is None:
-            return self.MISSING
-        self._slots.release()  # this batch is consumed: the thread may run one more ahead
-        return found[1].result()
-
-    def close(self) -> None:
-        """Stop running ahead (the loop ended, or stopped early) and wait for the thread."""
-        self._stopped = True
-        self._slots.release()
-        self._thread.join()
