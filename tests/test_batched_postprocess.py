@@ -72,8 +72,9 @@ def detector(seed=0, **options):
     for layer in model.backbone.modules():  # the default initialisation leaves features of about 1e-8
         if isinstance(layer, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(layer.weight, nonlinearity='relu')
+    predictor = model.roi_heads.box_predictor
     for layer, std in ((model.rpn.head.cls_logits, 3e-4), (model.rpn.head.bbox_pred, 1e-4),
-                       (model.roi_heads.box_predictor.cls_score, 3e-4), (model.roi_heads.box_predictor.bbox_pred, 1e-3)):
+                       (predictor.cls_score, 3e-4), (predictor.bbox_pred, 1e-3)):
         torch.nn.init.normal_(layer.weight, std=std)
     return model
 
@@ -157,4 +158,4 @@ def test_training_losses_equal_torchvision_s(monkeypatch):
 def test_tracing_keeps_torchvision_s_code(monkeypatch):
     monkeypatch.setattr(batched_postprocess, 'ON_CPU', True)
     monkeypatch.setattr(torchvision, '_is_tracing', lambda: True)
-    assert not batched_postprocess.batched(torch.zeros(1))
+    assert not batched_postprocess.batched(torch.zeros(1), 16)

@@ -270,6 +270,30 @@ def test_predict_items_downloads_ahead_in_many_threads_but_decodes_in_few():
     assert downloads.most > DECODE_THREADS >= decodes.most >= 1
 
 
+def test_bucketed_transform_normalises_and_rescales_boxes_exactly_as_torchvision():
+    """Its normalize keeps the statistics on the device and its postprocess sends the ratios in one copy:
+    the same numbers as torchvision's, which copies them per image (each copy waiting for the GPU)."""
+    plain = build_model(VARIANT, 4, 320, 640, padding_bucket=32).eval().transform
+    ours = build_model(VARIANT, 4, 320, 640, padding_bucket=64).eval().transform
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(3, 37, 53, generator=g)
+    assert torch.equal(ours.normalize(image), plain.normalize(image))
+    assert torch.equal(ours.normalize(image.double()), plain.normalize(image.double()))  # its own statistics
+    with pytest.raises(TypeError, match='floating'):
+        ours.normalize(torch.zeros(3, 4, 4, dtype=torch.uint8))
+    shapes, originals = [(320, 427), (333, 640), (320, 320)], [(480, 640), (500, 961), (77, 77)]
+
+    def detections():
+        g.manual_seed(4)
+        return [{'boxes': torch.rand(9, 4, generator=g) * 300, 'scores': torch.rand(9, generator=g),
+                 'labels': torch.arange(9)} for _ in shapes]
+
+    expected = plain.postprocess(detections(), shapes, originals)
+    found = ours.postprocess(detections(), shapes, originals)
+    for want, got in zip(expected, found):
+        assert torch.equal(got['boxes'], want['boxes']) and torch.equal(got['scores'], want['scores'])
+
+
 def test_cudnn_autotuning_only_where_cudnn_benchmark_asks_and_only_on_cuda():
     """Off by default: on an H100 each new input shape cost 12-17 s of autotuning (bench/RESULTS.md)."""
     from utils import config as config_lib

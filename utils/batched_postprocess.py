@@ -28,13 +28,20 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 IOU_BLOCK_PAIRS = 1 << 24
 #: Pairs iterated at once in `greedy_nms`: bounds the suppression matrix (2 bytes a pair on CUDA).
 NMS_BLOCK_PAIRS = 1 << 27
+#: Rounds of `greedy_nms` between convergence checks (each check is a host sync; a round after
+#: convergence changes nothing, so checking less often only costs a cheap round or two).
+ROUNDS_PER_CHECK = 4
 #: Tests set this to run the batched code on the CPU too (it is slower there than torchvision's).
 ON_CPU = False
+#: Batches of fewer images keep torchvision's per-image code (the bench sets it to compare both).
+MIN_IMAGES = 1
 
 
-def batched(tensor: Tensor) -> bool:
-    """Whether post-processing takes the batched path: on CUDA, not while tracing or scripting."""
-    return (tensor.is_cuda or ON_CPU) and not torchvision._is_tracing() and not torch.jit.is_scripting()
+def batched(tensor: Tensor, images: int) -> bool:
+    """Whether post-processing takes the batched path: on CUDA, from MIN_IMAGES images on, not while tracing
+    or scripting."""
+    return ((tensor.is_cuda or ON_CPU) and images >= MIN_IMAGES and not torchvision._is_tracing()
+            and not torch.jit.is_scripting())
 
 
 def suppression(boxes: Tensor, threshold: float) -> Tensor:
@@ -66,18 +73,18 @@ def greedy_nms(boxes: Tensor, valid: Tensor, threshold: float) -> Tensor:
     for start in range(0, groups, step):
         part = slice(start, start + step)
         over = suppression(boxes[part], threshold).logical_and_(valid[part, :, None]).to(dtype)
-        current = valid[part]
-        for _ in range(n):  # round r settles box r at the latest; usually far fewer rounds
-            suppressed = torch.bmm(current[:, None, :].to(dtype), over)[:, 0] > 0
-            following = valid[part] & ~suppressed
-            if torch.equal(following, current):
+        current, rounds = valid[part], 0
+        while rounds < n:  # round r settles box r at the latest; usually far fewer rounds
+            for _ in range(min(ROUNDS_PER_CHECK, n - rounds)):
+                previous, rounds = current, rounds + 1
+                current = valid[part] & ~(torch.bmm(current[:, None, :].to(dtype), over)[:, 0] > 0)
+            if torch.equal(previous, current):
                 break
-            current = following
         keep[part] = current
     return keep
 
 
-def _pinned(values: Sequence[Sequence[float]], like: Tensor) -> Tensor:
+def host_table(values: Sequence[Sequence[float]], like: Tensor) -> Tensor:
     """A small host table on `like`'s device without waiting for the GPU (pinned, non-blocking copy)."""
     table = torch.tensor(values, dtype=like.dtype)
     if like.is_cuda:
@@ -87,7 +94,7 @@ def _pinned(values: Sequence[Sequence[float]], like: Tensor) -> Tensor:
 
 def _clip(boxes: Tensor, image_shapes: Sequence[Tuple[int, int]]) -> Tensor:
     """torchvision's clip_boxes_to_image for every image of the batch: boxes [B, ..., 4]."""
-    limits = _pinned([[w, h] for h, w in image_shapes], boxes)  # [B, 2]
+    limits = host_table([[w, h] for h, w in image_shapes], boxes)  # [B, 2]
     limits = limits.view(limits.shape[:1] + (1,) * (boxes.dim() - 2) + (1, 2))
     corners = boxes.unflatten(-1, (2, 2)).clamp(min=0)  # [..., (x1, y1) / (x2, y2)]
     return torch.minimum(corners, limits).flatten(-2)
@@ -156,7 +163,7 @@ class BatchedRPN(RegionProposalNetwork):
     """torchvision's RPN, filtering the proposals of the whole batch at once on the GPU."""
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
-        if batched(proposals):
+        if batched(proposals, len(image_shapes)):
             return filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level)
         return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
 
@@ -165,7 +172,7 @@ class BatchedRoIHeads(RoIHeads):
     """torchvision's box RoI heads, post-processing the detections of the whole batch at once on the GPU."""
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
-        if batched(class_logits) and not self.has_mask() and not self.has_keypoint():
+        if batched(class_logits, len(image_shapes)) and not self.has_mask() and not self.has_keypoint():
             return postprocess_detections(self, class_logits, box_regression, proposals, image_shapes)
         return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
 

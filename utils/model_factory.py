@@ -7,6 +7,7 @@ import logging
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 import torchvision
 from torchvision.models import detection
@@ -14,7 +15,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from utils.atomic import atomic_write
-from utils.batched_postprocess import batch_postprocessing
+from utils.batched_postprocess import batch_postprocessing, host_table
 from utils.errors import InputError
 from utils.label_map import parse_id_to_label
 
@@ -139,6 +140,34 @@ class BucketedTransform(GeneralizedRCNNTransform):
         cap = max(anchor, _round_up(self.max_size, size_divisible))
         return [bucketed_side(_round_up(side, size_divisible), anchor, self.padding_bucket, cap)
                 for side in (height, width)]
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        """torchvision's normalisation, with the mean and std kept on the device: torchvision copies them
+        there for every image, and each such copy from pageable memory waits for the GPU."""
+        if not image.is_floating_point():
+            return super().normalize(image)  # its error message
+        key = (image.dtype, image.device)
+        if getattr(self, '_statistics', (None,))[0] != key:
+            self._statistics = (key,) + tuple(torch.as_tensor(values, dtype=image.dtype, device=image.device)
+                                              [:, None, None] for values in (self.image_mean, self.image_std))
+        _, mean, std = self._statistics
+        return (image - mean) / std
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        """torchvision's postprocess (boxes back to the original image sizes), the ratios computed on the
+        host in fp32 as torchvision computes them on the device, and sent there in one copy."""
+        if self.training or torchvision._is_tracing() or not result or any(
+                set(r) - {'boxes', 'scores', 'labels'} or r['boxes'].dtype != torch.float32 for r in result):
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        ratios = []
+        for (height, width), (new_height, new_width) in zip(image_shapes, original_image_sizes):
+            across = float(np.float32(new_width) / np.float32(width))
+            down = float(np.float32(new_height) / np.float32(height))
+            ratios.append([across, down, across, down])
+        ratios = host_table(ratios, result[0]['boxes'])
+        for detections, ratio in zip(result, ratios):
+            detections['boxes'] = detections['boxes'] * ratio
+        return result
 
     def batch_images(self, images: List[torch.Tensor], size_divisible: int = 32) -> torch.Tensor:
         # ONNX export takes torchvision's traceable path; on the CPU there is no autotuner to feed and
