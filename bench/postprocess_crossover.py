@@ -46,13 +46,14 @@ def main():
 
     print(f'{torch.cuda.get_device_name(device) if half else "CPU"}: forward ms per batch (img/s), '
           f'{cfg["variant"]} at {cfg["min_size"]} px, score threshold 0, 100 detections', flush=True)
+    default = batched_postprocess.MIN_IMAGES
     for batch in (1, 2, 4, 8, 16):
         chunk = images[:batch]
         times = {'plain': ms(lambda: bare_forward(plain, chunk, device, half))}
         for name, least in (('ours batched', 1), ('ours per image', 10 ** 9)):
             batched_postprocess.MIN_IMAGES = least
             times[name] = ms(lambda: detection_rows(network, chunk, device))
-        batched_postprocess.MIN_IMAGES = 1
+        batched_postprocess.MIN_IMAGES = default
         print(f'  batch {batch:2}: ' + '  '.join(f'{name} {t:7.1f} ({batch / t * 1000:5.0f})'
                                                 for name, t in times.items()), flush=True)
 

@@ -155,7 +155,8 @@ def test_training_losses_equal_torchvision_s(monkeypatch):
         torch.testing.assert_close(found[key], expected[key], rtol=1e-5, atol=1e-6)  # summation order aside
 
 
-def test_tracing_keeps_torchvision_s_code(monkeypatch):
+def test_tracing_and_single_images_keep_torchvision_s_code(monkeypatch):
     monkeypatch.setattr(batched_postprocess, 'ON_CPU', True)
+    assert batched_postprocess.batched(torch.zeros(1), 2) and not batched_postprocess.batched(torch.zeros(1), 1)
     monkeypatch.setattr(torchvision, '_is_tracing', lambda: True)
     assert not batched_postprocess.batched(torch.zeros(1), 16)
