@@ -191,19 +191,30 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def prepare_item_func(self, item: dl.Item):
         """Download and decode one item; an unreadable one becomes an `UnreadableItem`, not an exception.
 
-        Inside `predict_items` the item was usually decoded already, while the previous batch ran.
+        Inside `predict_items` the item was usually downloaded already, while the previous batches ran.
         """
         for prefetcher in list(self._prefetchers):
-            loaded = prefetcher.take(item)
-            if loaded is not inference.Prefetcher.MISSING:
-                return loaded
+            downloaded = prefetcher.take(item)
+            if downloaded is not inference.Prefetcher.MISSING:
+                return self._decode_item(item, downloaded)
         return self._decode_item(item)
 
-    def _decode_item(self, item: dl.Item):
+    @staticmethod
+    def _download(item: dl.Item):
+        """The item's bytes in memory, or the exception that stopped the download (`_decode_item` reports it)."""
+        try:
+            return item.download(save_locally=False)
+        except Exception as err:  # reported per item by _decode_item, never failing the batch
+            return err
+
+    def _decode_item(self, item: dl.Item, downloaded=None):
+        """`downloaded`: what `_download` gave (downloaded here when None)."""
         name = getattr(item, 'filename', None) or getattr(item, 'name', '?')
         try:
-            buffer = item.download(save_locally=False)
-            with self._decode_slots:  # downloads overlap freely; decodes take the GIL, so few at a time
+            buffer = item.download(save_locally=False) if downloaded is None else downloaded
+            if isinstance(buffer, Exception):
+                raise buffer
+            with self._decode_slots:  # decodes take the GIL (and cores) from the thread driving the GPU
                 return load_image_tensor(buffer, self.image_limits())
         except ImageSizeError as err:
             reason = str(err)
@@ -239,11 +250,17 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                     inputs={'items': 'Item[]'},
                                     outputs={'items': 'Item[]', 'annotations': 'Annotation[]'})
     def predict_items(self, items: list, batch_size=None, **kwargs):
-        """The SDK's predict_items, decoding a batch ahead; then one error naming every item that could not be read."""
+        """The SDK's predict_items, downloading two batches ahead; then one error naming every item that could
+        not be read.
+
+        Downloads wait on the network, not on Python, so they overlap the forward pass freely. Decoding
+        stays in the SDK's loop, between forward passes: on an H100, threads decoding beside the
+        forward took Python's GIL from it at each of its host syncs (bench/RESULTS.md).
+        """
         self.unreadable_items = []
         size = self._prediction_batch(batch_size)
         # two batches ahead: the next one is ready when the GPU finishes this one, and one more is on its way
-        prefetcher = inference.Prefetcher(self._decode_item, items, lookahead=2 * size,
+        prefetcher = inference.Prefetcher(self._download, items, lookahead=2 * size,
                                           workers=inference.DOWNLOAD_THREADS)
         self._prefetchers.append(prefetcher)
         try:

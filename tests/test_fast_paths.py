@@ -294,6 +294,32 @@ def test_bucketed_transform_normalises_and_rescales_boxes_exactly_as_torchvision
         assert torch.equal(got['boxes'], want['boxes']) and torch.equal(got['scores'], want['scores'])
 
 
+def test_predict_items_reports_a_failed_download_as_that_item_s_error():
+    """Downloads run ahead in the prefetcher's threads; one that fails is its item's error, the others go on."""
+    from fasterrcnn_adapter import FasterRCNNAdapter
+    from utils.local_model import local_model
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(buffer, 'JPEG')
+
+    class Item(_InMemoryItem):
+        def download(self, save_locally=False, **kwargs):
+            if self.id == 'item-3':
+                raise ConnectionError('the connection was reset')
+            return super().download(save_locally=save_locally, **kwargs)
+
+    items = [Item(i, buffer.getvalue(), _Gauge(), _Gauge()) for i in range(6)]
+    adapter = FasterRCNNAdapter()
+    adapter.model_entity = local_model({'pretrained': False, 'model_variant': VARIANT, 'device': 'cpu',
+                                        'conf_threshold': 0.0}, labels=['a', 'b'])
+    adapter.load('/nonexistent')
+    with pytest.raises(ValueError) as caught:
+        adapter.predict_items(items, batch_size=4)
+    message = str(caught.value)
+    assert message.startswith('1 of 6 items could not be read')
+    assert '3.jpg (id item-3): ConnectionError: the connection was reset' in message
+    assert adapter._prefetchers == []
+
+
 def test_cudnn_autotuning_only_where_cudnn_benchmark_asks_and_only_on_cuda():
     """Off by default: on an H100 each new input shape cost 12-17 s of autotuning (bench/RESULTS.md)."""
     from utils import config as config_lib

@@ -9,7 +9,7 @@ about speed: on CUDA the adapter predicts with `inference_network(model)`
 channels_last, run under fp16 autocast, with anchors and box decoding kept in
 fp32 (in fp16, coordinates near 1000 px are only 0.5-1 px apart, so boxes would
 drift by about a pixel); on CPU the training network is used as is. And
-`Prefetcher` decodes the next batch while the network runs this one.
+`Prefetcher` downloads the next batches while the network runs this one.
 """
 import contextlib
 import copy
@@ -36,10 +36,10 @@ from utils.model_factory import cudnn_autotune
 
 logger = logging.getLogger(__name__)
 
-#: Images decoded at once while predict_items runs ahead (downloads are not limited). Decoding
-#: holds the GIL in stretches, and the thread driving the GPU waits for it at every hand-over:
-#: on 2 cores, 16 decoding threads slowed a GPU-like main loop 11-13x, 2 threads 1.0-1.2x
-#: (bench/decode_contention.py); 2 threads decode 640x480 JPEGs at thousands per second.
+#: Images decoded at once (downloads are not limited). Decoding holds the GIL in stretches, and
+#: the thread driving the GPU waits for it at every hand-over: on 2 cores, 16 decoding threads
+#: slowed a GPU-like main loop 11-13x, 2 threads 1.0-1.2x (bench/decode_contention.py); 2 threads
+#: decode 640x480 JPEGs at thousands per second.
 DECODE_THREADS = 2
 #: Items downloaded at once while predict_items runs ahead: waiting on the network holds no GIL (the SDK's own 16).
 DOWNLOAD_THREADS = 16
@@ -288,8 +288,8 @@ class Prefetcher:
 
     `take(item)` returns the loaded value of the next not-yet-taken occurrence of that
     item object and keeps `lookahead` further items loading, so while the network runs
-    batch k, batch k+1 is being downloaded and decoded. Items it was not given are
-    not its business: `take` returns `MISSING` and the caller loads them itself.
+    batch k, batch k+1 is being downloaded. Items it was not given are not its
+    business: `take` returns `MISSING` and the caller loads them itself.
     """
     MISSING = object()
 
