@@ -5,6 +5,7 @@ handful of 128x128 synthetic images with coloured rectangles; the ROI sampler
 and RPN proposal counts are lowered in `small_model()` so an epoch takes a
 fraction of a second to a few seconds on a 2-core CPU.
 """
+import collections
 import csv
 import functools
 import logging
@@ -698,3 +699,27 @@ def test_fit_without_validation_and_with_an_explicit_resume_path(tmp_path, monke
     with pytest.raises(ValueError, match='labels'):
         trainer.fit(small_model(), train_records, [], LABEL_TO_ID, str(tmp_path / 'third'), settings(epochs=3), CPU,
                     other_labels, resume_path=os.path.join(first, 'weights', 'last.pth'))
+
+
+def test_a_small_validation_set_is_decoded_once_for_the_whole_run(tmp_path, monkeypatch):
+    """Evaluation every epoch over a set that fits in memory (VALIDATION_CACHE_BYTES) decodes each image once,
+    with the same metrics as a set read by the loader every epoch."""
+    import utils.detection_dataset as detection_dataset
+    decoded = []
+    real_load = detection_dataset.load_image
+    monkeypatch.setattr(detection_dataset, 'load_image', lambda path, *args: decoded.append(path) or
+                        real_load(path, *args))
+    train, val = make_records(tmp_path / 'train', 2, seed=5), make_records(tmp_path / 'val', 2, seed=6)
+
+    def run(output, cache_bytes):
+        monkeypatch.setattr(trainer, 'VALIDATION_CACHE_BYTES', cache_bytes)
+        decoded.clear()
+        result = trainer.fit(small_model(), train, val, LABEL_TO_ID, str(tmp_path / output), settings(epochs=3),
+                             CPU, CHECKPOINT_INFO)
+        reads = collections.Counter(path for path in decoded if path in {r['image_path'] for r in val})
+        return sorted(reads.values()), [(row['mAP'], row['AR_100']) for row in result.history]
+
+    kept_reads, kept_scores = run('kept', trainer.VALIDATION_CACHE_BYTES)
+    read_reads, read_scores = run('read', 0)
+    assert kept_reads == [1, 1] and read_reads == [3, 3]
+    assert kept_scores == read_scores

@@ -88,7 +88,19 @@ class DetectionDataset(torch.utils.data.Dataset):
         record = self.records[index]
         return int(record['height']), int(record['width'])
 
+    def keep_samples(self) -> None:
+        """Keep each sample once made (for deterministic transforms: a validation set that fits in memory)."""
+        self._kept: Optional[Dict[int, Any]] = {}
+
     def __getitem__(self, index: int):
+        kept = getattr(self, '_kept', None)
+        if kept is not None:
+            if index not in kept:
+                kept[index] = self._sample(index)
+            return kept[index]
+        return self._sample(index)
+
+    def _sample(self, index: int):
         record = self.records[index]
         try:
             image = load_image(record['image_path'], self.limits)

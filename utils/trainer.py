@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 # Drawing curves.png takes longer than a short epoch: redraw it at most this often (and at the end);
 # curves.csv has every epoch as soon as it ends.
 CURVES_PNG_INTERVAL_S = 30.0
+# A validation set whose decoded images fit in this many bytes (float32) is decoded once and kept in
+# memory: a small set's evaluation otherwise spends as long waking loader workers as evaluating.
+VALIDATION_CACHE_BYTES = 256 * 2 ** 20
 
 
 @dataclasses.dataclass
@@ -90,6 +93,7 @@ class _Run:
     best_score: float = -math.inf
     best_epoch: int = -1
     stopped_early: bool = False
+    best_weights: Optional[Dict[str, torch.Tensor]] = None  # a device copy of this session's best epoch, if any
 
     @property
     def stale(self) -> int:
@@ -205,7 +209,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
         raise
     finally:
         curves.draw(run.history)
-    _load_best(model, best_path, run.best_epoch, run.last_epoch, None)
+    _load_best(model, best_path, run.best_epoch, run.last_epoch, None, run.best_weights)
     logger.info('training done: %d epoch(s)%s, best mAP %.4f at epoch %d; weights in %s', len(run.history),
                 ' (stopped early)' if run.stopped_early else '', run.best_score, run.best_epoch + 1,
                 os.path.dirname(last_path))
@@ -225,7 +229,8 @@ def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: Check
             record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
             metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
             if run.add(record):
-                best = (epoch, metrics, device_copy(run.model.state_dict()))
+                run.best_weights = device_copy(run.model.state_dict())
+                best = (epoch, metrics, run.best_weights)
             _publish(publish_metrics, epoch, metrics)
             finished = run.stopped_early or epoch + 1 >= run.epochs
             curves.write(run.history, draw=finished)
@@ -312,6 +317,9 @@ def _data(train_records, val_records, label_to_id, settings, device, limits):
     val_loader = None
     if val_records:
         val_set = DetectionDataset(val_records, label_to_id, get_transform(False, settings), limits)
+        if sum(int(r['width']) * int(r['height']) for r in val_records) * 3 * 4 <= VALIDATION_CACHE_BYTES:
+            val_set.keep_samples()  # decoded once; then no workers to wake and feed every epoch
+            settings = {**settings, 'num_workers': 0}
         val_loader = _loader(val_set, settings, device, generator=None)
     return train_loader, val_loader, generator
 
@@ -450,9 +458,14 @@ def discard_finished_state(output_path: str) -> bool:
 
 
 def _load_best(model: torch.nn.Module, best_path: str, best_epoch: int, last_epoch: int,
-               last_checkpoint: Optional[Mapping[str, Any]]) -> None:
-    """Leave the best epoch's weights in `model` (the last ones when best.pth is missing)."""
-    if best_epoch != last_epoch and os.path.exists(best_path):
+               last_checkpoint: Optional[Mapping[str, Any]],
+               best_weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Leave the best epoch's weights in `model` (the last ones when best.pth is missing); `best_weights`:
+    the copy of them this session kept on the device, which best.pth on disk holds too."""
+    if best_epoch != last_epoch and best_weights is not None:
+        model.load_state_dict(best_weights)
+        logger.info('the model now holds the weights of the best epoch (%d), as in %s', best_epoch + 1, best_path)
+    elif best_epoch != last_epoch and os.path.exists(best_path):
         model.load_state_dict(load_checkpoint(best_path)['state_dict'])
         logger.info('the model now holds the weights of the best epoch (%d) from %s', best_epoch + 1, best_path)
     elif last_checkpoint is not None:
