@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.gpu_speed import (ENGINE_SETTINGS, FULL, TINY, bare_forward, bare_network, bare_step,  # noqa: E402
-                             fresh_training, make_adapter, synthetic_training_set)
+                             decoded_batch, fresh_training, make_adapter, synthetic_training_set)
 from utils import engine  # noqa: E402
 from utils.trainer import build_optimizer  # noqa: E402
 
@@ -52,9 +52,7 @@ def main():
     cuda = device.type == 'cuda'
 
     adapter = make_adapter(cfg, device)
-    g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 255, (3, cfg['height'], cfg['width']), dtype=torch.uint8, generator=g)
-              for _ in range(16)]
+    images = decoded_batch(cfg)
     network = bare_network(adapter, cfg, device)
     profiled('row 2: adapter.predict, batch 16', lambda: adapter.predict(images), device)
     profiled('row 2: bare forward, batch 16, same precision', lambda: bare_forward(network, images, device, cuda),

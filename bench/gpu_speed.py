@@ -83,6 +83,13 @@ def jpeg(seed, width, height):
     return buffer.getvalue()
 
 
+def decoded_batch(cfg, count=16, seed=0):
+    """`count` random uint8 images of the configuration's size, as prepare_item_func returns them."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 255, (3, cfg['height'], cfg['width']), dtype=torch.uint8, generator=g)
+            for _ in range(count)]
+
+
 def median_seconds(fn, device, runs):
     return first_and_median_seconds(fn, device, runs)[1]
 

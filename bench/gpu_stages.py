@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.gpu_speed import FULL, TINY, bare_network, make_adapter  # noqa: E402
+from bench.gpu_speed import FULL, TINY, decoded_batch, bare_network, make_adapter  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 from utils.inference import set_postprocess  # noqa: E402
 
@@ -95,9 +95,7 @@ def main():
     cfg, device = dict(TINY if args.tiny else FULL), torch.device(args.device)
     half = device.type == 'cuda'
     adapter = make_adapter(cfg, device)
-    g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 255, (3, cfg['height'], cfg['width']), dtype=torch.uint8, generator=g)
-              for _ in range(16)]
+    images = decoded_batch(cfg)
     print(f'{torch.cuda.get_device_name(device) if half else "CPU"}, torch {torch.__version__}; batch 16 of '
           f'{cfg["width"]}x{cfg["height"]}, {cfg["variant"]} at {cfg["min_size"]} px, score threshold 0, '
           f'100 detections per image, {"fp16 autocast" if half else "fp32"}', flush=True)

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.gpu_speed import FULL, TINY, bare_forward, bare_network, make_adapter  # noqa: E402
+from bench.gpu_speed import FULL, TINY, decoded_batch, bare_forward, bare_network, make_adapter  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 from utils import batched_postprocess  # noqa: E402
 from utils.inference import detection_rows, set_postprocess  # noqa: E402
@@ -36,9 +36,7 @@ def main():
     network = adapter._inference_networks.get(adapter.model, device)
     set_postprocess(network, 0.0, adapter.settings['nms_iou_threshold'], 100)
     plain = bare_network(adapter, cfg, device)
-    g = torch.Generator().manual_seed(0)
-    images = [torch.randint(0, 255, (3, cfg['height'], cfg['width']), dtype=torch.uint8, generator=g)
-              for _ in range(16)]
+    images = decoded_batch(cfg)
 
     def ms(fn):
         fn()
