@@ -15,7 +15,7 @@ import torch
 
 from local_runner.model_folder import check_train_output
 from tests.test_training import CHECKPOINT_INFO, CPU, LABEL_TO_ID, make_records, settings, small_model
-from utils import atomic, model_factory, trainer
+from utils import atomic, checkpoint_writer, model_factory, trainer
 from utils.atomic import atomic_write, remove_stale_temporaries
 from utils.errors import DiskFullError, InputError
 from utils.model_factory import load_checkpoint, marks_finished_run, save_checkpoint
@@ -353,6 +353,7 @@ def clocked_training(monkeypatch, epoch_s, scores=None):
 
     monkeypatch.setattr(trainer.engine, 'train_one_epoch', timed)
     monkeypatch.setattr(trainer, 'time', clock)
+    monkeypatch.setattr(checkpoint_writer, 'time', clock)
     if scores is not None:
         monkeypatch.setattr(trainer.engine, 'evaluate', lambda *args, **kwargs: {'mAP': scores[len(calls) - 1]})
     return calls

@@ -48,8 +48,8 @@ from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
 from utils.output_layout import BEST_NAME, CURVES_CSV, CURVES_PNG, LAST_NAME, WEIGHTS_DIR  # noqa: F401
-from utils.model_factory import (check_compatible, cudnn_autotune, cpu_copy, device_copy, load_checkpoint,
-                                 make_checkpoint, marks_finished_run, num_classes_for, save_checkpoint)
+from utils.model_factory import (check_compatible, cudnn_autotune, device_copy, load_checkpoint, make_checkpoint,
+                                 marks_finished_run, num_classes_for, save_checkpoint)
 from utils.transforms import get_transform
 
 logger = logging.getLogger(__name__)
@@ -198,14 +198,15 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     logger.info('training %s for %d epoch(s) on %s: %d train / %d validation image(s), batch %d, %d batch(es)/epoch',
                 checkpoint_info.get('variant'), run.epochs, device, len(train_records), len(val_records or []),
                 settings['batch_size'], len(train_loader))
-    writer = CheckpointWriter(None if on_epoch_end is None else lambda epoch: on_epoch_end(epoch, run.epochs))
+    writer = CheckpointWriter(None if on_epoch_end is None else lambda epoch: on_epoch_end(epoch, run.epochs),
+                              interval_s=float(settings['checkpoint_interval_s']))
     curves = _Curves(output_path)
     try:
         _epochs(run, train_loader, val_loader, device, settings, writer, curves, publish_metrics, last_path,
                 best_path)
         writer.wait()  # the final checkpoints are on disk (and on_epoch_end saw them) before fit returns
     except BaseException:
-        writer.close_quietly()  # the last good checkpoints land before the error goes on
+        writer.close_quietly()  # the last good checkpoints, and those kept since, land before the error goes on
         raise
     finally:
         curves.draw(run.history)
@@ -219,49 +220,25 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
 def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: CheckpointWriter, curves: '_Curves',
             publish_metrics, last_path: str, best_path: str) -> None:
     """The epochs left: train, evaluate, publish, curves, then the checkpoints handed to `writer`."""
-    interval = float(settings['checkpoint_interval_s'])
-    written_at = time.monotonic()  # the run's start counts as a write: the first comes an interval later
     best = None  # (epoch, metrics, weights on the model's device) of a best epoch not yet in best.pth
-    unwritten = None  # the checkpoints of the last epoch not written, on the device: written if the run fails
-    try:
-        for epoch in range(run.last_epoch + 1, run.epochs):
-            writer.check()  # a failed write (or on_epoch_end) of the previous epoch stops the run here
-            record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
-            metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
-            if run.add(record):
-                run.best_weights = device_copy(run.model.state_dict())
-                best = (epoch, metrics, run.best_weights)
-            _publish(publish_metrics, epoch, metrics)
-            finished = run.stopped_early or epoch + 1 >= run.epochs
-            curves.write(run.history, draw=finished)
-            writer.wait()  # the previous epoch's files are written before this epoch's snapshot takes memory
-            files = _checkpoints(run, epoch, last_path, best_path, best, finished)
-            if finished or time.monotonic() - written_at >= interval:
-                writer.submit(epoch, cpu_copy(files))
-                written_at, best, unwritten = time.monotonic(), None, None
-            else:  # nothing due: on_epoch_end still comes, in order
-                unwritten = device_copy(files)
-                writer.submit(epoch, [])
-            logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
-            if run.stopped_early:
-                logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
-                            'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
-                            epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
-                break
-    except BaseException:
-        writer.close_quietly()
-        _write_now(unwritten)  # the epochs finished since the last write are not lost with the run
-        raise
-
-
-def _write_now(files) -> None:
-    """Write `files` (device snapshots) here and now; a failure is logged (an error is already on its way)."""
-    for path, checkpoint in cpu_copy(files or []):
-        try:
-            save_checkpoint(checkpoint, path)
-            logger.info('wrote %s (epoch %d) before stopping', path, checkpoint.get('epoch', -1) + 1)
-        except Exception as err:
-            logger.error('could not write %s before stopping: %s: %s', path, type(err).__name__, err)
+    for epoch in range(run.last_epoch + 1, run.epochs):
+        writer.check()  # a failed write (or on_epoch_end) of the previous epoch stops the run here
+        record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
+        metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
+        if run.add(record):
+            run.best_weights = device_copy(run.model.state_dict())
+            best = (epoch, metrics, run.best_weights)
+        _publish(publish_metrics, epoch, metrics)
+        finished = run.stopped_early or epoch + 1 >= run.epochs
+        curves.write(run.history, draw=finished)
+        if writer.epoch_end(epoch, _checkpoints(run, epoch, last_path, best_path, best, finished), final=finished):
+            best = None
+        logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
+        if run.stopped_early:
+            logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
+                        'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
+                        epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
+            break
 
 
 class _Curves:
