@@ -2,6 +2,7 @@
 
     python bench/gpu_speed.py                       # on the GPU: resnet50_fpn, 640x480, min_size 800 (3.6 min, H100)
     python bench/gpu_speed.py --device cpu --tiny   # dry run on CPU: mobilenet_320 at 160 px, a couple of minutes
+    BENCH_FROZEN_BN=1 python bench/gpu_speed.py     # prediction rows with FrozenBatchNorm2d, as pretrained models
 
 Random weights (no download), entities built offline (no platform calls: the SDK's
 annotation upload is the one step left out of "end to end"). Rows:
@@ -43,6 +44,7 @@ import dtlpy as dl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from bench.timing import seconds  # noqa: E402
@@ -100,6 +102,26 @@ def first_and_median_seconds(fn, device, runs):
     return first, statistics.median(seconds(fn, device) for _ in range(runs))
 
 
+def frozen_batch_norms(module):
+    """`module` with every BatchNorm2d swapped for torchvision's FrozenBatchNorm2d (same statistics), as a
+    COCO-pretrained network has them: random-weight builds get BatchNorm2d, which cuDNN runs in one pass
+    where FrozenBatchNorm2d under autocast makes extra fp32 passes. BENCH_FROZEN_BN=1 benches that kind."""
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps).to(child.weight.device)
+            for key in ('weight', 'bias', 'running_mean', 'running_var'):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            frozen_batch_norms(child)
+    return module
+
+
+def as_pretrained(model):
+    """The network as users run it when BENCH_FROZEN_BN is set (see `frozen_batch_norms`), else as built."""
+    return frozen_batch_norms(model) if os.environ.get('BENCH_FROZEN_BN') else model
+
+
 def make_adapter(cfg, device, **configuration):
     adapter = FasterRCNNAdapter()
     adapter.model_entity = local_model({'pretrained': False, 'model_variant': cfg['variant'], 'device': device.type,
@@ -108,6 +130,7 @@ def make_adapter(cfg, device, **configuration):
                                        labels=['circle', 'square', 'triangle'])
     torch.manual_seed(0)
     adapter.load('/nonexistent')
+    as_pretrained(adapter.model)
     adapter._upload_model_annotations = lambda item, predictions: predictions  # offline: no upload
     return adapter
 
@@ -134,7 +157,7 @@ class InLoopDecoding(FasterRCNNAdapter):
 def bare_network(adapter, cfg, device):
     network = build_model(cfg['variant'], adapter.model.roi_heads.box_predictor.cls_score.out_features,
                           cfg['min_size'], cfg['max_size'], batched_postprocess=False).to(device).eval()
-    network.load_state_dict(adapter.model.state_dict())
+    as_pretrained(network).load_state_dict(adapter.model.state_dict())
     network.roi_heads.score_thresh, network.roi_heads.detections_per_img = 0.0, 100
     return network
 
