@@ -202,7 +202,7 @@ def device_inputs(images: List[torch.Tensor], device: torch.device) -> List[torc
     On CUDA the batch travels in one copy from pinned memory, converted in one pass: a copy per
     image from pageable memory would wait for the GPU each time.
     """
-    if device.type != 'cuda':
+    if device.type != 'cuda' or any(image.dtype != torch.uint8 for image in images):
         return [image.to(device).float().div_(255) for image in images]
     sizes = [image.numel() for image in images]
     staged = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
