@@ -211,7 +211,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """`downloaded`: what `_download` gave (downloaded here when None)."""
         name = getattr(item, 'filename', None) or getattr(item, 'name', '?')
         try:
-            buffer = item.download(save_locally=False) if downloaded is None else downloaded
+            buffer = self._download(item) if downloaded is None else downloaded
             if isinstance(buffer, Exception):
                 raise buffer
             with self._decode_slots:  # decodes take the GIL (and cores) from the thread driving the GPU

@@ -49,6 +49,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.limits = limits
         self.label_to_id = {str(k): int(v) for k, v in label_to_id.items()}
         self.transforms = transforms
+        self._kept: Optional[Dict[int, Any]] = None  # the samples made so far, once `keep_samples` asks
         self._boxes: List[np.ndarray] = []
         self._labels: List[np.ndarray] = []
         unknown: Dict[str, List[str]] = {}
@@ -90,15 +91,14 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def keep_samples(self) -> None:
         """Keep each sample once made (for deterministic transforms: a validation set that fits in memory)."""
-        self._kept: Optional[Dict[int, Any]] = {}
+        self._kept = {}
 
     def __getitem__(self, index: int):
-        kept = getattr(self, '_kept', None)
-        if kept is not None:
-            if index not in kept:
-                kept[index] = self._sample(index)
-            return kept[index]
-        return self._sample(index)
+        if self._kept is None:
+            return self._sample(index)
+        if index not in self._kept:
+            self._kept[index] = self._sample(index)
+        return self._kept[index]
 
     def _sample(self, index: int):
         record = self.records[index]

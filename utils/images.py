@@ -131,10 +131,9 @@ def load_image_tensor(source: Union[str, os.PathLike, bytes, io.IOBase],
     """`load_image` as a uint8 CHW tensor, the same pixels, the same errors.
 
     A JPEG is decoded by torchvision (libjpeg-turbo, EXIF orientation applied), which holds
-    Python's GIL for a fraction of the time PIL's decode and copies do: prediction decodes
-    the next batch in threads while the main thread drives the GPU, and every GIL hand-over
-    it waits for slows the network down. Anything else, and a JPEG torchvision refuses
-    (truncated, say), goes through PIL, which names the problem.
+    Python's GIL for a fraction of the time PIL's decode and copies do (bench/decode_contention.py),
+    and is faster. Anything else, and a JPEG torchvision refuses (truncated, say), goes
+    through PIL, which names the problem.
     """
     data = _read_bytes(source)
     limits = limits or ImageLimits()

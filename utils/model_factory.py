@@ -211,7 +211,14 @@ def cpu_copy(value: Any) -> Any:
     copying first and waited for once, rather than one host sync per tensor.
     """
     devices = set()
-    snapshot = _copy_to_cpu(value, devices)
+
+    def to_cpu(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_cuda:
+            devices.add(tensor.device)
+            return tensor.detach().to('cpu', non_blocking=True)  # complete once `devices` are synchronized
+        return tensor.detach().to('cpu', copy=True)
+
+    snapshot = _map_tensors(value, to_cpu)
     for device in devices:
         torch.cuda.synchronize(device)
     return snapshot
@@ -220,25 +227,17 @@ def cpu_copy(value: Any) -> Any:
 def device_copy(value: Any) -> Any:
     """`value` with every tensor (in dicts, lists, tuples) cloned where it is: a snapshot kept on the GPU
     costs a device-to-device copy (a millisecond for a resnet50's training state) instead of a host one."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {key: device_copy(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(device_copy(item) for item in value)
-    return copy.deepcopy(value)
+    return _map_tensors(value, lambda tensor: tensor.detach().clone())
 
 
-def _copy_to_cpu(value: Any, devices: set) -> Any:
+def _map_tensors(value: Any, copy_tensor) -> Any:
+    """`value` with `copy_tensor(t)` for every tensor t in its dicts, lists and tuples; the rest deep-copied."""
     if isinstance(value, torch.Tensor):
-        if value.is_cuda:
-            devices.add(value.device)
-            return value.detach().to('cpu', non_blocking=True)  # complete once `devices` are synchronized
-        return value.detach().to('cpu', copy=True)
+        return copy_tensor(value)
     if isinstance(value, dict):
-        return {key: _copy_to_cpu(item, devices) for key, item in value.items()}
+        return {key: _map_tensors(item, copy_tensor) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copy_to_cpu(item, devices) for item in value)
+        return type(value)(_map_tensors(item, copy_tensor) for item in value)
     return copy.deepcopy(value)
 
 

@@ -4,7 +4,7 @@ Kept apart from the trainer so that code which only checks a folder (the local
 runner, before any heavy import) uses the same names.
 """
 WEIGHTS_DIR = 'weights'
-LAST_NAME = 'last.pth'   # every epoch: everything to resume
+LAST_NAME = 'last.pth'   # every checkpoint_interval_s and after the final epoch: everything to resume
 BEST_NAME = 'best.pth'   # the best epoch's weights: what the model ships
 CURVES_CSV = 'curves.csv'
 CURVES_PNG = 'curves.png'
