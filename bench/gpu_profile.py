@@ -25,14 +25,19 @@ from utils import engine  # noqa: E402
 from utils.trainer import build_optimizer  # noqa: E402
 
 
-def profiled(name, fn, device, rows=12):
-    fn()  # warm-up
+def profile_call(fn, device):
+    """The profiler's per-operator averages of one call of `fn`, its device work included."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with profile(activities=activities) as prof:
         fn()
         if device.type == 'cuda':
             torch.cuda.synchronize()
-    events = prof.key_averages()
+    return prof.key_averages()
+
+
+def profiled(name, fn, device, rows=12):
+    fn()  # warm-up
+    events = profile_call(fn, device)
     syncs = {e.key: e.count for e in events if e.key.startswith(('cudaStreamSynchronize', 'cudaMemcpy',
                                                                    'cudaDeviceSynchronize'))}
     launches = sum(e.count for e in events if e.key.startswith(('cudaLaunchKernel', 'cuLaunchKernel')))

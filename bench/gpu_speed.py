@@ -135,23 +135,20 @@ def make_adapter(cfg, device, **configuration):
     return adapter
 
 
-class SdkDecoding(FasterRCNNAdapter):
+class InLoopDecoding(FasterRCNNAdapter):
+    """The adapter with the SDK's predict_items loop as it is: each batch downloaded and decoded (this
+    project's decoder) just before the network runs it, nothing running beside the network."""
+
+    def predict_items(self, items, batch_size=None, **kwargs):
+        return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
+
+
+class SdkDecoding(InLoopDecoding):
     """The adapter decoding as it did before the look-ahead: the SDK's predict_items loop, whose pool of 16
     threads decodes each batch with PIL just before the network runs it (the 'before' of row 1's decoding)."""
 
     def prepare_item_func(self, item):
         return pil_to_tensor(load_image(item.download(save_locally=False), self.image_limits()))
-
-    def predict_items(self, items, batch_size=None, **kwargs):
-        return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
-
-
-class InLoopDecoding(FasterRCNNAdapter):
-    """The adapter with the SDK's predict_items loop as it is: each batch decoded (this project's decoder)
-    just before the network runs it, nothing running beside the network."""
-
-    def predict_items(self, items, batch_size=None, **kwargs):
-        return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
 
 
 def bare_network(adapter, cfg, device):

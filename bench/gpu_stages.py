@@ -19,9 +19,9 @@ os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp())
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.gpu_speed import FULL, TINY, decoded_batch, bare_network, make_adapter  # noqa: E402
+from bench.gpu_profile import profile_call  # noqa: E402
+from bench.gpu_speed import FULL, TINY, bare_forward, bare_network, decoded_batch, make_adapter  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 from utils.inference import set_postprocess  # noqa: E402
 
@@ -55,19 +55,9 @@ def staged(network, images, device, half, syncs):
     return detections
 
 
-def forward(network, images, device, half):
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=half):
-        return network([t.to(device, non_blocking=True).float().div_(255) for t in images])
-
-
 def busy(fn, device):
     """(device-busy ms, kernel launches, host syncs) of one call."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-    events = prof.key_averages()
+    events = profile_call(fn, device)
     launches = sum(e.count for e in events if e.key.startswith(('cudaLaunchKernel', 'cuLaunchKernel')))
     syncs = sum(e.count for e in events if e.key.startswith(('cudaStreamSynchronize', 'cudaDeviceSynchronize')))
     kernels = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -75,12 +65,12 @@ def busy(fn, device):
 
 
 def report(name, network, images, device, half, runs):
-    forward(network, images, device, half)  # warm-up
-    total = statistics.median(seconds(lambda: forward(network, images, device, half), device) for _ in range(runs))
+    bare_forward(network, images, device, half)  # warm-up
+    total = statistics.median(seconds(lambda: bare_forward(network, images, device, half), device) for _ in range(runs))
     stages = {}
     for _ in range(runs):
         staged(network, images, device, half, stages)
-    kernels, launches, syncs = busy(lambda: forward(network, images, device, half), device)
+    kernels, launches, syncs = busy(lambda: bare_forward(network, images, device, half), device)
     parts = '  '.join(f'{stage} {statistics.median(ms):.1f}' for stage, ms in stages.items())
     print(f'{name}: forward {total * 1000:.1f} ms ({len(images) / total:.0f} img/s); device busy {kernels:.1f} ms, '
           f'{launches} launches, {syncs} syncs\n   stages, synchronized (ms): {parts}', flush=True)
