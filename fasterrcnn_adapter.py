@@ -23,6 +23,7 @@ from utils import inference
 from utils import model_factory
 from utils.atomic import copy_file, remove_stale_temporaries
 from utils.errors import InputError
+from utils.frozen_heap import freeze_kept, frozen_heap
 from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
 from utils.inference import UnreadableItem
 from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
@@ -226,19 +227,26 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         return UnreadableItem(item.id, name, reason)
 
     def predict(self, batch, **kwargs):
-        """One forward pass over the whole batch; one AnnotationCollection of boxes per input."""
-        settings = self._resolve_settings()
-        network = self._inference_networks.get(self.model, self.device)
-        inference.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
-                                  settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
-        labels = self.id_to_label_map()
-        images, positions = self._readable(batch)
-        rows = inference.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
-        collections = [dl.AnnotationCollection() for _ in batch]
-        model_name, model_id = self.model_entity.name, self.model_entity.id
-        for position, image_rows in zip(positions, rows):
-            collections[position] = inference.boxes_to_collection(image_rows, labels, model_name, model_id)
-        return collections
+        """One forward pass over the whole batch; one AnnotationCollection of boxes per input.
+
+        Under `frozen_heap`: the garbage collector walks only this batch's objects, not the process's heap
+        (nor, inside predict_items, the annotations of the batches before).
+        """
+        with frozen_heap():
+            settings = self._resolve_settings()
+            network = self._inference_networks.get(self.model, self.device)
+            inference.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
+                                      settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
+            labels = self.id_to_label_map()
+            images, positions = self._readable(batch)
+            rows = (inference.detection_rows(network, images, self.device, settings['cudnn_benchmark'])
+                    if images else [])
+            collections = [dl.AnnotationCollection() for _ in batch]
+            model_name, model_id = self.model_entity.name, self.model_entity.id
+            for position, image_rows in zip(positions, rows):
+                collections[position] = inference.boxes_to_collection(image_rows, labels, model_name, model_id)
+            freeze_kept()  # the caller keeps them
+            return collections
 
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
         """The batch's decoded images and their positions; unreadable entries are kept for the run's error."""
@@ -264,7 +272,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                           workers=inference.DOWNLOAD_THREADS)
         self._prefetchers.append(prefetcher)
         try:
-            result = super().predict_items(items, batch_size=size, **kwargs)
+            with frozen_heap():
+                result = super().predict_items(items, batch_size=size, **kwargs)
         finally:
             self._prefetchers.remove(prefetcher)
             prefetcher.close()
@@ -293,14 +302,16 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         The vector is the network's own FPN features pooled (`utils.embeddings.fpn_embedding`),
         computed through the same preprocessing and precision as `predict`; the SDK skips None.
         """
-        images, positions = self._readable(batch)
-        vectors: List[Optional[List[float]]] = [None] * len(batch)
-        if images:
-            network = self._inference_networks.get(self.model, self.device)
-            found = inference.image_vectors(network, images, self.device, self.settings['cudnn_benchmark'])
-            for position, vector in zip(positions, found):
-                vectors[position] = vector
-        return vectors
+        with frozen_heap():
+            images, positions = self._readable(batch)
+            vectors: List[Optional[List[float]]] = [None] * len(batch)
+            if images:
+                network = self._inference_networks.get(self.model, self.device)
+                found = inference.image_vectors(network, images, self.device, self.settings['cudnn_benchmark'])
+                for position, vector in zip(positions, found):
+                    vectors[position] = vector
+            freeze_kept()
+            return vectors
 
     @dl.Package.decorators.function(display_name='Embed Items',
                                     inputs={'items': 'Item[]'},
@@ -308,8 +319,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def embed_items(self, items: list, upload_features=None, batch_size=None, progress=None, **kwargs):
         """The SDK's embed_items (vectors to the model's feature set), then one error naming every unreadable item."""
         self.unreadable_items = []
-        result = super().embed_items(items, upload_features=upload_features,
-                                     batch_size=self._prediction_batch(batch_size), progress=progress, **kwargs)
+        with frozen_heap():
+            result = super().embed_items(items, upload_features=upload_features,
+                                         batch_size=self._prediction_batch(batch_size), progress=progress, **kwargs)
         self._raise_unreadable(len(items), 'got no feature vector (the others were embedded)')
         return result
 

@@ -11,8 +11,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, torchvision, dtlpy; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'dtlpy', dtlpy.__version__, torch.cuda.get_device_name(), 'cores', __import__('os').cpu_count())"
-echo '== the prediction forward stage by stage: plain torchvision vs ours, device-busy time, launches, syncs'
-timeout "${GPU_STAGES_TIMEOUT:-60}" python3 bench/gpu_stages.py 2>&1 | grep -v -E 'DEBUG|WARNING|random weights|USDT|warn'
+if [ "${GPU_STAGES:-1}" = 1 ]; then  # GPU_STAGES=0 skips it (a minute)
+  echo '== the prediction forward stage by stage: plain torchvision vs ours, device-busy time, launches, syncs'
+  timeout "${GPU_STAGES_TIMEOUT:-60}" python3 bench/gpu_stages.py 2>&1 | grep -v -E 'DEBUG|WARNING|random weights|USDT|warn'
+fi
 echo '== issue 8 table: every row beside plain torchvision, same run'
 timeout "${GPU_SPEED_TIMEOUT:-300}" python3 bench/gpu_speed.py "$@" 2>&1 | grep -v -E 'DEBUG|WARNING|random weights'
 echo '== CUDA tests (AMP training + resume, fp16 predict vs fp32 within 1 px / 0.01, fp16 embed vs CPU)'

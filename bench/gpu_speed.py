@@ -27,6 +27,7 @@ candidate boxes per image send torchvision's batched_nms into its per-class loop
 per image), which then dominates both sides (19 img/s for either on an H100).
 """
 import argparse
+import gc
 import io
 import logging
 import os
@@ -52,13 +53,14 @@ from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
 from utils import engine  # noqa: E402
 from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
 from utils.images import load_image  # noqa: E402
-from utils.inference import boxes_to_collection  # noqa: E402
+from utils.frozen_heap import frozen_heap  # noqa: E402
+from utils.inference import DECODE_THREADS, DOWNLOAD_THREADS, Prefetcher, boxes_to_collection  # noqa: E402
 from utils.local_model import local_model  # noqa: E402
 from utils.model_factory import build_model, cudnn_autotune  # noqa: E402
 from utils.synthetic import make_synthetic_export  # noqa: E402
 from utils.trainer import build_optimizer  # noqa: E402
 
-FULL = dict(variant='fasterrcnn_resnet50_fpn', min_size=800, max_size=1333, width=640, height=480, items=64,
+FULL = dict(variant='fasterrcnn_resnet50_fpn', min_size=800, max_size=1333, width=640, height=480, items=128,
             runs=3, train_batch=4, train_steps=12, fixed=(480, 640), mixed=((240, 480), (320, 640)),
             run_images=40, run_size=400, run_epochs=30)
 TINY = dict(variant='fasterrcnn_mobilenet_v3_large_320_fpn', min_size=160, max_size=240, width=160, height=120,
@@ -90,6 +92,23 @@ def decoded_batch(cfg, count=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 255, (3, cfg['height'], cfg['width']), dtype=torch.uint8, generator=g)
             for _ in range(count)]
+
+
+_collector = {'seconds': 0.0, 'began': 0.0}
+
+
+def _time_collections(phase, info):
+    if phase == 'start':
+        _collector['began'] = time.perf_counter()
+    else:
+        _collector['seconds'] += time.perf_counter() - _collector['began']
+
+
+def collector_seconds():
+    """Seconds Python's garbage collector has run so far in this process (from the first call on)."""
+    if _time_collections not in gc.callbacks:
+        gc.callbacks.append(_time_collections)
+    return _collector['seconds']
 
 
 def median_seconds(fn, device, runs):
@@ -143,6 +162,26 @@ class InLoopDecoding(FasterRCNNAdapter):
         return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
 
 
+class DecodingAhead(FasterRCNNAdapter):
+    """predict_items with the decoding moved out of the loop too: DECODE_THREADS threads decode two batches
+    ahead from the downloads, while the network runs (row 1's A/B of where decoding goes)."""
+
+    def predict_items(self, items, batch_size=None, **kwargs):
+        size = self._prediction_batch(batch_size)
+        downloads = Prefetcher(self._download, items, lookahead=2 * size, workers=DOWNLOAD_THREADS)
+        self._decoded = Prefetcher(lambda item: self._decode_item(item, downloads.take(item)), items,
+                                   lookahead=2 * size, workers=DECODE_THREADS)
+        try:
+            with frozen_heap():
+                return dl.BaseModelAdapter.predict_items(self, items, batch_size=size, **kwargs)
+        finally:
+            self._decoded.close()
+            downloads.close()
+
+    def prepare_item_func(self, item):
+        return self._decoded.take(item)
+
+
 class SdkDecoding(InLoopDecoding):
     """The adapter decoding as it did before the look-ahead: the SDK's predict_items loop, whose pool of 16
     threads decodes each batch with PIL just before the network runs it (the 'before' of row 1's decoding)."""
@@ -183,13 +222,16 @@ def prediction_rows(cfg, device, cuda):
     plain1 = n / median_seconds(lambda: [bare_forward(network, [t], device, False) for t in tensors], device, runs)
     print(f'1. predict end to end, {n} JPEGs {cfg["width"]}x{cfg["height"]}, {cfg["variant"]} at {cfg["min_size"]} px')
     for batch in (16, 2, 1)[:1 if os.environ.get('BENCH_E2E_QUICK') else 3]:
+        gc_before = collector_seconds()
         first, steady = first_and_median_seconds(lambda: adapter.predict_items(items, batch_size=batch), device, runs)
+        gc_share = (collector_seconds() - gc_before) / (first + steady * runs)  # roughly: the median is one of them
         plain, what = (plain1, 'fp32 batch 1') if batch == 1 else (plain16, f'{"fp16" * cuda or "fp32"} batch-16 '
                                                                             'channels_last')
         row(f'batch {batch:<2} vs plain {what} forward on decoded tensors', n / steady, plain)
         if batch == 16:
-            print(f'   first call (one new input shape) {first:.2f} s')
-    for variant, name in ((SdkDecoding, "batch 16, decoding as before: the SDK's 16 threads, PIL, no look-ahead"),
+            print(f'   first call (one new input shape) {first:.2f} s; garbage collector {gc_share:.1%} of the time')
+    for variant, name in ((DecodingAhead, f"batch 16, decoding ahead on {DECODE_THREADS} threads (A/B)"),
+                          (SdkDecoding, "batch 16, decoding as before: the SDK's 16 threads, PIL, no look-ahead"),
                           (InLoopDecoding, "batch 16, the SDK's loop: this project's decoder, no look-ahead")):
         other = variant()
         other.model_entity, other.model, other.device, other.settings = (
@@ -390,7 +432,9 @@ def engine_rows(cfg, device, cuda):
     torch.manual_seed(0)
     adapter.load('/nonexistent')
     adapter.convert_from_dtlpy(root)
-    results = []
+    results, published = [], []
+    adapter._publish_metrics = lambda epoch, metrics: published.append(time.perf_counter())  # each epoch's end
+    began = time.perf_counter()
     ours_wall = seconds(lambda: results.append(adapter.train(root, tempfile.mkdtemp())), device)
     print(f'5. {epochs} epochs on {n} images (+{len(os.listdir(os.path.join(root, "validation", "items")))} '
           f'validation), wall clock')
@@ -398,8 +442,12 @@ def engine_rows(cfg, device, cuda):
     history = results[-1].history
     training = sum(record['train_time'] for record in history)
     evaluation = sum(record['eval_time'] for record in history)
-    print(f'   of which training {training:.1f} s, evaluation {evaluation:.1f} s, the rest (setup, checkpoints, '
-          f'curves, between epochs) {ours_wall - training - evaluation:.1f} s')
+    first = history[0]['train_time'] + history[0]['eval_time']
+    setup, tail = published[0] - began - first, began + ours_wall - published[-1]
+    print(f'   of which training {training:.1f} s, evaluation {evaluation:.1f} s, the rest '
+          f'{ours_wall - training - evaluation:.1f} s: setup {setup:.1f} s, between epochs '
+          f'{ours_wall - training - evaluation - setup - tail:.1f} s, after the last (best weights, final '
+          f'checkpoints, curves) {tail:.1f} s')
 
 
 def decode_rows(items, adapter, cfg):

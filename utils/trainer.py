@@ -43,6 +43,7 @@ from utils.curves import write_csv, write_png
 from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.detection_dataset import DetectionDataset
 from utils.errors import InputError
+from utils.frozen_heap import frozen_heap
 from utils.group_by_aspect_ratio import GroupedBatchSampler, build_grouped_batch_sampler
 from utils.images import network_limits
 from utils.label_map import parse_id_to_label
@@ -202,8 +203,9 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
                               interval_s=float(settings['checkpoint_interval_s']))
     curves = _Curves(output_path)
     try:
-        _epochs(run, train_loader, val_loader, device, settings, writer, curves, publish_metrics, last_path,
-                best_path)
+        with frozen_heap():  # the collector walks each step's objects, not the process's heap (utils.frozen_heap)
+            _epochs(run, train_loader, val_loader, device, settings, writer, curves, publish_metrics, last_path,
+                    best_path)
         writer.wait()  # the final checkpoints are on disk (and on_epoch_end saw them) before fit returns
     except BaseException:
         writer.close_quietly()  # the last good checkpoints, and those kept since, land before the error goes on
