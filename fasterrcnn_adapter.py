@@ -21,6 +21,7 @@ from utils import config as config_lib
 from utils import device as device_lib
 from utils import inference
 from utils import model_factory
+from utils import predict_pipeline
 from utils.atomic import copy_file, remove_stale_temporaries
 from utils.errors import InputError
 from utils.frozen_heap import freeze_kept, frozen_heap
@@ -229,24 +230,32 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def predict(self, batch, **kwargs):
         """One forward pass over the whole batch; one AnnotationCollection of boxes per input.
 
-        Under `frozen_heap`: the garbage collector walks only this batch's objects, not the process's heap
-        (nor, inside predict_items, the annotations of the batches before).
+        Under `frozen_heap`: the garbage collector walks only this batch's objects, not the process's heap.
         """
         with frozen_heap():
-            settings = self._resolve_settings()
-            network = self._inference_networks.get(self.model, self.device)
-            inference.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
-                                      settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
-            labels = self.id_to_label_map()
-            images, positions = self._readable(batch)
-            rows = (inference.detection_rows(network, images, self.device, settings['cudnn_benchmark'])
-                    if images else [])
-            collections = [dl.AnnotationCollection() for _ in batch]
-            model_name, model_id = self.model_entity.name, self.model_entity.id
-            for position, image_rows in zip(positions, rows):
-                collections[position] = inference.boxes_to_collection(image_rows, labels, model_name, model_id)
+            collections = self._annotate(batch, self._detect(batch))
             freeze_kept()  # the caller keeps them
             return collections
+
+    def _detect(self, batch, **kwargs) -> Tuple[List[int], List[list]]:
+        """`predict`'s forward pass: the positions of the readable entries and, per image, its rows."""
+        settings = self._resolve_settings()
+        network = self._inference_networks.get(self.model, self.device)
+        inference.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
+                                  settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
+        images, positions = self._readable(batch)
+        rows = inference.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
+        return positions, rows
+
+    def _annotate(self, batch, detections: Tuple[List[int], List[list]]) -> List[dl.AnnotationCollection]:
+        """`predict`'s second half: `_detect`'s rows as one AnnotationCollection per entry of `batch`."""
+        positions, rows = detections
+        labels = self.id_to_label_map()
+        collections = [dl.AnnotationCollection() for _ in batch]
+        model_name, model_id = self.model_entity.name, self.model_entity.id
+        for position, image_rows in zip(positions, rows):
+            collections[position] = inference.boxes_to_collection(image_rows, labels, model_name, model_id)
+        return collections
 
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
         """The batch's decoded images and their positions; unreadable entries are kept for the run's error."""
@@ -258,12 +267,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                     inputs={'items': 'Item[]'},
                                     outputs={'items': 'Item[]', 'annotations': 'Annotation[]'})
     def predict_items(self, items: list, batch_size=None, **kwargs):
-        """The SDK's predict_items, downloading two batches ahead; then one error naming every item that could
-        not be read.
+        """The SDK's predict_items as a pipeline (`utils.predict_pipeline`: batch k's annotations are built and
+        uploaded while the network runs batch k+1), downloading two batches ahead; then one error naming every
+        item that could not be read.
 
         Downloads wait on the network, not on Python, so they overlap the forward pass freely. Decoding
-        stays in the SDK's loop, between forward passes: on an H100, threads decoding beside the
-        forward took Python's GIL from it at each of its host syncs (bench/RESULTS.md).
+        stays in the loop, between forward passes: on an H100, threads decoding beside the forward
+        took Python's GIL from it at each of its host syncs (bench/RESULTS.md).
         """
         self.unreadable_items = []
         size = self._prediction_batch(batch_size)
@@ -273,7 +283,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self._prefetchers.append(prefetcher)
         try:
             with frozen_heap():
-                result = super().predict_items(items, batch_size=size, **kwargs)
+                result = predict_pipeline.predict_items(self, items, size, **kwargs)
         finally:
             self._prefetchers.remove(prefetcher)
             prefetcher.close()

@@ -7,8 +7,10 @@
 Random weights (no download), entities built offline (no platform calls: the SDK's
 annotation upload is the one step left out of "end to end"). Rows:
   1. predict end to end: JPEG bytes -> prepare_item_func -> predict -> AnnotationCollection,
-     through the adapter's predict_items (decoding a batch ahead), batch 1 / 2 / 16,
-     vs plain fp16 (autocast) batch-16 channels_last forward on decoded tensors (and fp32 batch 1);
+     through the adapter's predict_items (downloading ahead; batch k's annotations built while batch k+1
+     runs), batch 1 / 2 / 16, and at batch 16 the SDK's own loop, a shorter GIL switch interval, 10 boxes
+     an image, and uploads that take 50 ms; vs plain fp16 (autocast) batch-16 channels_last forward on
+     decoded tensors (and fp32 batch 1);
   2. adapter.predict alone on decoded images vs the bare forward at the same batch (same precision);
   3. training steps on fixed-size vs mixed-size images, with and without grouping + padding buckets
      (steady state, and the first pass with its per-shape start-up costs);
@@ -27,6 +29,7 @@ candidate boxes per image send torchvision's batched_nms into its per-class loop
 per image), which then dominates both sides (19 img/s for either on an H100).
 """
 import argparse
+import contextlib
 import gc
 import io
 import logging
@@ -53,8 +56,7 @@ from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
 from utils import engine  # noqa: E402
 from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
 from utils.images import load_image  # noqa: E402
-from utils.frozen_heap import frozen_heap  # noqa: E402
-from utils.inference import DECODE_THREADS, DOWNLOAD_THREADS, Prefetcher, boxes_to_collection  # noqa: E402
+from utils.inference import boxes_to_collection  # noqa: E402
 from utils.local_model import local_model  # noqa: E402
 from utils.model_factory import build_model, cudnn_autotune  # noqa: E402
 from utils.synthetic import make_synthetic_export  # noqa: E402
@@ -162,32 +164,52 @@ class InLoopDecoding(FasterRCNNAdapter):
         return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
 
 
-class DecodingAhead(FasterRCNNAdapter):
-    """predict_items with the decoding moved out of the loop too: DECODE_THREADS threads decode two batches
-    ahead from the downloads, while the network runs (row 1's A/B of where decoding goes)."""
-
-    def predict_items(self, items, batch_size=None, **kwargs):
-        size = self._prediction_batch(batch_size)
-        downloads = Prefetcher(self._download, items, lookahead=2 * size, workers=DOWNLOAD_THREADS)
-        self._decoded = Prefetcher(lambda item: self._decode_item(item, downloads.take(item)), items,
-                                   lookahead=2 * size, workers=DECODE_THREADS)
-        try:
-            with frozen_heap():
-                return dl.BaseModelAdapter.predict_items(self, items, batch_size=size, **kwargs)
-        finally:
-            self._decoded.close()
-            downloads.close()
-
-    def prepare_item_func(self, item):
-        return self._decoded.take(item)
-
-
 class SdkDecoding(InLoopDecoding):
     """The adapter decoding as it did before the look-ahead: the SDK's predict_items loop, whose pool of 16
     threads decodes each batch with PIL just before the network runs it (the 'before' of row 1's decoding)."""
 
     def prepare_item_func(self, item):
         return pil_to_tensor(load_image(item.download(save_locally=False), self.image_limits()))
+
+
+def predict_items_seconds(predictor, items, device, runs, switch_interval=None):
+    """Median seconds of `predictor.predict_items(items)` at batch 16, with Python's GIL switch interval
+    set to `switch_interval` for the duration (when given)."""
+    default = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval or default)
+    try:
+        return median_seconds(lambda: predictor.predict_items(items, batch_size=16), device, runs)
+    finally:
+        sys.setswitchinterval(default)
+
+
+@contextlib.contextmanager
+def configured(adapter, **values):
+    """`adapter`'s configuration with `values` for the duration."""
+    configuration = adapter.model_entity.configuration
+    before = {key: configuration[key] for key in values}
+    configuration.update(values)
+    try:
+        yield
+    finally:
+        configuration.update(before)
+
+
+@contextlib.contextmanager
+def slow_uploads(*adapters, seconds):
+    """Their annotation upload waits `seconds` an item, as the platform's round trip does."""
+    offline = [a._upload_model_annotations for a in adapters]
+
+    def upload(item, predictions):
+        time.sleep(seconds)
+        return predictions
+    for a in adapters:
+        a._upload_model_annotations = upload
+    try:
+        yield
+    finally:
+        for a, original in zip(adapters, offline):
+            a._upload_model_annotations = original
 
 
 def bare_network(adapter, cfg, device):
@@ -230,16 +252,29 @@ def prediction_rows(cfg, device, cuda):
         row(f'batch {batch:<2} vs plain {what} forward on decoded tensors', n / steady, plain)
         if batch == 16:
             print(f'   first call (one new input shape) {first:.2f} s; garbage collector {gc_share:.1%} of the time')
-    for variant, name in ((DecodingAhead, f"batch 16, decoding ahead on {DECODE_THREADS} threads (A/B)"),
-                          (SdkDecoding, "batch 16, decoding as before: the SDK's 16 threads, PIL, no look-ahead"),
-                          (InLoopDecoding, "batch 16, the SDK's loop: this project's decoder, no look-ahead")):
-        other = variant()
+    def sibling(cls):
+        """An adapter of class `cls` running `adapter`'s network, settings and offline upload."""
+        other = cls()
         other.model_entity, other.model, other.device, other.settings = (
             adapter.model_entity, adapter.model, adapter.device, adapter.settings)
         other._inference_networks = adapter._inference_networks
         other._upload_model_annotations = adapter._upload_model_annotations
-        steady = median_seconds(lambda: other.predict_items(items, batch_size=16), device, runs)
-        row(name, n / steady, plain16)
+        return other
+
+    sdk_loop = sibling(InLoopDecoding)
+    for name, predictor, interval in (
+            ("batch 16, the SDK's loop (no pipeline): this project's decoder, no look-ahead", sdk_loop, None),
+            ("batch 16, decoding as before: the SDK's 16 threads, PIL, no look-ahead", sibling(SdkDecoding), None),
+            ("batch 16, Python's GIL switch interval 0.5 ms (default 5 ms)", adapter, 0.0005),
+            ("batch 16, the SDK's loop, GIL switch interval 0.5 ms", sdk_loop, 0.0005)):
+        row(name, n / predict_items_seconds(predictor, items, device, runs, interval), plain16)
+    with configured(adapter, max_detections=10):
+        row('batch 16, at most 10 boxes an image (100 above)', n / predict_items_seconds(adapter, items, device, runs),
+            plain16)
+    with slow_uploads(adapter, sdk_loop, seconds=0.05):
+        for name, predictor in (('pipeline', adapter), ("the SDK's loop", sdk_loop)):
+            row(f'batch 16, uploads taking 50 ms an item (16 at once): {name}',
+                n / predict_items_seconds(predictor, items, device, runs), plain16)
     if cuda and not os.environ.get('BENCH_E2E_QUICK'):
         tuned = make_adapter(cfg, device, cudnn_benchmark=True)
         first, steady = first_and_median_seconds(lambda: tuned.predict_items(items, batch_size=16), device, runs)
@@ -251,6 +286,9 @@ def prediction_rows(cfg, device, cuda):
         ours = n / median_seconds(lambda: [adapter.predict(c) for c in chunks], device, runs)
         plain = n / median_seconds(lambda: [bare_forward(network, c, device, cuda) for c in chunks], device, runs)
         row(f'batch {batch}', ours, plain)
+        if batch == 16:  # predict less its annotations: the ceiling of the rows above
+            ours = n / median_seconds(lambda: [adapter._detect(c) for c in chunks], device, runs)
+            row('batch 16, the forward pass and its rows only (no annotations)', ours, plain)
     return items, adapter
 
 

@@ -221,7 +221,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
 
 def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: CheckpointWriter, curves: '_Curves',
             publish_metrics, last_path: str, best_path: str) -> None:
-    """The epochs left: train, evaluate, publish, curves, then the checkpoints handed to `writer`."""
+    """The epochs left: train, evaluate, publish, the checkpoints handed to `writer`, then the curves."""
     best = None  # (epoch, metrics, weights on the model's device) of a best epoch not yet in best.pth
     for epoch in range(run.last_epoch + 1, run.epochs):
         writer.check()  # a failed write (or on_epoch_end) of the previous epoch stops the run here
@@ -232,9 +232,9 @@ def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: Check
             best = (epoch, metrics, run.best_weights)
         _publish(publish_metrics, epoch, metrics)
         finished = run.stopped_early or epoch + 1 >= run.epochs
-        curves.write(run.history, draw=finished)
         if writer.epoch_end(epoch, _checkpoints(run, epoch, last_path, best_path, best, finished), final=finished):
             best = None
+        curves.write(run.history, draw=finished)  # drawn while the writer's thread writes the checkpoints
         logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
         if run.stopped_early:
             logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '

@@ -1,0 +1,114 @@
+"""utils.predict_pipeline through the adapter's predict_items: the SDK loop's results and errors, with batch
+k's annotations built and uploaded while the network runs batch k+1."""
+import io
+import threading
+
+import dtlpy as dl
+import numpy as np
+import pytest
+from PIL import Image
+
+from fasterrcnn_adapter import FasterRCNNAdapter
+from utils.local_model import local_model
+
+VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
+
+
+class _Item:
+    def __init__(self, index, data):
+        self.id, self.name, self.filename, self.mimetype = f'item-{index}', f'{index}.jpg', f'/{index}.jpg', 'jpeg'
+        self.data = data
+
+    def download(self, save_locally=False, **kwargs):
+        return io.BytesIO(self.data)
+
+
+def _jpeg(seed):
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(buffer, 'JPEG')
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope='module')
+def adapter():
+    adapter = FasterRCNNAdapter()
+    adapter.model_entity = local_model({'pretrained': False, 'model_variant': VARIANT, 'device': 'cpu',
+                                        'conf_threshold': 0.0, 'max_detections': 5}, labels=['a', 'b'])
+    adapter.load('/nonexistent')
+    return adapter
+
+
+@pytest.fixture
+def uploads(adapter, monkeypatch):
+    """The platform's upload, offline: records which items went up, returns what it was given."""
+    uploaded = []
+
+    def upload(item, collection):
+        uploaded.append(item.id)
+        return collection
+    monkeypatch.setattr(adapter, '_upload_model_annotations', upload)
+    return uploaded
+
+
+def _as_json(annotations):
+    return [(annotation.item_id, annotation.to_json()) for annotation in annotations]
+
+
+def test_same_annotations_in_the_same_order_as_the_sdk_loop(adapter, uploads):
+    items = [_Item(i, _jpeg(i)) for i in range(7)]  # 3 batches of 3, the last one short
+    ours_items, ours = adapter.predict_items(items, batch_size=3)
+    sdk_items, sdk = dl.BaseModelAdapter.predict_items(adapter, items, batch_size=3)
+    assert ours_items == sdk_items == items
+    assert len(ours) == 7 * 5
+    assert _as_json(ours) == _as_json(sdk)
+    assert [annotation.item_id for annotation in ours] == [f'item-{i}' for i in range(7) for _ in range(5)]
+    assert ours[0].metadata['system']['model']['name'] == adapter.model_entity.name  # the SDK's stamp
+    assert uploads[:7] == [item.id for item in items]
+
+
+def test_a_batch_is_uploaded_while_the_network_runs_the_next(adapter, monkeypatch):
+    """Batch 0's upload waits until batch 1's forward pass has started: only a pipeline gets past it."""
+    items = [_Item(i, _jpeg(i)) for i in range(4)]
+    detecting = [threading.Event() for _ in range(2)]
+    real_detect = adapter._detect
+
+    def detect(batch, **kwargs):
+        detecting[sum(event.is_set() for event in detecting)].set()
+        return real_detect(batch, **kwargs)
+
+    def upload(item, collection):
+        if item is items[0]:
+            assert detecting[1].wait(10), 'batch 1 did not reach the network while batch 0 was uploading'
+        return collection
+    monkeypatch.setattr(adapter, '_detect', detect)
+    monkeypatch.setattr(adapter, '_upload_model_annotations', upload)
+    _, annotations = adapter.predict_items(items, batch_size=2)
+    assert len(annotations) == 4 * 5
+
+
+def test_failed_batches_are_reported_after_the_others_ran(adapter, uploads, monkeypatch):
+    """The SDK loop's rule: a batch whose forward pass or upload fails is named at the end with its item ids."""
+    items = [_Item(i, _jpeg(i)) for i in range(6)]
+    real_detect = adapter._detect
+
+    def detect(batch, **kwargs):
+        if len(uploads) == 0 and detect.calls == 0:
+            detect.calls += 1
+            raise RuntimeError('CUDA out of memory (simulated)')
+        return real_detect(batch, **kwargs)
+    detect.calls = 0
+
+    def upload(item, collection):
+        if item is items[4]:
+            raise ConnectionError('platform unreachable (simulated)')
+        uploads.append(item.id)
+        return collection
+    monkeypatch.setattr(adapter, '_detect', detect)
+    monkeypatch.setattr(adapter, '_upload_model_annotations', upload)
+    with pytest.raises(Exception) as raised:
+        adapter.predict_items(items, batch_size=2)
+    message = str(raised.value)
+    assert "Failed IDs: ['item-0', 'item-1', 'item-4', 'item-5']" in message
+    assert 'CUDA out of memory (simulated)' in message and 'platform unreachable (simulated)' in message
+    assert uploads[:2] == ['item-2', 'item-3']  # the batch between the failures went through
+    assert not {'item-0', 'item-1'} & set(uploads)  # (item-5 may go up beside item-4's failure, as in the SDK)
