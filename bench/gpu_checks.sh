@@ -17,10 +17,12 @@ if [ "${GPU_STAGES:-1}" = 1 ]; then  # GPU_STAGES=0 skips it (a minute)
 fi
 echo '== issue 8 table: every row beside plain torchvision, same run'
 timeout "${GPU_SPEED_TIMEOUT:-300}" python3 bench/gpu_speed.py "$@" 2>&1 | grep -v -E 'DEBUG|WARNING|random weights'
-echo '== CUDA tests (AMP training + resume, fp16 predict vs fp32 within 1 px / 0.01, fp16 embed vs CPU)'
-SECONDS=0
-timeout "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --tb=short -W ignore::DeprecationWarning -W ignore::SyntaxWarning 2>&1 | grep -v -E "TIMEFRAME|TIMESTAMP|COMMENT_PATTERN|SyntaxWarning|^DEBUG|dtlpy:cookie"
-echo "   (${SECONDS} s)"
+if [ "${GPU_TESTS:-1}" = 1 ]; then  # GPU_TESTS=0 skips them (75 s)
+  echo '== CUDA tests (AMP training + resume, fp16 predict vs fp32 within 1 px / 0.01, fp16 embed vs CPU)'
+  SECONDS=0
+  timeout "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider --tb=short -W ignore::DeprecationWarning -W ignore::SyntaxWarning 2>&1 | grep -v -E "TIMEFRAME|TIMESTAMP|COMMENT_PATTERN|SyntaxWarning|^DEBUG|dtlpy:cookie"
+  echo "   (${SECONDS} s)"
+fi
 if [ -n "${GPU_PROFILE:-}" ]; then  # torch.profiler tables of predict and the engine vs plain (a minute more)
   timeout 150 python3 bench/gpu_profile.py 2>&1 | grep -v -E 'DEBUG|WARNING|random weights'
 fi
