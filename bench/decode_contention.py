@@ -6,7 +6,9 @@ A GPU forward pass of torchvision's detector is a long run of short Python steps
 (launching kernels) and waits (host syncs: NMS, `.cpu()`), and at each wait the
 thread gives Python's GIL away. Decoding threads that want the GIL then hold the
 main thread up. The main loop here does that: ~10 us of Python, then a 200 us wait
-that releases the GIL, 2000 times. Its time is measured idle, while 16 threads
+that releases the GIL, 2000 times. Its time is measured idle, while one thread
+decodes with torchvision's decode_jpeg alone and with PIL alone (does the decoder
+itself let go of the GIL? it varies with the build), while 16 threads
 decode with PIL (what the SDK's predict_items pool does), and while the adapter's
 `predict_items` prefetcher decodes (16 download threads, `DECODE_THREADS` decoding,
 torchvision's JPEG decoder). Ratio = idle time / time while decoding (1.0: no harm).
@@ -21,6 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp())
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from bench.gpu_speed import MemoryItem, jpeg  # noqa: E402
@@ -73,9 +78,19 @@ def main():
         finally:
             prefetcher.close()
 
+    def one_thread(decode):
+        return lambda batch: len([decode(item.download().getvalue()) for item in batch])
+
+    def torchvision_only(data):
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
     idle = driving_loop()
-    print(f'{os.cpu_count()} cores; driving loop idle: {idle:.2f} s; ratio = idle / while decoding 640x480 JPEGs')
-    for name, decode in (('16 threads, PIL (plain: the SDK pool)', pil_in_16_threads),
+    print(f'{os.cpu_count()} cores, torchvision {torchvision.__version__}; driving loop idle: {idle:.2f} s; '
+          'ratio = idle / while decoding 640x480 JPEGs')
+    for name, decode in (('1 thread, torchvision decode_jpeg alone (does it let go of the GIL?)',
+                          one_thread(torchvision_only)),
+                         ('1 thread, PIL decode alone', one_thread(lambda data: load_image(data))),
+                         ('16 threads, PIL (plain: the SDK pool)', pil_in_16_threads),
                          (f'adapter prefetcher: {DOWNLOAD_THREADS} downloads, {DECODE_THREADS} decodes, torchvision',
                           adapter_prefetcher)):
         seconds, rate = while_decoding(decode, items)

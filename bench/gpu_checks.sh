@@ -17,6 +17,10 @@ if [ "${GPU_STAGES:-1}" = 1 ]; then  # GPU_STAGES=0 skips it (a minute)
 fi
 echo '== issue 8 table: every row beside plain torchvision, same run'
 timeout "${GPU_SPEED_TIMEOUT:-300}" python3 bench/gpu_speed.py "$@" 2>&1 | grep -v -E 'DEBUG|WARNING|random weights'
+if [ "${GPU_DECODE:-1}" = 1 ]; then  # GPU_DECODE=0 skips it (about 15 s)
+  echo '== does JPEG decoding on this host hold the GIL the thread driving the GPU needs?'
+  timeout 90 python3 bench/decode_contention.py 2>&1 | grep -v -E 'DEBUG|WARNING|mismatch'
+fi
 if [ "${GPU_TESTS:-1}" = 1 ]; then  # GPU_TESTS=0 skips them (75 s)
   echo '== CUDA tests (AMP training + resume, fp16 predict vs fp32 within 1 px / 0.01, fp16 embed vs CPU)'
   SECONDS=0

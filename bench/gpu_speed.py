@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -56,7 +57,7 @@ from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
 from utils import engine  # noqa: E402
 from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
 from utils.images import load_image  # noqa: E402
-from utils.inference import boxes_to_collection  # noqa: E402
+from utils.inference import DECODE_THREADS, boxes_to_collection  # noqa: E402
 from utils.local_model import local_model  # noqa: E402
 from utils.model_factory import build_model, cudnn_autotune  # noqa: E402
 from utils.synthetic import make_synthetic_export  # noqa: E402
@@ -268,6 +269,10 @@ def prediction_rows(cfg, device, cuda):
             ("batch 16, Python's GIL switch interval 0.5 ms (default 5 ms)", adapter, 0.0005),
             ("batch 16, the SDK's loop, GIL switch interval 0.5 ms", sdk_loop, 0.0005)):
         row(name, n / predict_items_seconds(predictor, items, device, runs, interval), plain16)
+    wide = sibling(FasterRCNNAdapter)
+    wide._decode_slots = threading.BoundedSemaphore(min(16, os.cpu_count() or 1))
+    row(f'batch 16, decoding in the loop on {min(16, os.cpu_count() or 1)} threads (default {DECODE_THREADS}; A/B)',
+        n / predict_items_seconds(wide, items, device, runs), plain16)
     with configured(adapter, max_detections=10):
         row('batch 16, at most 10 boxes an image (100 above)', n / predict_items_seconds(adapter, items, device, runs),
             plain16)
