@@ -1,5 +1,6 @@
 """utils.predict_pipeline through the adapter's predict_items: the SDK loop's results and errors, with batch
 k's annotations built and uploaded while the network runs batch k+1."""
+import gc
 import io
 import threading
 
@@ -112,3 +113,30 @@ def test_failed_batches_are_reported_after_the_others_ran(adapter, uploads, monk
     assert 'CUDA out of memory (simulated)' in message and 'platform unreachable (simulated)' in message
     assert uploads[:2] == ['item-2', 'item-3']  # the batch between the failures went through
     assert not {'item-0', 'item-1'} & set(uploads)  # (item-5 may go up beside item-4's failure, as in the SDK)
+
+
+def test_the_garbage_collector_walks_only_each_batch_s_objects_and_gets_the_heap_back(adapter, uploads,
+                                                                                    monkeypatch):
+    """utils.frozen_heap through predict_items: every collection skips the heap and the earlier batches'
+    annotations, and after the call nothing stays frozen."""
+    items = [_Item(i, _jpeg(i)) for i in range(6)]
+    frozen_at = []  # the frozen count at each collection
+    callback = lambda phase, info: frozen_at.append(gc.get_freeze_count()) if phase == 'start' else None
+    real_detect = adapter._detect
+    at_batches = []
+
+    def detect(batch, **kwargs):
+        at_batches.append(gc.get_freeze_count())
+        gc.collect(0)  # at least one collection per batch
+        return real_detect(batch, **kwargs)
+    monkeypatch.setattr(adapter, '_detect', detect)
+    gc.callbacks.append(callback)
+    try:
+        _, annotations = adapter.predict_items(items, batch_size=2)
+    finally:
+        gc.callbacks.remove(callback)
+    assert len(annotations) > 0  # random weights, no threshold: every image has boxes
+    # batch 0's annotations are finished (and kept frozen) before batch 2 runs
+    assert len(at_batches) == 3 and 1000 < at_batches[0] < at_batches[2]
+    assert len(frozen_at) >= 3 and min(frozen_at) > 1000
+    assert gc.get_freeze_count() == 0
