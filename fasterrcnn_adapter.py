@@ -1,9 +1,9 @@
 """Dataloop model adapter for torchvision's Faster R-CNN.
 
 Thin by design: it reads the model's configuration, builds the network
-(`utils.model_factory`), and delegates data reading (`utils.dataloop_reader`),
-training (`utils.trainer`, `utils.artifact_sync`) and prediction
-(`utils.inference`). Settings are read from
+(`utils.model_factory`) and its checkpoint files (`utils.checkpoints`), and delegates
+data reading (`utils.dataloop_reader`), training (`utils.trainer`, `utils.artifact_sync`)
+and prediction (`utils.inference`, `utils.predict_pipeline`). Settings are read from
 `model_entity.configuration` as a plain dict, so reading never PATCHes the model.
 """
 import contextlib
@@ -20,7 +20,7 @@ from utils import artifact_sync
 from utils import config as config_lib
 from utils import device as device_lib
 from utils import inference
-from utils import model_factory
+from utils import checkpoints, model_factory
 from utils import predict_pipeline
 from utils.atomic import copy_file, remove_stale_temporaries
 from utils.errors import InputError
@@ -135,14 +135,14 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.artifacts_path = local_path
         weights_path = os.path.join(local_path or '', settings['weights_filename'])
         if local_path and os.path.isfile(weights_path):
-            checkpoint = model_factory.load_checkpoint(weights_path)
-            model_factory.check_compatible(checkpoint, weights_path, variant, num_classes)
+            checkpoint = checkpoints.load_checkpoint(weights_path)
+            checkpoints.check_compatible(checkpoint, weights_path, variant, num_classes)
             saved_labels = parse_id_to_label(checkpoint.get('id_to_label_map'))
             if saved_labels and saved_labels != id_to_label_map:
                 logger.warning('the label map saved with %s differs from the model\'s; using the model\'s: %s',
                                weights_path, id_to_label_map)
             model = model_factory.build_model(variant, num_classes, **sizes)
-            model_factory.load_state(model, checkpoint, weights_path)
+            checkpoints.load_state(model, checkpoint, weights_path)
             logger.info('loaded %s weights from %s', variant, weights_path)
         elif settings['pretrained']:
             keep_head = id_to_label_map == model_factory.coco_id_to_label_map()
@@ -167,8 +167,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             if os.path.abspath(best) != os.path.abspath(target):
                 copy_file(best, target)
         else:
-            payload = model_factory.make_checkpoint(self.model, settings['model_variant'], self.id_to_label_map())
-            model_factory.save_checkpoint(payload, target)
+            payload = checkpoints.make_checkpoint(self.model, settings['model_variant'], self.id_to_label_map())
+            checkpoints.save_checkpoint(payload, target)
         self.model_entity.configuration['weights_filename'] = settings['weights_filename']
         logger.info('saved weights to %s', target)
 

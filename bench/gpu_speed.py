@@ -8,9 +8,9 @@ Random weights (no download), entities built offline (no platform calls: the SDK
 annotation upload is the one step left out of "end to end"). Rows:
   1. predict end to end: JPEG bytes -> prepare_item_func -> predict -> AnnotationCollection,
      through the adapter's predict_items (downloading ahead; batch k's annotations built while batch k+1
-     runs), batch 1 / 2 / 16, and at batch 16 the SDK's own loop, a shorter GIL switch interval, 10 boxes
-     an image, and uploads that take 50 ms; vs plain fp16 (autocast) batch-16 channels_last forward on
-     decoded tensors (and fp32 batch 1);
+     runs), batch 1 / 2 / 16, and at batch 16 the SDK's own loop, a shorter GIL switch interval, decoding
+     on every core or on the GPU (nvJPEG, with its pixel difference), 10 boxes an image, and uploads that
+     take 50 ms; vs plain fp16 (autocast) batch-16 channels_last forward on decoded tensors (and fp32 batch 1);
   2. adapter.predict alone on decoded images vs the bare forward at the same batch (same precision);
   3. training steps on fixed-size vs mixed-size images, with and without grouping + padding buckets
      (steady state, and the first pass with its per-shape start-up costs);
@@ -49,6 +49,7 @@ import dtlpy as dl  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
@@ -165,6 +166,31 @@ class InLoopDecoding(FasterRCNNAdapter):
         return dl.BaseModelAdapter.predict_items(self, items, batch_size=batch_size, **kwargs)
 
 
+class GpuDecoding(FasterRCNNAdapter):
+    """predict_items with each batch's JPEGs decoded on the GPU at once (nvJPEG: torchvision's
+    decode_jpeg(device='cuda')): row 1's A/B of taking decoding off the host (JPEGs only, no EXIF here)."""
+
+    def prepare_item_func(self, item):
+        return torch.frombuffer(bytearray(item.download().getvalue()), dtype=torch.uint8)
+
+    def _readable(self, batch):
+        return decode_jpeg(list(batch), mode=ImageReadMode.RGB, device=self.device), list(range(len(batch)))
+
+
+def gpu_decoding_rows(sibling, items, tensors, device, runs, plain16):
+    """Row 1's nvJPEG A/B, and how far its pixels are from the CPU decoder's (libjpeg-turbo)."""
+    try:
+        on_gpu = decode_jpeg([torch.frombuffer(bytearray(item.download().getvalue()), dtype=torch.uint8)
+                              for item in items], mode=ImageReadMode.RGB, device=device)
+        difference = torch.cat([(g.cpu().int() - t.int()).abs().flatten() for g, t in zip(on_gpu, tensors)])
+        row('batch 16, JPEGs decoded on the GPU, the batch at once (nvJPEG; A/B)',
+            len(items) / predict_items_seconds(sibling(GpuDecoding), items, device, runs), plain16)
+        print(f'   nvJPEG vs the CPU decoder: pixels differ by {difference.float().mean():.3f} on average, '
+              f'{int(difference.max())} at most, {float((difference > 2).float().mean()):.2%} by more than 2')
+    except Exception as err:  # noqa: BLE001 - a bench reports and goes on
+        print(f'   decoding on the GPU failed: {type(err).__name__}: {err}')
+
+
 class SdkDecoding(InLoopDecoding):
     """The adapter decoding as it did before the look-ahead: the SDK's predict_items loop, whose pool of 16
     threads decodes each batch with PIL just before the network runs it (the 'before' of row 1's decoding)."""
@@ -273,6 +299,8 @@ def prediction_rows(cfg, device, cuda):
     wide._decode_slots = threading.BoundedSemaphore(min(16, os.cpu_count() or 1))
     row(f'batch 16, decoding in the loop on {min(16, os.cpu_count() or 1)} threads (default {DECODE_THREADS}; A/B)',
         n / predict_items_seconds(wide, items, device, runs), plain16)
+    if cuda:
+        gpu_decoding_rows(sibling, items, tensors, device, runs, plain16)
     with configured(adapter, max_detections=10):
         row('batch 16, at most 10 boxes an image (100 above)', n / predict_items_seconds(adapter, items, device, runs),
             plain16)

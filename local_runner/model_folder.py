@@ -39,7 +39,7 @@ def check_train_output(path: str) -> None:
     last = os.path.join(path, WEIGHTS_DIR, LAST_NAME)
     if not os.path.isfile(model_json):
         return
-    from utils.model_factory import marks_finished_run
+    from utils.checkpoints import marks_finished_run
     if not os.path.isfile(last) or marks_finished_run(last):
         raise InputError(f'--output {path} already holds a finished training run ({model_json}): '
                          f'choose a new --output folder, or delete that one to train again')
@@ -105,8 +105,8 @@ def load_model_dir(model_dir: str, configuration: Optional[Dict[str, Any]] = Non
     else:
         # weights without model.json (e.g. artifacts downloaded from the platform): the checkpoint
         # describes itself (variant, label map, sizes)
-        from utils import model_factory
-        checkpoint = model_factory.load_checkpoint(weights)
+        from utils import checkpoints
+        checkpoint = checkpoints.load_checkpoint(weights)
         id_to_label = parse_id_to_label(checkpoint.get('id_to_label_map'))
         if not id_to_label or 'model_variant' not in checkpoint:
             raise InputError(f'--model {model_dir}: no {MODEL_FILE}, and {weights} does not say its variant '

@@ -8,7 +8,7 @@ import torch
 
 from fasterrcnn_adapter import FasterRCNNAdapter, UnreadableItem
 from utils import config as config_lib
-from utils import model_factory
+from utils import checkpoints, model_factory
 from utils.local_model import local_model
 
 SMALL = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn',
@@ -49,7 +49,7 @@ def test_save_then_load_in_fresh_adapter_predicts_identically(tmp_path):
     first.save(str(tmp_path))
     assert (tmp_path / 'weights' / 'best.pth').is_file()
     assert first.model_entity.configuration['weights_filename'] == 'weights/best.pth'
-    checkpoint = model_factory.load_checkpoint(str(tmp_path / 'weights' / 'best.pth'))
+    checkpoint = checkpoints.load_checkpoint(str(tmp_path / 'weights' / 'best.pth'))
     assert checkpoint['model_variant'] == SMALL['model_variant']
     assert checkpoint['id_to_label_map'] == {1: 'cat', 2: 'dog', 3: 'bird'}
     second = make_adapter({'conf_threshold': 0.0, 'seed': 1}, artifacts=str(tmp_path))  # another init, overwritten
@@ -209,7 +209,7 @@ def test_min_and_max_size_null_mean_the_variants_own_and_the_checkpoint_records_
     adapter = make_adapter({'model_variant': variant, 'min_size': None, 'max_size': None})
     assert model_factory.input_sizes(adapter.model) == own_sizes
     adapter.save(str(tmp_path))
-    checkpoint = model_factory.load_checkpoint(str(tmp_path / 'weights' / 'best.pth'))
+    checkpoint = checkpoints.load_checkpoint(str(tmp_path / 'weights' / 'best.pth'))
     assert (checkpoint['min_size'], checkpoint['max_size']) == own_sizes
     # a size that is set still wins over the variant's own
     sized = make_adapter({'model_variant': variant, 'min_size': 160, 'max_size': None})

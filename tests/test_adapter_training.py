@@ -6,7 +6,7 @@ import torch
 
 from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
 from utils.local_model import local_model
-from utils.model_factory import marks_finished_run
+from utils.checkpoints import marks_finished_run
 from utils.synthetic import make_synthetic_export
 
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',

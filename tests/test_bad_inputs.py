@@ -30,7 +30,7 @@ from test_adapter_core import SMALL, boxes_of, make_adapter, random_image
 from test_dataloop_reader import _image_bytes, _item, _mask_png
 from test_training import LABEL_TO_ID, make_records, settings, small_model
 from utils import config as config_lib
-from utils import model_factory, trainer
+from utils import checkpoints, model_factory, trainer
 from utils.dataloop_reader import read_dataloop_export
 from utils.detection_dataset import DetectionDataset
 from utils.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits, ImageSizeError, load_image, network_limits
@@ -213,7 +213,7 @@ def weights_only_model(tmp_path):
     torch.manual_seed(0)
     model = model_factory.build_model(SMALL['model_variant'], 3, 128, 128)
     folder = tmp_path / 'model'
-    model_factory.save_checkpoint(model_factory.make_checkpoint(
+    checkpoints.save_checkpoint(checkpoints.make_checkpoint(
         model, SMALL['model_variant'], {1: 'a', 2: 'b'}, 128, 128), str(folder / 'weights' / 'best.pth'))
     return str(folder)
 
@@ -240,7 +240,7 @@ def small_checkpoint():
     """A valid checkpoint of the adapter's SMALL configuration (labels cat, dog, bird: 4 classes)."""
     torch.manual_seed(1)
     model = model_factory.build_model(SMALL['model_variant'], 4, SMALL['min_size'], SMALL['max_size'])
-    return model, model_factory.make_checkpoint(model, SMALL['model_variant'], {1: 'cat', 2: 'dog', 3: 'bird'},
+    return model, checkpoints.make_checkpoint(model, SMALL['model_variant'], {1: 'cat', 2: 'dog', 3: 'bird'},
                                                 SMALL['min_size'], SMALL['max_size'])
 
 
@@ -292,7 +292,7 @@ BAD_CHECKPOINTS = {
 def test_bad_checkpoint_is_one_line_naming_the_file_and_what_is_wrong(case, small_checkpoint, tmp_path):
     make_payload, message = BAD_CHECKPOINTS[case]
     path = _write(tmp_path, make_payload(small_checkpoint[1]))
-    with pytest.raises(model_factory.CheckpointError) as err:
+    with pytest.raises(checkpoints.CheckpointError) as err:
         make_adapter(artifacts=str(tmp_path))
     text = str(err.value)
     assert '\n' not in text and text.startswith(f'checkpoint {path!r}')
@@ -310,7 +310,7 @@ def test_bare_torchvision_state_dict_of_the_right_variant_is_accepted(small_chec
     image = random_image(320, 240)
     assert len(boxes_of(adapter.predict([image])[0])) > 0
     # the same bare file cannot fill a model with another class count: both sides named
-    with pytest.raises(model_factory.CheckpointError, match=r'with 4 classes.*with 3 classes'):
+    with pytest.raises(checkpoints.CheckpointError, match=r'with 4 classes.*with 3 classes'):
         make_adapter(labels=('cat', 'dog'), artifacts=str(tmp_path))
 
 
@@ -362,15 +362,15 @@ def test_local_runner_config_with_nan_is_a_one_line_error(tmp_path, capsys):
 def test_checkpoint_writer_refuses_non_finite_weights_and_keeps_the_previous_file(small_checkpoint, tmp_path):
     model, checkpoint = small_checkpoint
     path = str(tmp_path / 'weights' / 'best.pth')
-    model_factory.save_checkpoint(checkpoint, path)
+    checkpoints.save_checkpoint(checkpoint, path)
     good = open(path, 'rb').read()
     for value in (math.nan, math.inf):
         bad = _corrupt(checkpoint)
         bad['state_dict']['roi_heads.box_head.fc6.weight'] = bad['state_dict']['roi_heads.box_head.fc6.weight'].clone()
         bad['state_dict']['roi_heads.box_head.fc6.weight'][0, 0] = value
-        with pytest.raises(model_factory.CheckpointError, match=r"refusing to write checkpoint .*best.pth.*NaN or "
+        with pytest.raises(checkpoints.CheckpointError, match=r"refusing to write checkpoint .*best.pth.*NaN or "
                                                                  r"Infinity \(first: 'roi_heads.box_head.fc6.weight'\)"):
-            model_factory.save_checkpoint(bad, path)
+            checkpoints.save_checkpoint(bad, path)
     assert open(path, 'rb').read() == good
     assert os.listdir(tmp_path / 'weights') == ['best.pth']  # no temporary file left behind
 
@@ -381,7 +381,7 @@ def test_adapter_save_never_ships_non_finite_weights(tmp_path):
     good = (tmp_path / 'weights' / 'best.pth').read_bytes()
     with torch.no_grad():
         adapter.model.roi_heads.box_predictor.cls_score.weight.fill_(math.nan)
-    with pytest.raises(model_factory.CheckpointError, match='NaN or Infinity'):
+    with pytest.raises(checkpoints.CheckpointError, match='NaN or Infinity'):
         adapter.save(str(tmp_path))
     assert (tmp_path / 'weights' / 'best.pth').read_bytes() == good
 

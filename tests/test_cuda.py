@@ -95,3 +95,14 @@ def test_embed_on_cuda_in_half_precision_matches_cpu(tmp_path):
     assert on_gpu.shape == on_cpu.shape == (3, 256)
     assert torch.allclose(on_gpu.norm(dim=1), torch.ones(3), atol=1e-3)
     assert (on_gpu * on_cpu).sum(dim=1).min() > 0.99
+
+
+def test_device_inputs_take_images_already_on_the_gpu_as_they_are():
+    """A batch decoded on the GPU (or passed as CUDA tensors) skips the pinned host copy."""
+    from utils.inference import device_inputs
+    device = torch.device('cuda')
+    images = [torch.randint(0, 255, (3, 20, 30), dtype=torch.uint8, device=device),
+              torch.randint(0, 255, (3, 16, 12), dtype=torch.uint8)]
+    inputs = device_inputs(images, device)
+    assert all(x.is_cuda and x.dtype == torch.float32 for x in inputs)
+    assert all(torch.equal(x.cpu(), image.cpu().float() / 255) for x, image in zip(inputs, images))

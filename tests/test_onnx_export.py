@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms.functional import pil_to_tensor
 
-from utils import model_factory
+from utils import checkpoints, model_factory
 from utils.onnx_export import ExportError, export_onnx, sidecar_path
 from utils.synthetic import render_item
 
@@ -30,8 +30,8 @@ def write_model_folder(folder):
             torch.nn.init.kaiming_normal_(module.weight, mode='fan_in', nonlinearity='linear')
             if module.bias is not None:
                 torch.nn.init.normal_(module.bias, std=0.1)
-    checkpoint = model_factory.make_checkpoint(model, CONFIGURATION['model_variant'], LABELS, 160, 160)
-    model_factory.save_checkpoint(checkpoint, str(folder / 'weights' / 'best.pth'))
+    checkpoint = checkpoints.make_checkpoint(model, CONFIGURATION['model_variant'], LABELS, 160, 160)
+    checkpoints.save_checkpoint(checkpoint, str(folder / 'weights' / 'best.pth'))
     configuration = dict(CONFIGURATION, id_to_label_map={str(k): v for k, v in LABELS.items()},
                          label_to_id_map={v: k for k, v in LABELS.items()})
     (folder / 'model.json').write_text(json.dumps({'name': 'shapes', 'configuration': configuration}))

@@ -32,7 +32,7 @@ from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
 from utils import engine
 from utils.dataloop_reader import load_index
 from utils.local_model import manifest_model_block
-from utils.model_factory import load_checkpoint
+from utils.checkpoints import load_checkpoint
 from utils.synthetic import render_item
 
 LABELS = ['circle', 'square', 'triangle']

@@ -15,10 +15,10 @@ import torch
 
 from local_runner.model_folder import check_train_output
 from tests.test_training import CHECKPOINT_INFO, CPU, LABEL_TO_ID, make_records, settings, small_model
-from utils import atomic, checkpoint_writer, model_factory, trainer
+from utils import atomic, checkpoint_writer, checkpoints, trainer
 from utils.atomic import atomic_write, remove_stale_temporaries
+from utils.checkpoints import load_checkpoint, marks_finished_run, save_checkpoint
 from utils.errors import DiskFullError, InputError
-from utils.model_factory import load_checkpoint, marks_finished_run, save_checkpoint
 
 OLD = time.time() - 3600  # an mtime from before this test process started
 
@@ -52,7 +52,7 @@ def fail_writes_of(monkeypatch, should_fail, code=errno.ENOSPC):
         with real(path, mode, fsync, **kwargs) as f:
             yield FullFile(f, code=code) if should_fail(path) else f
 
-    monkeypatch.setattr(model_factory, 'atomic_write', writing)
+    monkeypatch.setattr(checkpoints, 'atomic_write', writing)
 
 
 def stub_training(monkeypatch, calls):
@@ -244,7 +244,7 @@ def test_on_epoch_end_sees_that_epochs_checkpoints_complete(tmp_path, monkeypatc
     """The contract with an uploader in on_epoch_end: when it is called for an epoch, last.pth (and
     best.pth when it improved) on disk are that epoch's, whole; calls come in order and never overlap."""
     stub_training(monkeypatch, [])
-    real_save = model_factory.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def slow_save(payload, path):
         time.sleep(0.2)  # the next epoch trains meanwhile: on_epoch_end must still wait for this write
@@ -295,7 +295,7 @@ def test_the_checkpoint_is_a_snapshot_of_its_epoch(tmp_path, monkeypatch, record
         return real_add(run, record)
 
     monkeypatch.setattr(trainer._Run, 'add', add)
-    real_save = model_factory.save_checkpoint
+    real_save = checkpoints.save_checkpoint
     monkeypatch.setattr('utils.checkpoint_writer.save_checkpoint',
                         lambda payload, path: (time.sleep(0.3), real_save(payload, path))[1])
     seen = {}
@@ -362,7 +362,7 @@ def clocked_training(monkeypatch, epoch_s, scores=None):
 def test_checkpoints_come_every_interval_and_after_the_final_epoch(tmp_path, monkeypatch, records):
     clocked_training(monkeypatch, epoch_s=25.0)
     output, written = tmp_path / 'out', []
-    real_save = model_factory.save_checkpoint
+    real_save = checkpoints.save_checkpoint
     monkeypatch.setattr('utils.checkpoint_writer.save_checkpoint',
                         lambda payload, path: written.append((os.path.basename(path), payload['epoch'])) or
                         real_save(payload, path))

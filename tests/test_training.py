@@ -8,6 +8,7 @@ fraction of a second to a few seconds on a 2-core CPU.
 import collections
 import csv
 import functools
+import gc
 import logging
 import math
 import os
@@ -19,12 +20,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from utils import engine, trainer
+from utils.checkpoints import load_checkpoint
 from utils.coco_eval import CocoEvaluator
 from utils.coco_utils import convert_to_coco_api
 from utils.config import DEFAULTS
 from utils.curves import COLUMNS, read_csv, write_csv, write_png
 from utils.detection_dataset import DetectionDataset
-from utils.model_factory import build_model, load_checkpoint
+from utils.model_factory import build_model
 from utils.output_layout import CURVES_CSV, CURVES_PNG
 from utils.transforms import (Compose, RandomHorizontalFlip, RandomPhotometricDistort, RandomVerticalFlip,
                               get_transform)
@@ -486,7 +488,7 @@ def trained(tmp_path_factory):
     published, progress = [], []
 
     def publish(epoch, metrics):
-        published.append((epoch, dict(metrics)))
+        published.append((epoch, dict(metrics), gc.get_freeze_count()))
         raise ConnectionError('platform unreachable')
 
     output = str(root / 'out')
@@ -511,11 +513,17 @@ def test_training_lowers_the_loss_and_beats_the_untrained_model(trained):
 def test_publish_metrics_gets_every_epoch_and_its_errors_do_not_stop_training(trained):
     keys = {'loss', 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg', 'lr',
             'mAP', 'mAP_50', 'mAP_75', 'AR_100'}
-    assert [epoch for epoch, _ in trained.published] == list(range(FIT_EPOCHS))  # it raised every time
-    for epoch, metrics in trained.published:
+    assert [epoch for epoch, _, _ in trained.published] == list(range(FIT_EPOCHS))  # it raised every time
+    for epoch, metrics, _ in trained.published:
         assert set(metrics) == keys
         assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
         assert metrics['mAP'] == trained.result.history[epoch]['mAP']
+
+
+def test_training_keeps_the_garbage_collector_off_the_heap_and_gives_it_back(trained):
+    """utils.frozen_heap around the epochs: frozen while they run, nothing frozen after fit."""
+    assert all(frozen > 1000 for _, _, frozen in trained.published)
+    assert gc.get_freeze_count() == 0
 
 
 def test_fit_writes_curves_and_checkpoints(trained):

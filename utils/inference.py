@@ -200,9 +200,9 @@ def device_inputs(images: List[torch.Tensor], device: torch.device) -> List[torc
     """uint8 images to float [0, 1] on `device`: the network's own transform does the rest.
 
     On CUDA the batch travels in one copy from pinned memory, converted in one pass: a copy per
-    image from pageable memory would wait for the GPU each time.
+    image from pageable memory would wait for the GPU each time. Images already on the GPU stay there.
     """
-    if device.type != 'cuda' or any(image.dtype != torch.uint8 for image in images):
+    if device.type != 'cuda' or any(image.dtype != torch.uint8 or image.is_cuda for image in images):
         return [image.to(device).float().div_(255) for image in images]
     sizes = [image.numel() for image in images]
     staged = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from utils import config as config_lib
-from utils import model_factory
+from utils import checkpoints, model_factory
 from utils.atomic import atomic_write, write_json
 from utils.errors import InputError
 from utils.label_map import configuration_entries, parse_id_to_label
@@ -72,7 +72,7 @@ def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[
     """
     settings, weights = _read_settings(model_dir)
     try:
-        checkpoint = model_factory.load_checkpoint(weights)
+        checkpoint = checkpoints.load_checkpoint(weights)
     except ValueError as err:
         raise ExportError(str(err)) from None
     id_to_label = parse_id_to_label(checkpoint.get('id_to_label_map'))
@@ -82,7 +82,7 @@ def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[
     settings.update(model_variant=variant, min_size=int(checkpoint.get('min_size', settings['min_size'])),
                     max_size=int(checkpoint.get('max_size', settings['max_size'])))
     num_classes = model_factory.num_classes_for(id_to_label)
-    model_factory.check_compatible(checkpoint, weights, variant, num_classes)
+    checkpoints.check_compatible(checkpoint, weights, variant, num_classes)
     model = model_factory.build_model(variant, num_classes, settings['min_size'], settings['max_size'],
                                       box_score_thresh=float(settings['conf_threshold']),
                                       box_nms_thresh=float(settings['nms_iou_threshold']),
@@ -91,7 +91,7 @@ def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[
                                                                         'rpn_post_nms_top_n_test')
                                          if settings[key] is not None})
     try:
-        model_factory.load_state(model, checkpoint, weights)
+        checkpoints.load_state(model, checkpoint, weights)
     except ValueError as err:
         raise ExportError(str(err)) from None
     return model.eval(), settings, id_to_label

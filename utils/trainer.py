@@ -38,6 +38,8 @@ import torch
 from utils import engine
 from utils.atomic import remove_stale_temporaries
 from utils.checkpoint_writer import CheckpointWriter
+from utils.checkpoints import (check_compatible, device_copy, load_checkpoint, make_checkpoint, marks_finished_run,
+                               save_checkpoint)
 from utils.config import DEFAULTS, for_training
 from utils.curves import write_csv, write_png
 from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
@@ -49,8 +51,7 @@ from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
 from utils.output_layout import BEST_NAME, CURVES_CSV, CURVES_PNG, LAST_NAME, WEIGHTS_DIR  # noqa: F401
-from utils.model_factory import (check_compatible, cudnn_autotune, device_copy, load_checkpoint, make_checkpoint,
-                                 marks_finished_run, num_classes_for, save_checkpoint)
+from utils.model_factory import cudnn_autotune, num_classes_for
 from utils.transforms import get_transform
 
 logger = logging.getLogger(__name__)
