@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.dataloop_reader import (DataloopExport, load_index, mask_blob_boxes, read_dataloop_export,
-                                   require_training_subsets, save_index)
+from utils.annotation_boxes import mask_blob_boxes
+from utils.dataloop_reader import DataloopExport, load_index, read_dataloop_export, require_training_subsets, save_index
 
 LABELS = ['car', 'person']
 W, H = 100, 80

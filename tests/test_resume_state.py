@@ -15,7 +15,7 @@ import torch
 
 from local_runner.model_folder import check_train_output
 from tests.test_training import CHECKPOINT_INFO, CPU, LABEL_TO_ID, make_records, settings, small_model
-from utils import atomic, checkpoint_writer, checkpoints, trainer
+from utils import atomic, checkpoint_writer, checkpoints, curves, trainer
 from utils.atomic import atomic_write, remove_stale_temporaries
 from utils.checkpoints import load_checkpoint, marks_finished_run, save_checkpoint
 from utils.errors import DiskFullError, InputError
@@ -312,15 +312,14 @@ def test_the_checkpoint_is_a_snapshot_of_its_epoch(tmp_path, monkeypatch, record
 def test_curves_png_is_drawn_at_most_every_interval_and_at_the_end(tmp_path, monkeypatch, records):
     stub_training(monkeypatch, [])
     drawn = []
-    real_png = trainer.write_png
-    monkeypatch.setattr(trainer, 'write_png', lambda history, path: drawn.append(len(history)) or
+    real_png = curves.write_png
+    monkeypatch.setattr(curves, 'write_png', lambda history, path: drawn.append(len(history)) or
                         real_png(history, path))
-    monkeypatch.setattr(trainer, 'CURVES_PNG_INTERVAL_S', 3600.0)
+    monkeypatch.setattr(curves, 'PNG_INTERVAL_S', 3600.0)
     fit(records, tmp_path / 'out', epochs=4)
     assert drawn == [1, 4]  # the first epoch (nothing drawn yet), then the final one
-    from utils.curves import read_csv
-    assert [row['epoch'] for row in read_csv(str(tmp_path / 'out' / 'curves.csv'))] == [0, 1, 2, 3]
-    monkeypatch.setattr(trainer, 'CURVES_PNG_INTERVAL_S', 0.0)
+    assert [row['epoch'] for row in curves.read_csv(str(tmp_path / 'out' / 'curves.csv'))] == [0, 1, 2, 3]
+    monkeypatch.setattr(curves, 'PNG_INTERVAL_S', 0.0)
     drawn.clear()
     fit(records, tmp_path / 'again', epochs=3)
     assert drawn == [1, 2, 3]

@@ -1,12 +1,15 @@
 """Training curves: ``curves.csv`` (one row per epoch) and ``curves.png`` (losses and mAP panels).
 
 The trainer writes the csv after every epoch and draws the png at most every
-``CURVES_PNG_INTERVAL_S`` and at the end, from its history, so an interrupted
+``PNG_INTERVAL_S`` and at the end (`CurvesWriter`), from its history, so an interrupted
 run still leaves its curves behind. Both files are replaced atomically. The
 ``epoch`` column is the 0-based epoch index used everywhere in the trainer.
 """
 import csv
+import logging
 import math
+import os
+import time
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 # The Agg canvas directly (no pyplot): no global backend switch, no GUI, safe in any thread.
@@ -15,8 +18,14 @@ from matplotlib.figure import Figure
 
 from utils.atomic import atomic_write
 from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
+from utils.output_layout import CURVES_CSV, CURVES_PNG
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = ('epoch',) + LOSS_KEYS + ('lr',) + EVAL_KEYS
+# Drawing curves.png takes longer than a short epoch: redraw it at most this often (and at the end);
+# curves.csv has every epoch as soon as it ends.
+PNG_INTERVAL_S = 30.0
 
 
 def write_csv(history: Sequence[Mapping[str, Any]], path: str) -> str:
@@ -86,3 +95,31 @@ def read_csv(path: str) -> List[Dict[str, float]]:
                 parsed[key] = int(value) if key == 'epoch' else float(value)
             rows.append(parsed)
     return rows
+
+
+class CurvesWriter:
+    """curves.csv after every epoch; curves.png at most every PNG_INTERVAL_S, when asked, and at the
+    end. Failures are warnings: the curves are a view of the history, which last.pth keeps."""
+
+    def __init__(self, output_path: str):
+        self.csv_path = os.path.join(output_path, CURVES_CSV)
+        self.png_path = os.path.join(output_path, CURVES_PNG)
+        self.drawn_epochs = -1  # how many epochs curves.png shows
+        self.drawn_at = -math.inf
+
+    def write(self, history: Sequence[Mapping[str, Any]], draw: bool) -> None:
+        self._try(write_csv, history, self.csv_path)
+        if draw or time.monotonic() - self.drawn_at >= PNG_INTERVAL_S:
+            self.draw(history)
+
+    def draw(self, history: Sequence[Mapping[str, Any]]) -> None:
+        if history and len(history) != self.drawn_epochs:
+            self._try(write_png, history, self.png_path)
+            self.drawn_epochs, self.drawn_at = len(history), time.monotonic()
+
+    @staticmethod
+    def _try(write, history, path) -> None:
+        try:
+            write(history, path)
+        except Exception as err:
+            logger.warning('could not write %s: %s: %s', path, type(err).__name__, err)

@@ -16,40 +16,25 @@ size comes from the image header (`image_size`), never from item metadata, which
 can be stale or missing. Coordinates are read from the JSON directly (the SDK's
 `AnnotationCollection.from_json` silently drops what it cannot parse).
 
-Annotation types -> boxes:
-  * ``box``: its two corners, in either order (normalized); an optional third
-    coordinate is a rotation angle in degrees about the box centre -> tight box.
-  * ``segment`` (polygon, one or more rings): one tight box over every vertex.
-  * ``binary`` (``data:image/png;base64,...`` mask): pixels whose alpha is >= 128
-    (more than half opaque; soft model-made masks are thresholded there; a mask
-    without alpha uses its grey level) -> one box per 8-connected blob, since one
-    mask can hold several objects. A pixel (c, r) covers [c, c+1) x [r, r+1).
-    The mask's size is read from its header first: one over the pixel limit is
-    counted as ``mask too large``, one of another size than the image as ``mask
-    size differs from image`` (there is no telling which frame it was drawn in).
-  * ``ellipse`` (centre, rx, ry, angle in degrees): exact tight box of the rotated ellipse.
-  * anything else (point, polyline, class, text, ...) is skipped and counted as ``type <t>``.
-Boxes are clipped to the image; those under 1 px wide or high after clipping are dropped.
+Annotation types become boxes as `utils.annotation_boxes` says (box, polygon, ellipse, mask
+blobs; other types are counted as ``type <t>``), clipped to the image; those under 1 px
+wide or high after clipping are dropped.
 
 Bad items (unparseable JSON, missing/undecodable image, an image refused by the
 `ImageLimits` (too large, too thin for the network), a path leaving data_path,
 video items) are skipped with a WARNING naming them; every drop is counted in the
 subset's `SubsetReport`, logged as one INFO summary per subset.
 """
-import base64
-import binascii
 import collections
 import dataclasses
-import io
 import json
 import logging
-import math
 import os
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
-import numpy as np
 from PIL import Image
 
+from utils.annotation_boxes import Frame, Skip, annotation_boxes, clip_box
 from utils.atomic import atomic_write
 from utils.errors import InputError
 from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, image_extensions, image_size
@@ -57,16 +42,7 @@ from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, image_ex
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = 'fasterrcnn-dataloop-index/1'
-MASK_THRESHOLD = 128  # alpha >= 128 is inside: more than half opaque
 PROGRESS_EVERY = 2000
-
-
-class _Skip(Exception):
-    """An item or annotation cannot be used; `reason` is the counter key."""
-
-    def __init__(self, reason: str, detail: str = ''):
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
 
 
 @dataclasses.dataclass
@@ -117,188 +93,8 @@ def _get(d, *keys):
     return d
 
 
-def _num(v) -> float:
-    """A finite float from an int, float or numeric string; anything else is bad coordinates."""
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise _Skip('bad coordinates', f'not a number: {v!r}')
-    try:
-        f = float(v)
-    except ValueError:
-        raise _Skip('bad coordinates', f'not a number: {v!r}') from None
-    if not math.isfinite(f):
-        raise _Skip('bad coordinates', f'not finite: {v!r}')
-    return f
-
-
-def _xy(point) -> Tuple[float, float]:
-    if not isinstance(point, dict) or 'x' not in point or 'y' not in point:
-        raise _Skip('bad coordinates', f'not a point: {point!r:.80}')
-    return _num(point['x']), _num(point['y'])
-
-
 def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
-
-
-# ----------------------------------------------------------------------------- geometry
-
-def _box_from_box(coords) -> List[Tuple[float, float, float, float]]:
-    if not isinstance(coords, list) or len(coords) < 2:
-        raise _Skip('bad coordinates', 'box needs two corner points')
-    (xa, ya), (xb, yb) = _xy(coords[0]), _xy(coords[1])
-    x1, x2, y1, y2 = min(xa, xb), max(xa, xb), min(ya, yb), max(ya, yb)
-    angle = coords[2] if len(coords) > 2 and type(coords[2]) in (int, float) else 0.0  # as the SDK reads it
-    if angle % 180.0:  # rotated box: tight box of the rectangle rotated about its centre
-        cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
-        c, s = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
-        ex, ey = hw * c + hh * s, hw * s + hh * c
-        return [(cx - ex, cy - ey, cx + ex, cy + ey)]
-    return [(x1, y1, x2, y2)]
-
-
-def _box_from_segment(coords) -> List[Tuple[float, float, float, float]]:
-    if not isinstance(coords, list) or not coords:
-        raise _Skip('bad coordinates', 'polygon without rings')
-    rings = [coords] if isinstance(coords[0], dict) else coords  # tolerate a single flat ring
-    points = [_xy(p) for ring in rings if isinstance(ring, list) for p in ring]
-    if len(points) < 2:
-        raise _Skip('bad coordinates', 'polygon with fewer than 2 points')
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    return [(min(xs), min(ys), max(xs), max(ys))]
-
-
-def _box_from_ellipse(coords) -> List[Tuple[float, float, float, float]]:
-    if not isinstance(coords, dict):
-        raise _Skip('bad coordinates', 'ellipse is not an object')
-    cx, cy = _xy(coords.get('center'))
-    rx, ry = abs(_num(coords.get('rx'))), abs(_num(coords.get('ry')))
-    theta = math.radians(_num(coords.get('angle', 0)))
-    ex = math.sqrt((rx * math.cos(theta)) ** 2 + (ry * math.sin(theta)) ** 2)
-    ey = math.sqrt((rx * math.sin(theta)) ** 2 + (ry * math.cos(theta)) ** 2)
-    return [(cx - ex, cy - ey, cx + ex, cy + ey)]
-
-
-def _decode_mask(coords, frame: '_Frame') -> np.ndarray:
-    """The mask's 'inside' pixels as a bool array: alpha (or grey level) >= MASK_THRESHOLD.
-
-    Its size comes from the header and is checked before decoding: a few bytes of
-    PNG can claim gigapixels, and a mask of another size than the image has no frame.
-    """
-    data = coords.get('data') if isinstance(coords, dict) else coords
-    if not isinstance(data, str):
-        raise _Skip('bad coordinates', 'binary mask is not a string')
-    if data.startswith('data:'):
-        data = data.partition(',')[2]
-    try:
-        with Image.open(io.BytesIO(base64.b64decode(data))) as mask:
-            width, height = mask.size
-            if width * height > frame.max_pixels:
-                raise _Skip('mask too large', f'mask is {width}x{height}, over the limit of {frame.max_pixels:,} '
-                                              f'pixels (max_image_pixels)')
-            if (width, height) != (frame.width, frame.height):
-                raise _Skip('mask size differs from image',
-                            f'mask is {width}x{height}, the image {frame.width}x{frame.height}')
-            mask.load()
-            if mask.mode in ('RGBA', 'LA', 'PA') or 'transparency' in mask.info:
-                channel = mask.convert('RGBA').getchannel('A')
-            else:
-                channel = mask.convert('L')
-    except Image.DecompressionBombError as err:  # past PIL's own limit, refused while reading the header
-        raise _Skip('mask too large', str(err)) from None
-    except (binascii.Error, OSError, ValueError, SyntaxError) as err:
-        raise _Skip('bad coordinates', f'binary mask does not decode: {err}') from None
-    return np.asarray(channel) >= MASK_THRESHOLD
-
-
-def mask_blob_boxes(mask: np.ndarray) -> List[Tuple[float, float, float, float]]:
-    """Tight box (pixel edges) of each 8-connected blob of a bool mask, via runs + union-find.
-
-    Pure numpy/Python (no scipy/cv2 in the runtime); cost grows with the number of
-    horizontal runs, not pixels.
-    """
-    rows_any, cols_any = mask.any(axis=1), mask.any(axis=0)
-    if not rows_any.any():
-        return []
-    r0, c0 = int(rows_any.argmax()), int(cols_any.argmax())
-    r1, c1 = len(rows_any) - int(rows_any[::-1].argmax()), len(cols_any) - int(cols_any[::-1].argmax())
-    crop = mask[r0:r1, c0:c1].astype(np.int8)
-    edges = np.diff(np.pad(crop, ((0, 0), (1, 1))), axis=1)
-    start_r, start_c = np.nonzero(edges == 1)  # row-major order: starts and ends pair up
-    _, end_c = np.nonzero(edges == -1)        # end is exclusive
-    n = len(start_r)
-    parent = list(range(n))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    row_first = np.searchsorted(start_r, np.arange(crop.shape[0] + 1))
-    sc, ec = start_c.tolist(), end_c.tolist()
-    for r in range(1, crop.shape[0]):
-        i, i_end = int(row_first[r - 1]), int(row_first[r])   # runs of the row above
-        j, j_end = i_end, int(row_first[r + 1])               # runs of this row
-        while i < i_end and j < j_end:
-            if sc[i] <= ec[j] and sc[j] <= ec[i]:  # overlap or diagonal touch: 8-connected
-                a, b = find(i), find(j)
-                if a != b:
-                    parent[b] = a
-            if ec[i] < ec[j]:
-                i += 1
-            else:
-                j += 1
-    blobs = {}
-    for k, r in enumerate(start_r.tolist()):
-        root = find(k)
-        b = blobs.get(root)
-        if b is None:
-            blobs[root] = [sc[k], r, ec[k], r + 1]
-        else:
-            b[0], b[2], b[3] = min(b[0], sc[k]), max(b[2], ec[k]), r + 1
-    return [(float(x1 + c0), float(y1 + r0), float(x2 + c0), float(y2 + r0))
-            for x1, y1, x2, y2 in sorted(blobs.values(), key=lambda b: (b[1], b[0]))]
-
-
-class _Frame(NamedTuple):
-    """The image an annotation is drawn on, for the one type that brings its own pixels (masks)."""
-    width: int
-    height: int
-    max_pixels: int
-
-
-def _box_from_binary(coords, frame: _Frame) -> List[Tuple[float, float, float, float]]:
-    boxes = mask_blob_boxes(_decode_mask(coords, frame))
-    if not boxes:
-        raise _Skip('empty mask')
-    return boxes
-
-
-_CONVERTERS = {'box': _box_from_box, 'segment': _box_from_segment, 'ellipse': _box_from_ellipse}
-
-
-def annotation_boxes(annotation: dict, frame: _Frame) -> List[Tuple[float, float, float, float]]:
-    """Unclipped xyxy boxes of one annotation; raises _Skip for types that are not boxes."""
-    kind = annotation.get('type')
-    coords = annotation['coordinates'] if 'coordinates' in annotation else annotation.get('data')
-    if kind == 'binary':
-        return _box_from_binary(coords, frame)
-    if kind not in _CONVERTERS:
-        raise _Skip(f'type {kind}' if kind else 'type missing')
-    return _CONVERTERS[kind](coords)
-
-
-def clip_box(box, width: int, height: int):
-    """Clip to the image; None with the reason when less than 1 px is left either way."""
-    x1, y1, x2, y2 = box
-    width, height = float(width), float(height)
-    cx1, cy1 = min(max(x1, 0.0), width), min(max(y1, 0.0), height)
-    cx2, cy2 = min(max(x2, 0.0), width), min(max(y2, 0.0), height)
-    if cx2 - cx1 >= 1.0 and cy2 - cy1 >= 1.0:
-        return [cx1, cy1, cx2, cy2], None
-    if (cx2 <= cx1 or cy2 <= cy1) and x2 - x1 >= 1.0 and y2 - y1 >= 1.0:
-        return None, 'outside the image'
-    return None, 'smaller than 1px'
 
 
 # ----------------------------------------------------------------------------- items
@@ -307,7 +103,7 @@ def _refuse_video(metadata, annotations: list) -> None:
     mimetype = _get(metadata, 'system', 'mimetype')
     if (isinstance(mimetype, str) and mimetype.startswith('video/')) or any(
             _get(a, 'metadata', 'system', 'snapshots_') for a in annotations):
-        raise _Skip('video item', 'video items are not images')
+        raise Skip('video item', 'video items are not images')
 
 
 # Drops worth a line each (the data can be fixed); the others (types, duplicates, empty masks) are only counted.
@@ -315,19 +111,19 @@ _WARNED_ANNOTATION_DROPS = ('bad coordinates', 'bad annotation', 'no label', 'ma
                             'mask size differs from image')
 
 
-def _labelled_boxes(annotation, frame: _Frame, seen: set) -> Tuple[str, List[Tuple[float, float, float, float]]]:
+def _labelled_boxes(annotation, frame: Frame, seen: set) -> Tuple[str, List[Tuple[float, float, float, float]]]:
     """(label, unclipped boxes) of one annotation; `seen` keys catch exact duplicates within the item."""
     if not isinstance(annotation, dict):
-        raise _Skip('bad annotation', f'not an object: {annotation!r:.80}')
+        raise Skip('bad annotation', f'not an object: {annotation!r:.80}')
     label = annotation.get('label')
     key = (label, annotation.get('type'),
            json.dumps(annotation.get('coordinates', annotation.get('data')), sort_keys=True))
     if key in seen:
-        raise _Skip('duplicate annotation')
+        raise Skip('duplicate annotation')
     seen.add(key)
     raw = annotation_boxes(annotation, frame)
     if not isinstance(label, str) or not label:
-        raise _Skip('no label', 'annotation without a label')
+        raise Skip('no label', 'annotation without a label')
     return label, raw
 
 
@@ -348,7 +144,7 @@ class _SubsetReader:
     def _checked(self, path: str) -> str:
         real = os.path.realpath(path)
         if not _inside(real, self.root):
-            raise _Skip('path outside data_path', f'{path} resolves to {real}')
+            raise Skip('path outside data_path', f'{path} resolves to {real}')
         return real
 
     def _by_stem(self, rel_json: str) -> Optional[str]:
@@ -374,12 +170,12 @@ class _SubsetReader:
             # A remote path names a file inside items/: any '..' that leaves it is an attack or a bug.
             path = os.path.normpath(os.path.join(self.items_dir, filename.lstrip('/')))
             if not _inside(path, self.items_dir):
-                raise _Skip('path outside data_path', f'filename {filename!r} leaves {self.items_dir}')
+                raise Skip('path outside data_path', f'filename {filename!r} leaves {self.items_dir}')
             if os.path.lexists(path):
                 return self._checked(path)
         path = self._by_stem(rel_json)
         if path is None:
-            raise _Skip('missing image', f'no file under {self.items_dir} for {filename or rel_json!r}')
+            raise Skip('missing image', f'no file under {self.items_dir} for {filename or rel_json!r}')
         return self._checked(path)
 
     def read_item(self, json_path: str) -> Optional[dict]:
@@ -397,11 +193,11 @@ class _SubsetReader:
             if not named:
                 name = '/' + os.path.relpath(image_path, os.path.realpath(self.items_dir)).replace(os.sep, '/')
             width, height = self._image_size(image_path)
-        except _Skip as skip:
+        except Skip as skip:
             self._skip_item(name, skip)
             return None
         self._note_stale_size(name, metadata, width, height)
-        boxes, labels = self._item_boxes(name, annotations, _Frame(width, height, self.limits.max_pixels))
+        boxes, labels = self._item_boxes(name, annotations, Frame(width, height, self.limits.max_pixels))
         if not boxes:
             if not self.include_background:
                 self.report.dropped['no usable boxes'] += 1
@@ -423,15 +219,15 @@ class _SubsetReader:
             with open(json_path, 'rb') as f:
                 item = json.load(f)
         except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise _Skip('unparseable json', str(err)) from None
+            raise Skip('unparseable json', str(err)) from None
         if isinstance(item, list):  # a bare list of annotations
             annotations, item = item, {}
         elif isinstance(item, dict):
             annotations = item.get('annotations') or []
         else:
-            raise _Skip('unparseable json', f'top level is a {type(item).__name__}')
+            raise Skip('unparseable json', f'top level is a {type(item).__name__}')
         if not isinstance(annotations, list):
-            raise _Skip('unparseable json', '`annotations` is not a list')
+            raise Skip('unparseable json', '`annotations` is not a list')
         return item, annotations
 
     def _image_size(self, image_path: str) -> Tuple[int, int]:
@@ -439,11 +235,11 @@ class _SubsetReader:
         try:
             return image_size(image_path, self.limits)
         except ImageSizeError as err:
-            raise _Skip(err.reason, str(err)) from None
+            raise Skip(err.reason, str(err)) from None
         except (ImageDecodeError, Image.DecompressionBombError) as err:
-            raise _Skip('undecodable image', str(err)) from None
+            raise Skip('undecodable image', str(err)) from None
 
-    def _skip_item(self, name: str, skip: _Skip) -> None:
+    def _skip_item(self, name: str, skip: Skip) -> None:
         self.report.dropped[skip.reason] += 1
         self.report.skipped_items.append((name, skip.reason))
         logger.warning('%s: skipping item %s (%s): %s', self.subset, name, skip.reason, skip.detail)
@@ -454,13 +250,13 @@ class _SubsetReader:
             logger.debug('%s: %s metadata says %sx%s, the image is %dx%d: using the image', self.subset, name,
                          meta_size[0], meta_size[1], width, height)
 
-    def _item_boxes(self, name: str, annotations: list, frame: _Frame) -> Tuple[List[List[float]], List[str]]:
+    def _item_boxes(self, name: str, annotations: list, frame: Frame) -> Tuple[List[List[float]], List[str]]:
         """Clipped boxes and their labels; every annotation or box left out is counted by reason."""
         boxes, labels, seen = [], [], set()
         for annotation in annotations:
             try:
                 label, raw = _labelled_boxes(annotation, frame, seen)
-            except _Skip as skip:
+            except Skip as skip:
                 self.report.dropped[skip.reason] += 1
                 if skip.detail and skip.reason in _WARNED_ANNOTATION_DROPS:
                     logger.warning('%s: item %s: dropping annotation %s (%s): %s', self.subset, name,

@@ -53,7 +53,7 @@ def predict_items(adapter, items: Sequence[Any], batch_size: int, **kwargs) -> T
             finishing.result()
     if errors:
         raise Exception(f'Failed to predict all items. Failed IDs: {failed_ids}.\nErrors:\n' + '\n'.join(errors))
-    return list(items), annotations
+    return items, annotations
 
 
 def _finish(adapter, pool: ThreadPoolExecutor, batch_items: list, batch: list, detections, annotations: list,

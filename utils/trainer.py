@@ -11,7 +11,7 @@
                        write: the best epoch's exact weights (kept in memory meanwhile) +
                        epoch, metrics
     curves.csv         the history so far, every epoch
-    curves.png         the same drawn, at most every CURVES_PNG_INTERVAL_S and at the end
+    curves.png         the same drawn, at most every `curves.PNG_INTERVAL_S` and at the end
 
 Epoch numbers in the history, the checkpoints, `FitResult.best_epoch`,
 ``publish_metrics`` and ``on_epoch_end`` are 0-based indices; log lines count
@@ -41,7 +41,7 @@ from utils.checkpoint_writer import CheckpointWriter
 from utils.checkpoints import (check_compatible, device_copy, load_checkpoint, make_checkpoint, marks_finished_run,
                                save_checkpoint)
 from utils.config import DEFAULTS, for_training
-from utils.curves import write_csv, write_png
+from utils.curves import CurvesWriter
 from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.detection_dataset import DetectionDataset
 from utils.errors import InputError
@@ -50,15 +50,12 @@ from utils.group_by_aspect_ratio import GroupedBatchSampler, build_grouped_batch
 from utils.images import network_limits
 from utils.label_map import parse_id_to_label
 from utils.metric_names import EVAL_KEYS, LOSS_KEYS
-from utils.output_layout import BEST_NAME, CURVES_CSV, CURVES_PNG, LAST_NAME, WEIGHTS_DIR  # noqa: F401
+from utils.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR  # noqa: F401
 from utils.model_factory import cudnn_autotune, num_classes_for
 from utils.transforms import get_transform
 
 logger = logging.getLogger(__name__)
 
-# Drawing curves.png takes longer than a short epoch: redraw it at most this often (and at the end);
-# curves.csv has every epoch as soon as it ends.
-CURVES_PNG_INTERVAL_S = 30.0
 # A validation set whose decoded images fit in this many bytes (float32) is decoded once and kept in
 # memory: a small set's evaluation otherwise spends as long waking loader workers as evaluating.
 VALIDATION_CACHE_BYTES = 256 * 2 ** 20
@@ -202,7 +199,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
                 settings['batch_size'], len(train_loader))
     writer = CheckpointWriter(None if on_epoch_end is None else lambda epoch: on_epoch_end(epoch, run.epochs),
                               interval_s=float(settings['checkpoint_interval_s']))
-    curves = _Curves(output_path)
+    curves = CurvesWriter(output_path)
     try:
         with frozen_heap():  # the collector walks each step's objects, not the process's heap (utils.frozen_heap)
             _epochs(run, train_loader, val_loader, device, settings, writer, curves, publish_metrics, last_path,
@@ -220,7 +217,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     return run.result()
 
 
-def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: CheckpointWriter, curves: '_Curves',
+def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: CheckpointWriter, curves: CurvesWriter,
             publish_metrics, last_path: str, best_path: str) -> None:
     """The epochs left: train, evaluate, publish, the checkpoints handed to `writer`, then the curves."""
     best = None  # (epoch, metrics, weights on the model's device) of a best epoch not yet in best.pth
@@ -242,34 +239,6 @@ def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: Check
                         'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
                         epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
             break
-
-
-class _Curves:
-    """curves.csv after every epoch; curves.png at most every CURVES_PNG_INTERVAL_S, when asked, and at the
-    end. Failures are warnings: the curves are a view of the history, which last.pth keeps."""
-
-    def __init__(self, output_path: str):
-        self.csv_path = os.path.join(output_path, CURVES_CSV)
-        self.png_path = os.path.join(output_path, CURVES_PNG)
-        self.drawn_epochs = -1  # how many epochs curves.png shows
-        self.drawn_at = -math.inf
-
-    def write(self, history: Sequence[Mapping[str, Any]], draw: bool) -> None:
-        self._try(write_csv, history, self.csv_path)
-        if draw or time.monotonic() - self.drawn_at >= CURVES_PNG_INTERVAL_S:
-            self.draw(history)
-
-    def draw(self, history: Sequence[Mapping[str, Any]]) -> None:
-        if history and len(history) != self.drawn_epochs:
-            self._try(write_png, history, self.png_path)
-            self.drawn_epochs, self.drawn_at = len(history), time.monotonic()
-
-    @staticmethod
-    def _try(write, history, path) -> None:
-        try:
-            write(history, path)
-        except Exception as err:
-            logger.warning('could not write %s: %s: %s', path, type(err).__name__, err)
 
 
 def _checkpoint_paths(output_path: str) -> Tuple[str, str]:
