@@ -58,3 +58,22 @@ def test_garbage_frozen_during_a_call_is_collected_after_it():
         assert alive() is not None  # frozen: the collector does not look at it
     gc.collect()
     assert alive() is None
+
+
+def test_evaluation_runs_with_the_heap_frozen(tmp_path):
+    """engine.evaluate (fit runs it, and so does the local runner's report) carries the policy itself."""
+    import torch
+    from tests.test_training import CPU, LABEL_TO_ID, make_records, small_model
+    from utils import engine
+    from utils.data_loading import collate_fn
+    from utils.detection_dataset import DetectionDataset
+    from utils.transforms import get_transform
+    records = make_records(tmp_path, 2, seed=2)
+    loader = torch.utils.data.DataLoader(DetectionDataset(records, LABEL_TO_ID, get_transform(False, {})),
+                                         batch_size=2, collate_fn=collate_fn)
+    model = small_model()
+    frozen = []
+    model.register_forward_pre_hook(lambda module, args: frozen.append(gc.get_freeze_count()))
+    engine.evaluate(model, loader, CPU, progress=False)
+    assert frozen and min(frozen) > 1000
+    assert gc.get_freeze_count() == 0

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 from utils.coco_eval import CocoEvaluator, Evaluation
 from utils.coco_utils import get_coco_api_from_dataset
+from utils.frozen_heap import frozen_heap
 from utils.metric_names import LOSS_KEYS
 from utils.progress import Progress
 
@@ -279,6 +280,7 @@ def _coco_protocol(model: torch.nn.Module):
 
 
 @torch.inference_mode()
+@frozen_heap()  # COCO evaluation makes Python objects by the million: the collector walks those only
 def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: torch.device,
              progress: bool = True, backend: Optional[str] = None) -> Evaluation:
     """COCO bbox evaluation: an `Evaluation`, a mapping ``{'mAP', 'mAP_50', 'mAP_75', 'AR_100'}``
