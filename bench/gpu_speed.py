@@ -115,6 +115,18 @@ def collector_seconds():
     return _collector['seconds']
 
 
+def forward_bench(description, runs):
+    """The start the forward-pass benches share: --device / --tiny / --runs, their configuration, an adapter of
+    random weights and a decoded batch of 16. Returns (args, cfg, device, half, adapter, images)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--device', default='cuda')
+    parser.add_argument('--tiny', action='store_true', help='small network and images: a CPU dry run')
+    parser.add_argument('--runs', type=int, default=runs)
+    args = parser.parse_args()
+    cfg, device = dict(TINY if args.tiny else FULL), torch.device(args.device)
+    return args, cfg, device, device.type == 'cuda', make_adapter(cfg, device), decoded_batch(cfg)
+
+
 def median_seconds(fn, device, runs):
     return first_and_median_seconds(fn, device, runs)[1]
 

@@ -9,7 +9,6 @@ each, and the device-busy time (the sum of its kernels' durations, from the prof
 launch and host-sync counts. Busy time far under the forward's wall time means the host (Python,
 dispatch, syncs) is the ceiling; near it, the kernels are.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.gpu_profile import profile_call  # noqa: E402
-from bench.gpu_speed import FULL, TINY, bare_forward, bare_network, decoded_batch, make_adapter  # noqa: E402
+from bench.gpu_speed import bare_forward, bare_network, forward_bench  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 from utils.inference import set_postprocess  # noqa: E402
 
@@ -77,15 +76,7 @@ def report(name, network, images, device, half, runs):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--device', default='cuda')
-    parser.add_argument('--tiny', action='store_true')
-    parser.add_argument('--runs', type=int, default=5)
-    args = parser.parse_args()
-    cfg, device = dict(TINY if args.tiny else FULL), torch.device(args.device)
-    half = device.type == 'cuda'
-    adapter = make_adapter(cfg, device)
-    images = decoded_batch(cfg)
+    args, cfg, device, half, adapter, images = forward_bench(__doc__.splitlines()[0], runs=5)
     print(f'{torch.cuda.get_device_name(device) if half else "CPU"}, torch {torch.__version__}; batch 16 of '
           f'{cfg["width"]}x{cfg["height"]}, {cfg["variant"]} at {cfg["min_size"]} px, score threshold 0, '
           f'100 detections per image, {"fp16 autocast" if half else "fp32"}', flush=True)

@@ -7,7 +7,6 @@
 few sync rounds) pays from some batch size on. This prints the forward's time per batch size
 for the three, same run, to choose `MIN_IMAGES`.
 """
-import argparse
 import os
 import statistics
 import sys
@@ -18,25 +17,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.gpu_speed import FULL, TINY, decoded_batch, bare_forward, bare_network, make_adapter  # noqa: E402
+from bench.gpu_speed import bare_forward, bare_network, forward_bench  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 from utils import batched_postprocess  # noqa: E402
 from utils.inference import detection_rows, set_postprocess  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--device', default='cuda')
-    parser.add_argument('--tiny', action='store_true')
-    parser.add_argument('--runs', type=int, default=7)
-    args = parser.parse_args()
-    cfg, device = dict(TINY if args.tiny else FULL), torch.device(args.device)
-    half = device.type == 'cuda'
-    adapter = make_adapter(cfg, device)
+    args, cfg, device, half, adapter, images = forward_bench(__doc__.splitlines()[0], runs=7)
     network = adapter._inference_networks.get(adapter.model, device)
     set_postprocess(network, 0.0, adapter.settings['nms_iou_threshold'], 100)
     plain = bare_network(adapter, cfg, device)
-    images = decoded_batch(cfg)
 
     def ms(fn):
         fn()
