@@ -40,7 +40,8 @@ CHECKPOINT_NAMES = (BEST_NAME, LAST_NAME)  # the resume checkpoint last: it name
 RPN_TEST_KEYS = ('rpn_pre_nms_top_n_test', 'rpn_post_nms_top_n_test')
 
 
-# embed_items (and the SDK's own predict_items loop) draw a tqdm bar the SDK offers no switch for: bounded log lines instead
+# embed_items (and the SDK's own predict_items loop) draw a tqdm bar the SDK offers no switch for:
+# bounded log lines instead
 route_sdk_bars(_sdk_adapter)
 
 
