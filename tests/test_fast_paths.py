@@ -184,6 +184,22 @@ def test_bulk_boxes_equal_collection_add():
     assert [a.to_json() for a in built.annotations] == [a.to_json() for a in reference.annotations]
 
 
+def test_bulk_boxes_are_freed_as_soon_as_they_are_dropped():
+    """No reference cycle between an annotation and its box: dropped, they go at once, where a cycle would
+    wait for a full collection of the whole heap (utils.frozen_heap)."""
+    import gc
+    import weakref
+    collection = boxes_to_collection([[1.0, 2.0, 30.0, 40.0, 0.9, 1]] * 3, {1: 'cat'}, 'm', 'id-1')
+    refs = [weakref.ref(a) for a in collection.annotations] + [weakref.ref(a.annotation_definition)
+                                                                 for a in collection.annotations]
+    gc.disable()
+    try:
+        del collection
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
 def test_prefetcher_returns_in_order_and_passes_errors_through():
     started = []
 

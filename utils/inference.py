@@ -270,6 +270,9 @@ def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: st
     Same annotations as `collection.add(annotation_definition=dl.Box(...), model_info=...)` per box,
     built with `dl.Annotation.new` directly: `add`'s per-call checks (video frames, object ids,
     model_info validation) do not apply to image boxes whose confidences are already in [0, 1].
+    The box's reference back to its annotation, which `Annotation.new` writes and nothing in dtlpy
+    reads, is cleared: with it each annotation is a reference cycle, freed only by a full collection
+    of the process's heap once the caller drops it (`utils.frozen_heap`); without it, at once.
     """
     collection = dl.AnnotationCollection()
     new, box, append = dl.Annotation.new, dl.Box, collection.annotations.append
@@ -277,9 +280,11 @@ def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: st
         label_id = int(label_id)
         confidence = round(min(max(score, 0.0), 1.0), 4)
         metadata = {'user': {'model': {'confidence': confidence, 'name': model_name, 'model_id': model_id}}}
-        append(new(annotation_definition=box(left=left, top=top, right=right, bottom=bottom,
-                                             label=labels.get(label_id, str(label_id))),
-                   automated=True, metadata=metadata))
+        annotation = new(annotation_definition=box(left=left, top=top, right=right, bottom=bottom,
+                                                    label=labels.get(label_id, str(label_id))),
+                         automated=True, metadata=metadata)
+        annotation.annotation_definition._annotation = None
+        append(annotation)
     return collection
 
 
