@@ -395,6 +395,27 @@ def test_best_pth_holds_the_best_epochs_exact_weights_written_later(tmp_path, mo
     assert torch.equal(next(model.parameters()).detach(), after[1])
 
 
+def test_between_writes_the_best_weights_are_kept_once_not_copied_at_every_epoch(tmp_path, monkeypatch, records):
+    """The best epoch (0) waits for the final write: the copies kept at the epochs between share its weights
+    (a snapshot already) and clone only the live training state."""
+    clocked_training(monkeypatch, epoch_s=1.0, scores=[0.5, 0.1, 0.1, 0.1])
+    kept = []
+    real_copy = checkpoint_writer.device_copy
+    monkeypatch.setattr(checkpoint_writer, 'device_copy',
+                        lambda files, snapshots=(): kept.append(real_copy(files, snapshots)) or kept[-1])
+    output = tmp_path / 'out'
+    model = small_model()
+    trainer.fit(model, records, make_records(tmp_path / 'val', 1, seed=2), LABEL_TO_ID, str(output),
+                settings(epochs=4, checkpoint_interval_s=3600), CPU, CHECKPOINT_INFO)
+    name = next(iter(dict(model.named_parameters())))
+    best_path, last_path = str(output / 'weights' / 'best.pth'), str(output / 'weights' / 'last.pth')
+    bests = [dict(files)[best_path]['state_dict'][name] for files in kept]
+    lasts = [dict(files)[last_path]['state_dict'][name] for files in kept]
+    assert len(kept) == 3  # epochs 0-2; epoch 3 is written
+    assert all(best is bests[0] for best in bests)
+    assert len({id(last) for last in lasts} | {id(bests[0])}) == 4
+
+
 def test_a_run_that_fails_between_writes_keeps_its_finished_epochs(tmp_path, monkeypatch, records):
     """Epochs 0-1 end between writes (their state waits on the device); epoch 2 fails: epoch 1's last.pth is
     written before the error goes on, and the next run resumes at epoch 2."""

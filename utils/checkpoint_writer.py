@@ -17,7 +17,9 @@ Either way ``on_written(epoch)`` follows, once per epoch and in order.
 import logging
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 from utils.checkpoints import cpu_copy, device_copy, save_checkpoint
 
@@ -33,15 +35,17 @@ class CheckpointWriter:
         self._written_at = time.monotonic()  # the run's start counts as a write: the first comes an interval later
         self._unwritten: Optional[Sequence[Tuple[str, Mapping[str, Any]]]] = None  # on the device
 
-    def epoch_end(self, epoch: int, files: Sequence[Tuple[str, Mapping[str, Any]]], final: bool) -> bool:
+    def epoch_end(self, epoch: int, files: Sequence[Tuple[str, Mapping[str, Any]]], final: bool,
+                  snapshots: Iterable[torch.Tensor] = ()) -> bool:
         """Take an epoch's checkpoints (holding live tensors, which training goes on changing): written in
-        the background when due, else kept on the device. True when they go to disk."""
+        the background when due, else kept on the device (but for `snapshots`, tensors that are copies
+        already: the best epoch's weights). True when they go to disk."""
         self.wait()  # the previous epoch's files are written before this epoch's snapshot takes memory
         if final or time.monotonic() - self._written_at >= self._interval:
             self.submit(epoch, cpu_copy(list(files)))
             self._written_at, self._unwritten = time.monotonic(), None
             return True
-        self._unwritten = device_copy(list(files))
+        self._unwritten = device_copy(list(files), snapshots)
         self.submit(epoch, [])  # nothing to write: on_written still comes, in order
         return False
 

@@ -220,17 +220,18 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
 def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: CheckpointWriter, curves: CurvesWriter,
             publish_metrics, last_path: str, best_path: str) -> None:
     """The epochs left: train, evaluate, publish, the checkpoints handed to `writer`, then the curves."""
-    best = None  # (epoch, metrics, weights on the model's device) of a best epoch not yet in best.pth
+    best = None  # (epoch, metrics) of a best epoch not yet in best.pth; its weights: run.best_weights
     for epoch in range(run.last_epoch + 1, run.epochs):
         writer.check()  # a failed write (or on_epoch_end) of the previous epoch stops the run here
         record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
         metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
         if run.add(record):
             run.best_weights = device_copy(run.model.state_dict())
-            best = (epoch, metrics, run.best_weights)
+            best = (epoch, metrics)
         _publish(publish_metrics, epoch, metrics)
         finished = run.stopped_early or epoch + 1 >= run.epochs
-        if writer.epoch_end(epoch, _checkpoints(run, epoch, last_path, best_path, best, finished), final=finished):
+        if writer.epoch_end(epoch, _checkpoints(run, epoch, last_path, best_path, best, finished), final=finished,
+                            snapshots=run.best_weights.values() if best else ()):
             best = None
         curves.write(run.history, draw=finished)  # drawn while the writer's thread writes the checkpoints
         logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
@@ -374,17 +375,16 @@ def _publish(publish_metrics, epoch: int, metrics: Dict[str, float]) -> None:
 
 
 def _checkpoints(run: _Run, epoch: int, last_path: str, best_path: str,
-                 best: Optional[Tuple[int, Dict[str, float], Dict[str, torch.Tensor]]],
-                 finished: bool) -> List[Tuple[str, Dict[str, Any]]]:
-    """[(best.pth, the best epoch's weights + metrics) when `best` (a best epoch since the last write) is
-    given, (last.pth, everything to resume)], holding the live tensors: the caller snapshots them
-    (`cpu_copy` for the background writer, `device_copy` to keep), as training goes on changing them
-    (best.pth first: last.pth names it as the best)."""
+                 best: Optional[Tuple[int, Dict[str, float]]], finished: bool) -> List[Tuple[str, Dict[str, Any]]]:
+    """[(best.pth, the best epoch's weights (`run.best_weights`) + metrics) when `best` (the epoch and metrics
+    of a best epoch since the last write) is given, (last.pth, everything to resume)], holding the live
+    tensors: the caller snapshots them (`cpu_copy` for the background writer, `device_copy` to keep), as
+    training goes on changing them (best.pth first: last.pth names it as the best)."""
     weights = run.model.state_dict()
     files = []
     if best is not None:
-        best_epoch, metrics, best_weights = best
-        files.append((best_path, make_checkpoint(run.model, **run.checkpoint_info, state_dict=best_weights,
+        best_epoch, metrics = best
+        files.append((best_path, make_checkpoint(run.model, **run.checkpoint_info, state_dict=run.best_weights,
                                                  epoch=best_epoch, metrics=dict(metrics))))
     files.append((last_path, make_checkpoint(
         run.model, **run.checkpoint_info, state_dict=weights,
