@@ -192,11 +192,11 @@ class GpuDecoding(FasterRCNNAdapter):
 def gpu_decoding_rows(sibling, items, tensors, device, runs, plain16):
     """Row 1's nvJPEG A/B, and how far its pixels are from the CPU decoder's (libjpeg-turbo)."""
     try:
-        on_gpu = decode_jpeg([torch.frombuffer(bytearray(item.download().getvalue()), dtype=torch.uint8)
-                              for item in items], mode=ImageReadMode.RGB, device=device)
+        decoder = sibling(GpuDecoding)
+        on_gpu, _ = decoder._readable([decoder.prepare_item_func(item) for item in items])
         difference = torch.cat([(g.cpu().int() - t.int()).abs().flatten() for g, t in zip(on_gpu, tensors)])
         row('batch 16, JPEGs decoded on the GPU, the batch at once (nvJPEG; A/B)',
-            len(items) / predict_items_seconds(sibling(GpuDecoding), items, device, runs), plain16)
+            len(items) / predict_items_seconds(decoder, items, device, runs), plain16)
         print(f'   nvJPEG vs the CPU decoder: pixels differ by {difference.float().mean():.3f} on average, '
               f'{int(difference.max())} at most, {float((difference > 2).float().mean()):.2%} by more than 2')
     except Exception as err:  # noqa: BLE001 - a bench reports and goes on
@@ -307,9 +307,9 @@ def prediction_rows(cfg, device, cuda):
             ("batch 16, Python's GIL switch interval 0.5 ms (default 5 ms)", adapter, 0.0005),
             ("batch 16, the SDK's loop, GIL switch interval 0.5 ms", sdk_loop, 0.0005)):
         row(name, n / predict_items_seconds(predictor, items, device, runs, interval), plain16)
-    wide = sibling(FasterRCNNAdapter)
-    wide._decode_slots = threading.BoundedSemaphore(min(16, os.cpu_count() or 1))
-    row(f'batch 16, decoding in the loop on {min(16, os.cpu_count() or 1)} threads (default {DECODE_THREADS}; A/B)',
+    wide, cores = sibling(FasterRCNNAdapter), min(16, os.cpu_count() or 1)
+    wide._decode_slots = threading.BoundedSemaphore(cores)
+    row(f'batch 16, decoding in the loop on {cores} threads (default {DECODE_THREADS}; A/B)',
         n / predict_items_seconds(wide, items, device, runs), plain16)
     if cuda:
         gpu_decoding_rows(sibling, items, tensors, device, runs, plain16)

@@ -1,5 +1,6 @@
 """utils.frozen_heap: the collector skips the heap inside, and gets it back after (predict_items through it:
 tests/test_predict_pipeline.py)."""
+import contextlib
 import gc
 import threading
 import weakref
@@ -31,21 +32,31 @@ def test_frozen_while_inside_and_given_back_at_the_outermost_exit():
     assert gc.get_freeze_count() == 0
 
 
-def test_overlapping_calls_in_two_threads_keep_it_frozen_until_both_are_out():
+@contextlib.contextmanager
+def _another_call_inside():
+    """A call in another thread, inside frozen_heap() for the duration of the block."""
     entered, release = threading.Event(), threading.Event()
 
-    def other_call():
+    def call():
         with frozen_heap():
             entered.set()
-            release.wait(10)
+            release.wait(30)
 
-    thread = threading.Thread(target=other_call)
-    with frozen_heap():
-        thread.start()
+    thread = threading.Thread(target=call)
+    thread.start()
+    try:
         assert entered.wait(10)
-    assert gc.get_freeze_count() > 0  # the other thread is still inside
-    release.set()
-    thread.join()
+        yield
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_overlapping_calls_in_two_threads_keep_it_frozen_until_both_are_out():
+    with _another_call_inside():
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() > 0  # the other thread is still inside
     assert gc.get_freeze_count() == 0
 
 
@@ -61,9 +72,9 @@ def test_garbage_frozen_during_a_call_is_collected_after_it():
     assert alive() is None
 
 
-def _calls_dropping_cycles(calls, per_call=20000):
+def _assert_calls_leave_little_garbage(calls=40, per_call=20000):
     """`calls` calls that each keep `per_call` reference cycles to their end (as predict_items keeps its
-    annotations, each referring to its box and back), then drop them; weak references to a sample."""
+    annotations, each referring to its box and back), then drop them: most must be gone after."""
     sample = []
     for _ in range(calls):
         with frozen_heap():
@@ -71,7 +82,8 @@ def _calls_dropping_cycles(calls, per_call=20000):
             freeze_kept()
             sample.extend(weakref.ref(cycle) for cycle in kept[::1000])
         del kept
-    return sample
+    alive = sum(ref() is not None for ref in sample)
+    assert alive < len(sample) / 4, f'{alive} of {len(sample)} dropped cycles still alive'
 
 
 def test_the_garbage_of_finished_calls_is_swept_not_frozen_again_call_after_call(monkeypatch):
@@ -79,31 +91,14 @@ def test_the_garbage_of_finished_calls_is_swept_not_frozen_again_call_after_call
     again by the next call, they piled up (128,000 dropped annotations alive after 40 calls). Swept when
     the heap has grown by GROWTH, at most about that much garbage is alive at any time."""
     monkeypatch.setattr(frozen_heap_module, 'GROWTH', 0.05)
-    sample = _calls_dropping_cycles(40)
-    alive = sum(ref() is not None for ref in sample)
-    assert alive < len(sample) / 4, f'{alive} of {len(sample)} dropped cycles still alive'
+    _assert_calls_leave_little_garbage()
 
 
 def test_calls_that_always_overlap_sweep_their_garbage_too(monkeypatch):
     """A service running calls in threads may never have none inside: the heap would stay frozen for good."""
     monkeypatch.setattr(frozen_heap_module, 'GROWTH', 0.05)
-    entered, release = threading.Event(), threading.Event()
-
-    def long_call():
-        with frozen_heap():
-            entered.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=long_call)
-    thread.start()
-    try:
-        assert entered.wait(10)
-        sample = _calls_dropping_cycles(40)  # each starts and ends while the long call is inside
-        alive = sum(ref() is not None for ref in sample)
-    finally:
-        release.set()
-        thread.join()
-    assert alive < len(sample) / 4, f'{alive} of {len(sample)} dropped cycles still alive'
+    with _another_call_inside():
+        _assert_calls_leave_little_garbage()  # each starts and ends while the other call is inside
 
 
 def test_evaluation_runs_with_the_heap_frozen(tmp_path):
