@@ -8,7 +8,11 @@ this project's 2-core machine, 20 on the H100 machine's host: 31 ms for 16 image
 the upload waits on the platform, so the GPU sat idle for both. Here the caller's thread decodes and
 runs the network (`adapter._detect`) and one finishing thread, in batch order, turns the rows into
 annotations (`adapter._annotate`), stamps them (the SDK's `_update_predictions_metadata`) and
-uploads them (the SDK's `_upload_model_annotations`, 16 items at once). What comes back, and the
+uploads them (the SDK's `_upload_model_annotations`, 16 items at once). Batch k is handed to the
+finishing thread once batch k+1 is decoded, so that it runs beside batch k+1's forward pass and
+not beside its decoding: the decoding threads need Python's GIL between their steps, and with
+the finishing thread's pure Python beside them each waited out a switch interval (5 ms) at every
+step (a host-only simulation on 2 cores: 54.5 -> 46.1 ms a batch of 16 beside a 30 ms forward). What comes back, and the
 errors, are the SDK loop's: `(items, annotations)` in input order; a batch whose forward pass or
 upload fails is reported with its item ids at the end, after every other batch ran.
 
@@ -29,58 +33,97 @@ logger = logging.getLogger(__name__)
 
 #: items decoded, stamped or uploaded at once (the SDK loop's pool)
 POOL_THREADS = 16
+#: On CUDA, decode batch k+1 in the pool while the network runs batch k, instead of between the two
+#: forward passes (the CPU's forward pass takes every core itself). bench/gpu_speed.py row 1 A/Bs it.
+DECODE_AHEAD = False
 
 
 def predict_items(adapter, items: Sequence[Any], batch_size: int, **kwargs) -> Tuple[list, List[dl.Annotation]]:
     """The SDK's predict_items for `adapter` (a dl.BaseModelAdapter with `_detect` and `_annotate`), pipelined."""
-    annotations: List[dl.Annotation] = []
-    errors: List[str] = []
-    failed_ids: List[str] = []
-    starts = range(0, len(items), batch_size)
-    with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix='predict') as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix='annotate') as finisher:
-        finishing: Optional[Future] = None
-        for start in Progress(starts, desc='predicting', unit='batch', log=logger, summary=True):
-            batch_items = list(items[start:start + batch_size])
-            batch = list(pool.map(adapter.prepare_item_func, batch_items))
+    ahead = decodes_ahead(adapter)
+    with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix='predict') as pool, _Finisher(adapter, pool) as finisher:
+        decoding = pool.map(adapter.prepare_item_func, items[:batch_size])
+        for start in Progress(range(0, len(items), batch_size), desc='predicting', unit='batch', log=logger,
+                              summary=True):
+            batch_items, batch = list(items[start:start + batch_size]), list(decoding)
+            following = items[start + batch_size:start + 2 * batch_size]
+            if ahead:
+                decoding = pool.map(adapter.prepare_item_func, following)
+            finisher.hand_over()  # the batch before: beside this one's forward pass, not beside its decoding
             try:
-                detections = adapter._detect(batch, **kwargs)
+                finisher.forwarded(batch_items, batch, adapter._detect(batch, **kwargs))
             except Exception as err:  # the SDK's rule: report the batch, go on with the next
-                _failed(errors, failed_ids, batch_items, f'Failed to predict batch {start}', err)
-                continue
-            if finishing is not None:
-                finishing.result()  # one batch in flight: annotations never pile up behind a slow upload
-            finishing = finisher.submit(_finish, adapter, pool, batch_items, batch, detections, annotations, errors,
-                                        failed_ids)
-        if finishing is not None:
-            finishing.result()
-    if errors:
-        raise Exception(f'Failed to predict all items. Failed IDs: {failed_ids}.\nErrors:\n' + '\n'.join(errors))
-    return items, annotations
+                finisher.failed(batch_items, f'Failed to predict batch {start}', err)
+            if not ahead:
+                decoding = pool.map(adapter.prepare_item_func, following)
+    if finisher.errors:
+        raise Exception(f'Failed to predict all items. Failed IDs: {finisher.failed_ids}.\nErrors:\n'
+                        + '\n'.join(finisher.errors))
+    return items, finisher.annotations
 
 
-def _finish(adapter, pool: ThreadPoolExecutor, batch_items: list, batch: list, detections, annotations: list,
-            errors: list, failed_ids: list) -> None:
-    """Batch k's second half, on the finishing thread: annotations, model metadata, upload."""
-    try:
-        collections = adapter._annotate(batch, detections)
-    except Exception as err:  # part of predicting, for the SDK: the batch is reported, the others go on
-        _failed(errors, failed_ids, batch_items, 'Failed to predict batch', err)
-        return
-    for item, collection in zip(batch_items, collections):  # pure Python: one thread, not the pool's 16
-        adapter._update_predictions_metadata(item, collection)
-    try:
-        collections = list(pool.map(adapter._upload_model_annotations, batch_items, collections))
-    except Exception as err:
-        _failed(errors, failed_ids, batch_items, 'Failed to upload annotations', err)
-    for collection in collections:
-        annotations.extend(collection.annotations if isinstance(collection, dl.AnnotationCollection) else collection)
-    freeze_kept()  # kept to the end of the call: the garbage collector stops walking them (utils.frozen_heap)
+def decodes_ahead(adapter) -> bool:
+    device = getattr(adapter, 'device', None)
+    return DECODE_AHEAD and device is not None and device.type == 'cuda'
 
 
-def _failed(errors: list, failed_ids: list, batch_items: list, what: str, err: Exception) -> None:
-    ids = [item.id for item in batch_items]
-    message = f'{what} for items {ids}. Error: {err}\n{traceback.format_exc()}'
-    logger.error(message)
-    errors.append(message)
-    failed_ids.extend(ids)
+class _Finisher:
+    """Each batch's second half, in batch order on a thread of its own: annotations, model metadata, upload.
+    One batch in flight: annotations never pile up behind a slow upload."""
+
+    def __init__(self, adapter, pool: ThreadPoolExecutor):
+        self._adapter, self._pool = adapter, pool
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix='annotate')
+        self._running: Optional[Future] = None
+        self._waiting: Optional[tuple] = None  # (items, batch, detections) through the network, not handed over
+        self.annotations: List[dl.Annotation] = []
+        self.errors: List[str] = []
+        self.failed_ids: List[str] = []
+
+    def __enter__(self) -> '_Finisher':
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        try:
+            if error_type is None:
+                self.hand_over()
+            if self._running is not None:
+                self._running.result()
+        finally:
+            self._thread.shutdown(wait=True)
+
+    def forwarded(self, batch_items: list, batch: list, detections) -> None:
+        self._waiting = batch_items, batch, detections
+
+    def hand_over(self) -> None:
+        """Start the waiting batch's second half once the batch before it is done."""
+        if self._waiting is None:
+            return
+        if self._running is not None:
+            self._running.result()
+        self._running, self._waiting = self._thread.submit(self._finish, *self._waiting), None
+
+    def _finish(self, batch_items: list, batch: list, detections) -> None:
+        adapter = self._adapter
+        try:
+            collections = adapter._annotate(batch, detections)
+        except Exception as err:  # part of predicting, for the SDK: the batch is reported, the others go on
+            self.failed(batch_items, 'Failed to predict batch', err)
+            return
+        for item, collection in zip(batch_items, collections):  # pure Python: one thread, not the pool's 16
+            adapter._update_predictions_metadata(item, collection)
+        try:
+            collections = list(self._pool.map(adapter._upload_model_annotations, batch_items, collections))
+        except Exception as err:
+            self.failed(batch_items, 'Failed to upload annotations', err)
+        for collection in collections:
+            self.annotations.extend(collection.annotations if isinstance(collection, dl.AnnotationCollection)
+                                    else collection)
+        freeze_kept()  # kept to the end of the call: the garbage collector stops walking them (utils.frozen_heap)
+
+    def failed(self, batch_items: list, what: str, err: Exception) -> None:
+        ids = [item.id for item in batch_items]
+        message = f'{what} for items {ids}. Error: {err}\n{traceback.format_exc()}'
+        logger.error(message)
+        self.errors.append(message)
+        self.failed_ids.extend(ids)
