@@ -9,7 +9,7 @@ annotation upload is the one step left out of "end to end"). Rows:
   1. predict end to end: JPEG bytes -> prepare_item_func -> predict -> AnnotationCollection,
      through the adapter's predict_items (downloading ahead; batch k's annotations built while batch k+1
      runs), batch 1 / 2 / 16, and at batch 16 the SDK's own loop, a shorter GIL switch interval, decoding
-     beside the forward pass, on every core or on the GPU (nvJPEG, with its pixel difference), 10 boxes an image, and uploads that
+     on every core or on the GPU (nvJPEG, with its pixel difference), 10 boxes an image, and uploads that
      take 50 ms; vs plain fp16 (autocast) batch-16 channels_last forward on decoded tensors (and fp32 batch 1);
   2. adapter.predict alone on decoded images vs the bare forward at the same batch (same precision);
   3. training steps on fixed-size vs mixed-size images, with and without grouping + padding buckets
@@ -55,7 +55,7 @@ from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from bench.timing import seconds  # noqa: E402
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
-from utils import engine, predict_pipeline  # noqa: E402
+from utils import engine  # noqa: E402
 from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
 from utils.images import load_image  # noqa: E402
 from utils.inference import DECODE_THREADS, boxes_to_collection  # noqa: E402
@@ -235,19 +235,6 @@ def configured(adapter, **values):
 
 
 @contextlib.contextmanager
-def patched(module, **values):
-    """`module`'s attributes set to `values` for the duration."""
-    before = {name: getattr(module, name) for name in values}
-    for name, value in values.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            setattr(module, name, value)
-
-
-@contextlib.contextmanager
 def slow_uploads(*adapters, seconds):
     """Their annotation upload waits `seconds` an item, as the platform's round trip does."""
     offline = [a._upload_model_annotations for a in adapters]
@@ -320,9 +307,6 @@ def prediction_rows(cfg, device, cuda):
             ("batch 16, Python's GIL switch interval 0.5 ms (default 5 ms)", adapter, 0.0005),
             ("batch 16, the SDK's loop, GIL switch interval 0.5 ms", sdk_loop, 0.0005)):
         row(name, n / predict_items_seconds(predictor, items, device, runs, interval), plain16)
-    with patched(predict_pipeline, DECODE_AHEAD=True):
-        row('batch 16, decoding the next batch beside the forward pass (DECODE_AHEAD; A/B)',
-            n / predict_items_seconds(adapter, items, device, runs), plain16)
     wide, cores = sibling(FasterRCNNAdapter), min(16, os.cpu_count() or 1)
     wide._decode_slots = threading.BoundedSemaphore(cores)
     row(f'batch 16, decoding in the loop on {cores} threads (default {DECODE_THREADS}; A/B)',

@@ -171,29 +171,6 @@ def test_a_batch_is_annotated_once_the_next_is_decoded(adapter, uploads, monkeyp
     steps = _steps_of(adapter, monkeypatch, items, batch_size=2)
     for batch in (0, 2):
         assert steps.index(('annotate', batch)) > max(steps.index(('decoded', i)) for i in (batch + 2, batch + 3))
-    # decoding in the loop (the default): batch k+1 is decoded after batch k's forward pass
+    # decoding stays between forward passes: batch k+1 is decoded after batch k's
     assert steps.index(('decoded', 2)) > steps.index(('detect', 0))
 
-
-def test_decoding_ahead_decodes_the_next_batch_while_the_network_runs_this_one(adapter, uploads, monkeypatch):
-    """DECODE_AHEAD (on CUDA): batch 0's forward pass waits until item 2 is decoded; decoding between forward
-    passes never gets there. The annotations are the same."""
-    from utils import predict_pipeline
-    items = [_Item(i, _jpeg(i)) for i in range(5)]
-    _, in_the_loop = adapter.predict_items(items, batch_size=2)
-    monkeypatch.setattr(predict_pipeline, 'decodes_ahead', lambda adapter: True)
-    prepare, detect, next_decoded = adapter.prepare_item_func, adapter._detect, threading.Event()
-
-    def decoded(item):
-        image = prepare(item)
-        if item is items[2]:
-            next_decoded.set()
-        return image
-
-    def detecting(batch, **kwargs):
-        assert next_decoded.wait(10), 'batch 1 was not decoded while the network ran batch 0'
-        return detect(batch, **kwargs)
-    monkeypatch.setattr(adapter, 'prepare_item_func', decoded)
-    monkeypatch.setattr(adapter, '_detect', detecting)
-    _, ahead = adapter.predict_items(items, batch_size=2)
-    assert _as_json(ahead) == _as_json(in_the_loop)

@@ -12,12 +12,15 @@ uploads them (the SDK's `_upload_model_annotations`, 16 items at once). Batch k 
 finishing thread once batch k+1 is decoded, so that it runs beside batch k+1's forward pass and
 not beside its decoding: the decoding threads need Python's GIL between their steps, and with
 the finishing thread's pure Python beside them each waited out a switch interval (5 ms) at every
-step (a host-only simulation on 2 cores: 54.5 -> 46.1 ms a batch of 16 beside a 30 ms forward). What comes back, and the
-errors, are the SDK loop's: `(items, annotations)` in input order; a batch whose forward pass or
-upload fails is reported with its item ids at the end, after every other batch ran.
+step (a host-only simulation on 2 cores: 54.5 -> 46.1 ms a batch of 16 beside a 30 ms forward).
+Decoding batch k+1 in the pool while the network runs batch k was slower on an H100, in two
+sessions (122.5 against 137.3 images/s in the same run): decoding stays between forward passes.
+What comes back, and the errors, are the SDK loop's: `(items, annotations)` in input order; a
+batch whose forward pass or upload fails is reported with its item ids at the end, after every
+other batch ran.
 
-On an H100 (bench/RESULTS.md): 149 images/s end to end against 143 for the SDK's loop with
-instant uploads, 139 against 96 when an upload takes 50 ms.
+On an H100 (bench/RESULTS.md, fourth session): 137 images/s end to end against 126 for the SDK's
+loop with instant uploads, 113 against 91 when an upload takes 50 ms.
 """
 import logging
 import traceback
@@ -33,38 +36,24 @@ logger = logging.getLogger(__name__)
 
 #: items decoded, stamped or uploaded at once (the SDK loop's pool)
 POOL_THREADS = 16
-#: On CUDA, decode batch k+1 in the pool while the network runs batch k, instead of between the two
-#: forward passes (the CPU's forward pass takes every core itself). bench/gpu_speed.py row 1 A/Bs it.
-DECODE_AHEAD = False
 
 
 def predict_items(adapter, items: Sequence[Any], batch_size: int, **kwargs) -> Tuple[list, List[dl.Annotation]]:
     """The SDK's predict_items for `adapter` (a dl.BaseModelAdapter with `_detect` and `_annotate`), pipelined."""
-    ahead = decodes_ahead(adapter)
     with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix='predict') as pool, _Finisher(adapter, pool) as finisher:
-        decoding = pool.map(adapter.prepare_item_func, items[:batch_size])
         for start in Progress(range(0, len(items), batch_size), desc='predicting', unit='batch', log=logger,
                               summary=True):
-            batch_items, batch = list(items[start:start + batch_size]), list(decoding)
-            following = items[start + batch_size:start + 2 * batch_size]
-            if ahead:
-                decoding = pool.map(adapter.prepare_item_func, following)
+            batch_items = list(items[start:start + batch_size])
+            batch = list(pool.map(adapter.prepare_item_func, batch_items))
             finisher.hand_over()  # the batch before: beside this one's forward pass, not beside its decoding
             try:
                 finisher.forwarded(batch_items, batch, adapter._detect(batch, **kwargs))
             except Exception as err:  # the SDK's rule: report the batch, go on with the next
                 finisher.failed(batch_items, f'Failed to predict batch {start}', err)
-            if not ahead:
-                decoding = pool.map(adapter.prepare_item_func, following)
     if finisher.errors:
         raise Exception(f'Failed to predict all items. Failed IDs: {finisher.failed_ids}.\nErrors:\n'
                         + '\n'.join(finisher.errors))
     return items, finisher.annotations
-
-
-def decodes_ahead(adapter) -> bool:
-    device = getattr(adapter, 'device', None)
-    return DECODE_AHEAD and device is not None and device.type == 'cuda'
 
 
 class _Finisher:
