@@ -273,8 +273,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         item that could not be read.
 
         Downloads wait on the network, not on Python, so they overlap the forward pass freely. Decoding
-        stays in the loop, between forward passes: on an H100, threads decoding beside the forward
-        took Python's GIL from it at each of its host syncs (bench/RESULTS.md).
+        stays in the loop, between forward passes: on an H100, decoding the next batch beside the forward
+        pass was slower in two sessions (its threads need the GIL back between images; bench/RESULTS.md).
         """
         self.unreadable_items = []
         size = self._prediction_batch(batch_size)
