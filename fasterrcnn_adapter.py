@@ -217,7 +217,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             buffer = self._download(item) if downloaded is None else downloaded
             if isinstance(buffer, Exception):
                 raise buffer
-            with self._decode_slots:  # decodes take the GIL (and cores) from the thread driving the GPU
+            with self._decode_slots:  # few at a time: each takes the GIL back from the thread driving the GPU
                 return load_image_tensor(buffer, self.image_limits())
         except ImageSizeError as err:
             reason = str(err)

@@ -36,10 +36,11 @@ from utils.model_factory import cudnn_autotune
 
 logger = logging.getLogger(__name__)
 
-#: Images decoded at once (downloads are not limited). Decoding holds the GIL in stretches, and
-#: the thread driving the GPU waits for it at every hand-over: on 2 cores, 16 decoding threads
-#: slowed a GPU-like main loop 11-13x, 2 threads 1.0-1.2x (bench/decode_contention.py); 2 threads
-#: decode 640x480 JPEGs at thousands per second.
+#: Images decoded at once (downloads are not limited). torchvision's decoder itself lets go of the
+#: GIL, but each decoding thread needs it back between images, and the thread driving the GPU waits
+#: at every hand-over: on 2 cores, 16 decoding threads slowed a GPU-like main loop 11-13x, 2 threads
+#: 1.0-1.2x (bench/decode_contention.py); on an H100 end to end, 16 threads ran at 0.77-0.83 of
+#: plain's forward against 0.89-0.92 for 2 (bench/RESULTS.md).
 DECODE_THREADS = 2
 #: Items downloaded at once while predict_items runs ahead: waiting on the network holds no GIL (the SDK's own 16).
 DOWNLOAD_THREADS = 16
