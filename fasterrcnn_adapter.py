@@ -1,9 +1,9 @@
 """Dataloop model adapter for torchvision's Faster R-CNN.
 
 Thin by design: it reads the model's configuration, builds the network
-(`utils.model_factory`) and its checkpoint files (`utils.checkpoints`), and delegates
-data reading (`utils.dataloop_reader`), training (`utils.trainer`, `utils.artifact_sync`)
-and prediction (`utils.inference`, `utils.predict_pipeline`). Settings are read from
+(`utils.modeling.model_factory`) and its checkpoint files (`utils.modeling.checkpoints`), and delegates
+data reading (`utils.data.dataloop_reader`), training (`utils.training.trainer`, `utils.platform.artifact_sync`)
+and prediction (`utils.inference.prediction`, `utils.inference.pipeline`). Settings are read from
 `model_entity.configuration` as a plain dict, so reading never PATCHes the model.
 """
 import contextlib
@@ -16,21 +16,21 @@ import dtlpy as dl
 from dtlpy.ml import base_model_adapter as _sdk_adapter
 import torch
 
-from utils import artifact_sync
-from utils import config as config_lib
-from utils import device as device_lib
-from utils import inference
-from utils import checkpoints, model_factory
-from utils import predict_pipeline
-from utils.atomic import copy_file, remove_stale_temporaries
-from utils.errors import InputError
-from utils.frozen_heap import freeze_kept, frozen_heap
-from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
-from utils.inference import UnreadableItem
-from utils.label_map import configuration_entries, label_to_id, parse_id_to_label
-from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
-from utils.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR
-from utils.progress import route_sdk_bars
+from utils.core import config as config_lib
+from utils.core import device as device_lib
+from utils.core.atomic import copy_file, remove_stale_temporaries
+from utils.core.errors import InputError
+from utils.core.frozen_heap import freeze_kept, frozen_heap
+from utils.core.label_map import configuration_entries, label_to_id, parse_id_to_label
+from utils.core.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
+from utils.core.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR
+from utils.core.progress import route_sdk_bars
+from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
+from utils.inference import pipeline
+from utils.inference import prediction
+from utils.inference.prediction import UnreadableItem
+from utils.modeling import checkpoints, model_factory
+from utils.platform import artifact_sync
 
 logger = logging.getLogger('fasterrcnn.adapter')
 
@@ -79,9 +79,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.artifacts_path: Optional[str] = None
         self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
         self.unreadable_items: List[UnreadableItem] = []
-        self._prefetchers: List[inference.Prefetcher] = []  # one per predict_items call in flight
-        self._decode_slots = threading.BoundedSemaphore(inference.DECODE_THREADS)
-        self._inference_networks = inference.NetworkCache()
+        self._prefetchers: List[prediction.Prefetcher] = []  # one per predict_items call in flight
+        self._decode_slots = threading.BoundedSemaphore(prediction.DECODE_THREADS)
+        self._inference_networks = prediction.NetworkCache()
         self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
         super().__init__(model_entity)
 
@@ -179,14 +179,14 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         epoch's optimizer state) and the temporaries of interrupted writes. A failed run's last.pth is
         shipped: the retry resumes from it."""
         if local_path is not None and os.path.isdir(local_path):
-            from utils import trainer
+            from utils.training import trainer
             trainer.discard_finished_state(local_path)
             remove_stale_temporaries(local_path, recursive=True)
         return super().save_to_model(local_path=local_path, cleanup=cleanup, replace=replace, **kwargs)
 
     # ----------------------------------------------------------------- predict
     def image_limits(self):
-        """The image sizes this network takes (`utils.images.ImageLimits`): the pixel limit, and its resize."""
+        """The image sizes this network takes (`utils.data.images.ImageLimits`): the pixel limit, and its resize."""
         if self.model is None:  # not loaded yet: only the pixel limit is known
             return ImageLimits(self.settings['max_image_pixels'])
         return network_limits(self.model, self.settings['max_image_pixels'])
@@ -198,7 +198,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """
         for prefetcher in list(self._prefetchers):
             downloaded = prefetcher.take(item)
-            if downloaded is not inference.Prefetcher.MISSING:
+            if downloaded is not prediction.Prefetcher.MISSING:
                 return self._decode_item(item, downloaded)
         return self._decode_item(item)
 
@@ -242,10 +242,10 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """`predict`'s forward pass: the positions of the readable entries and, per image, its rows."""
         settings = self._resolve_settings()
         network = self._inference_networks.get(self.model, self.device)
-        inference.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
+        prediction.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
                                   settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
         images, positions = self._readable(batch)
-        rows = inference.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
+        rows = prediction.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
         return positions, rows
 
     def _annotate(self, batch, detections: Tuple[List[int], List[list]]) -> List[dl.AnnotationCollection]:
@@ -255,12 +255,12 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
         for position, image_rows in zip(positions, rows):
-            collections[position] = inference.boxes_to_collection(image_rows, labels, model_name, model_id)
+            collections[position] = prediction.boxes_to_collection(image_rows, labels, model_name, model_id)
         return collections
 
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
         """The batch's decoded images and their positions; unreadable entries are kept for the run's error."""
-        images, positions, unreadable = inference.split_readable(batch, self.image_limits())
+        images, positions, unreadable = prediction.split_readable(batch, self.image_limits())
         self.unreadable_items.extend(unreadable)
         return images, positions
 
@@ -268,7 +268,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                     inputs={'items': 'Item[]'},
                                     outputs={'items': 'Item[]', 'annotations': 'Annotation[]'})
     def predict_items(self, items: list, batch_size=None, **kwargs):
-        """The SDK's predict_items as a pipeline (`utils.predict_pipeline`: batch k's annotations are built and
+        """The SDK's predict_items as a pipeline (`utils.inference.pipeline`: batch k's annotations are built and
         uploaded while the network runs batch k+1), downloading two batches ahead; then one error naming every
         item that could not be read.
 
@@ -279,12 +279,12 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.unreadable_items = []
         size = self._prediction_batch(batch_size)
         # two batches ahead: the next one is ready when the GPU finishes this one, and one more is on its way
-        prefetcher = inference.Prefetcher(self._download, items, lookahead=2 * size,
-                                          workers=inference.DOWNLOAD_THREADS)
+        prefetcher = prediction.Prefetcher(self._download, items, lookahead=2 * size,
+                                          workers=prediction.DOWNLOAD_THREADS)
         self._prefetchers.append(prefetcher)
         try:
             with frozen_heap():
-                result = predict_pipeline.predict_items(self, items, size, **kwargs)
+                result = pipeline.predict_items(self, items, size, **kwargs)
         finally:
             self._prefetchers.remove(prefetcher)
             prefetcher.close()
@@ -310,7 +310,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def embed(self, batch, **kwargs):
         """One `embeddings_size` (256) L2-normalised image vector per input, None for an unreadable one.
 
-        The vector is the network's own FPN features pooled (`utils.embeddings.fpn_embedding`),
+        The vector is the network's own FPN features pooled (`utils.modeling.embeddings.fpn_embedding`),
         computed through the same preprocessing and precision as `predict`; the SDK skips None.
         """
         with frozen_heap():
@@ -318,7 +318,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             vectors: List[Optional[List[float]]] = [None] * len(batch)
             if images:
                 network = self._inference_networks.get(self.model, self.device)
-                found = inference.image_vectors(network, images, self.device, self.settings['cudnn_benchmark'])
+                found = prediction.image_vectors(network, images, self.device, self.settings['cudnn_benchmark'])
                 for position, vector in zip(positions, found):
                     vectors[position] = vector
             freeze_kept()
@@ -365,7 +365,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     def convert_from_dtlpy(self, data_path, **kwargs):
         """Read every subset's item JSONs once into box records; write the index `train` reads."""
-        from utils.dataloop_reader import read_dataloop_export, require_training_subsets, save_index
+        from utils.data.dataloop_reader import read_dataloop_export, require_training_subsets, save_index
         settings = self._resolve_settings()
         labels = [str(label) for label in (self.model_entity.labels or [])] or None
         export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'],
@@ -391,8 +391,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     def train(self, data_path, output_path, **kwargs):
         """Fine-tune on the converted data; checkpoints in `output_path/weights`, resumed when present."""
-        from utils import trainer
-        from utils.dataloop_reader import load_index
+        from utils.training import trainer
+        from utils.data.dataloop_reader import load_index
         settings = self._resolve_settings()
         index_path = os.path.join(data_path, INDEX_FILENAME)
         converted_path, export = self._converted

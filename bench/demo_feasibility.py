@@ -1,6 +1,6 @@
 """Can the offline demo reach COCO mAP@.5 >= 0.5 in well under 10 minutes on a small CPU?
 
-Standalone experiment: generate a synthetic set with `utils.synthetic`, train a
+Standalone experiment: generate a synthetic set with `utils.data.synthetic`, train a
 torchvision Faster R-CNN from random weights on CPU with a plain loop, evaluate
 with pycocotools on the validation split, time a prediction pass, and print the
 settings and figures (one JSON line at the end, prefixed ``RESULT``; with
@@ -50,7 +50,7 @@ from torchvision.models import detection
 from torchvision.transforms.functional import pil_to_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils.synthetic import make_synthetic_export  # noqa: E402
+from utils.data.synthetic import make_synthetic_export  # noqa: E402
 
 VARIANTS = {
     'fasterrcnn_mobilenet_v3_large_320_fpn': detection.fasterrcnn_mobilenet_v3_large_320_fpn,

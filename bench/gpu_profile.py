@@ -21,8 +21,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from bench.gpu_speed import (ENGINE_SETTINGS, FULL, TINY, bare_forward, bare_network, bare_step,  # noqa: E402
                              decoded_batch, fresh_training, make_adapter, synthetic_training_set)
-from utils import engine  # noqa: E402
-from utils.trainer import build_optimizer  # noqa: E402
+from utils.training import engine  # noqa: E402
+from utils.training.trainer import build_optimizer  # noqa: E402
 
 
 def profile_call(fn, device):
@@ -68,7 +68,7 @@ def main():
 
     model, _, scaler = fresh_training(cfg, num_classes, device, cuda, ours=True)
     optimizer = build_optimizer(model, ENGINE_SETTINGS)
-    profiled('row 4: utils.engine.train_one_epoch, 5 steps',
+    profiled('row 4: utils.training.engine.train_one_epoch, 5 steps',
              lambda: engine.train_one_epoch(model, optimizer, batches, device, epoch=1, scaler=scaler if cuda else None,
                                             warmup_iters=0, progress=False), device)
     model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda, ours=False)

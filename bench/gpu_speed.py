@@ -14,7 +14,7 @@ annotation upload is the one step left out of "end to end"). Rows:
   2. adapter.predict alone on decoded images vs the bare forward at the same batch (same precision);
   3. training steps on fixed-size vs mixed-size images, with and without grouping + padding buckets
      (steady state, and the first pass with its per-shape start-up costs);
-  4. utils.engine.train_one_epoch vs a bare torchvision loop at the same precision;
+  4. utils.training.engine.train_one_epoch vs a bare torchvision loop at the same precision;
   5. a short train() (adapter.train: evaluation, checkpoints, curves) vs the bare loop, wall clock, and
      how much of it is training, evaluation and the rest (setup, checkpoints, curves between epochs);
      --run-epochs / --run-images change its size (the issue's case: 30 epochs on 40 images);
@@ -55,14 +55,14 @@ from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from bench.timing import seconds  # noqa: E402
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
-from utils import engine  # noqa: E402
-from utils.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
-from utils.images import load_image  # noqa: E402
-from utils.inference import DECODE_THREADS, boxes_to_collection  # noqa: E402
-from utils.local_model import local_model  # noqa: E402
-from utils.model_factory import build_model, cudnn_autotune  # noqa: E402
-from utils.synthetic import make_synthetic_export  # noqa: E402
-from utils.trainer import build_optimizer  # noqa: E402
+from utils.training import engine  # noqa: E402
+from utils.data.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
+from utils.data.images import load_image  # noqa: E402
+from utils.inference.prediction import DECODE_THREADS, boxes_to_collection  # noqa: E402
+from utils.platform.local_model import local_model  # noqa: E402
+from utils.modeling.model_factory import build_model, cudnn_autotune  # noqa: E402
+from utils.data.synthetic import make_synthetic_export  # noqa: E402
+from utils.training.trainer import build_optimizer  # noqa: E402
 
 FULL = dict(variant='fasterrcnn_resnet50_fpn', min_size=800, max_size=1333, width=640, height=480, items=128,
             runs=3, train_batch=4, train_steps=12, fixed=(480, 640), mixed=((240, 480), (320, 640)),
@@ -431,10 +431,10 @@ def default_rows(cfg, device, items, adapter):
 
 
 def synthetic_loader(cfg, device, root):
-    from utils.dataloop_reader import read_dataloop_export
-    from utils.detection_dataset import DetectionDataset
-    from utils.transforms import get_transform
-    from utils.data_loading import collate_fn
+    from utils.data.dataloop_reader import read_dataloop_export
+    from utils.data.detection_dataset import DetectionDataset
+    from utils.data.transforms import get_transform
+    from utils.data.data_loading import collate_fn
     export = read_dataloop_export(root)
     label_to_id = {label: i + 1 for i, label in enumerate(export.labels_found)}
     dataset = DetectionDataset(export.subsets['train'], label_to_id, get_transform(train=False))
@@ -501,7 +501,7 @@ def engine_rows(cfg, device, cuda):
         ours = n / median_seconds(lambda: engine.train_one_epoch(model, optimizer, loader, device, epoch=1,
                                                                  scaler=scaler if cuda else None, warmup_iters=0,
                                                                  progress=False), device, cfg['runs'])
-        row(f'utils.engine.train_one_epoch ({label}) vs bare torchvision loop', ours, plain)
+        row(f'utils.training.engine.train_one_epoch ({label}) vs bare torchvision loop', ours, plain)
 
     model, optimizer, scaler = fresh_training(cfg, num_classes, device, cuda, ours=False)
     epochs = cfg['run_epochs']

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from bench.gpu_profile import profile_call  # noqa: E402
 from bench.gpu_speed import bare_forward, bare_network, forward_bench  # noqa: E402
 from bench.timing import seconds  # noqa: E402
-from utils.inference import set_postprocess  # noqa: E402
+from utils.inference.prediction import set_postprocess  # noqa: E402
 
 
 def staged(network, images, device, half, syncs):

@@ -3,7 +3,7 @@
     python bench/postprocess_crossover.py                      # on the GPU (under a minute on an H100)
     python bench/postprocess_crossover.py --device cpu --tiny  # dry run
 
-`utils.batched_postprocess` post-processes the whole batch at once; its fixed cost per call (a
+`utils.modeling.batched_postprocess` post-processes the whole batch at once; its fixed cost per call (a
 few sync rounds) pays from some batch size on. This prints the forward's time per batch size
 for the three, same run, to choose `MIN_IMAGES`.
 """
@@ -19,8 +19,8 @@ import torch  # noqa: E402
 
 from bench.gpu_speed import bare_forward, bare_network, forward_bench  # noqa: E402
 from bench.timing import seconds  # noqa: E402
-from utils import batched_postprocess  # noqa: E402
-from utils.inference import detection_rows, set_postprocess  # noqa: E402
+from utils.modeling import batched_postprocess  # noqa: E402
+from utils.inference.prediction import detection_rows, set_postprocess  # noqa: E402
 
 
 def main():

@@ -19,8 +19,8 @@ import torch  # noqa: E402
 from torchvision.models import detection  # noqa: E402
 
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
-from utils import model_factory  # noqa: E402
-from utils.local_model import local_model  # noqa: E402
+from utils.modeling import model_factory  # noqa: E402
+from utils.platform.local_model import local_model  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 
 

@@ -1,10 +1,10 @@
-"""Training throughput of `utils.engine.train_one_epoch` against a bare torchvision loop, same run.
+"""Training throughput of `utils.training.engine.train_one_epoch` against a bare torchvision loop, same run.
 
     python bench/train_speed.py [--variant fasterrcnn_mobilenet_v3_large_320_fpn] [--device cpu]
                                 [--images 24] [--size 320] [--batch 2]
 
 Both loops train the same freshly initialised network on the same synthetic
-images (utils/synthetic.py) and DataLoader; the bare loop is torchvision's
+images (utils/data/synthetic.py) and DataLoader; the bare loop is torchvision's
 tutorial step (sum of losses, backward, SGD step). On CUDA our loop runs with
 autocast + GradScaler (the `amp` default) and the bare loop is timed both in
 fp32 and under autocast. Prints images/s and the ratios.
@@ -19,13 +19,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from utils import engine  # noqa: E402
-from utils.dataloop_reader import read_dataloop_export  # noqa: E402
-from utils.detection_dataset import DetectionDataset  # noqa: E402
-from utils.model_factory import build_model  # noqa: E402
-from utils.synthetic import make_synthetic_export  # noqa: E402
-from utils.transforms import get_transform  # noqa: E402
-from utils.data_loading import collate_fn  # noqa: E402
+from utils.training import engine  # noqa: E402
+from utils.data.dataloop_reader import read_dataloop_export  # noqa: E402
+from utils.data.detection_dataset import DetectionDataset  # noqa: E402
+from utils.modeling.model_factory import build_model  # noqa: E402
+from utils.data.synthetic import make_synthetic_export  # noqa: E402
+from utils.data.transforms import get_transform  # noqa: E402
+from utils.data.data_loading import collate_fn  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 
 

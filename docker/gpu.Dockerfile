@@ -15,7 +15,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 # The variant whose COCO weights are baked in: the manifest's default model_variant.
 ARG MODEL_VARIANT=fasterrcnn_resnet50_fpn
 
-# FASTERRCNN_EXPECT_GPU: this image is meant for a GPU, so loading without one warns loudly (utils/device.py).
+# FASTERRCNN_EXPECT_GPU: this image is meant for a GPU, so loading without one warns loudly (utils/core/device.py).
 ENV HOME=/tmp \
     PIP_NO_CACHE_DIR=1 \
     TORCH_HOME=/opt/torch \

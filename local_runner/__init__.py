@@ -7,7 +7,7 @@
     python -m local_runner demo     [--output DIR] [--epochs N] [--n-train N] [--n-val N]
 
 Every command drives the same `FasterRCNNAdapter` the platform runs, on a
-`dl.Model` built offline from dataloop.json (`utils.local_model.local_model`).
+`dl.Model` built offline from dataloop.json (`utils.platform.local_model.local_model`).
 
 | module | concern |
 | --- | --- |

@@ -1,6 +1,6 @@
 """The command line: parse, check paths, dispatch to the package's modules, print.
 
-No domain logic lives here. Errors in the input (`utils.errors.InputError`:
+No domain logic lives here. Errors in the input (`utils.core.errors.InputError`:
 a missing folder, an empty one, a bad configuration key, a model folder without
 weights, a checkpoint that does not fit) end with exit code 2 and one line on
 stderr; anything else is a bug and keeps its traceback. Heavy imports (torch,
@@ -19,7 +19,7 @@ from local_runner.logs import setup_logging
 from local_runner.model_folder import check_train_output, find_model_files, load_model_dir, train_on_folder
 from local_runner.predict import predict_images
 from local_runner.report import evaluate_on_folder
-from utils.errors import InputError
+from utils.core.errors import InputError
 
 logger = logging.getLogger('local_runner')
 
@@ -71,7 +71,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     find_model_files(args.model)
-    from utils.onnx_export import export_onnx, sidecar_path  # imports torch: after the paths are checked
+    from utils.export.onnx_export import export_onnx, sidecar_path  # imports torch: after the paths are checked
     output = export_onnx(args.model, args.output, size=tuple(args.size) if args.size else None)
     print(f'exported {output} and {sidecar_path(output)} (label map, input size, preprocessing, score threshold)')
     return 0

@@ -9,8 +9,8 @@ from local_runner.inputs import list_images
 from local_runner.model_folder import load_model_dir, train_on_folder
 from local_runner.predict import predict_images
 from local_runner.report import evaluate_on_folder
-from utils import config as config_lib
-from utils.errors import InputError
+from utils.core import config as config_lib
+from utils.core.errors import InputError
 
 logger = logging.getLogger('local_runner')
 
@@ -24,14 +24,14 @@ logger = logging.getLogger('local_runner')
 # 500 proposals per image costs ~0.19 s of 2-core CPU per training image (torchvision's
 # 512 / 2000 cost ~3x that, for no gain on 1-4 large objects); 4 epochs of 250 images
 # (1000 image-passes) with SGD lr 0.02 + cosine reach mAP@.5 0.98-1.0 over 3 seeds.
-DEMO_DATA: Dict[str, Any] = {          # utils.synthetic.make_synthetic_export arguments
+DEMO_DATA: Dict[str, Any] = {          # utils.data.synthetic.make_synthetic_export arguments
     'n_train': 250,
     'n_val': 60,
     'image_size': (256, 256),          # (width, height)
     'labels': ('circle', 'square', 'triangle'),
     'seed': 0,
 }
-DEMO_SETTINGS: Dict[str, Any] = {      # model configuration keys (utils/config.py), over dataloop.json's
+DEMO_SETTINGS: Dict[str, Any] = {      # model configuration keys (utils/core/config.py), over dataloop.json's
     'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn',
     'pretrained': False,               # offline: random weights, no COCO download
     'device': 'auto',                  # CPU unless CUDA is there
@@ -78,7 +78,7 @@ def prepare_demo_output(path: str) -> None:
 def run_demo(output: str, data_overrides: Optional[Dict[str, Any]] = None,
              settings_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Synthetic data -> train from random weights -> evaluate -> predict on the validation images."""
-    from utils.synthetic import make_synthetic_export
+    from utils.data.synthetic import make_synthetic_export
     data_settings = {**DEMO_DATA, **(data_overrides or {})}
     settings = {**DEMO_SETTINGS, **(settings_overrides or {})}
     config_lib.resolve(settings)  # a bad setting fails before any data is written

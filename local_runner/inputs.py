@@ -10,10 +10,10 @@ import stat
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from utils import config as config_lib
-from utils.config import ConfigError
-from utils.errors import InputError
-from utils.images import image_extensions
+from utils.core import config as config_lib
+from utils.core.config import ConfigError
+from utils.core.errors import InputError
+from utils.data.images import image_extensions
 
 logger = logging.getLogger('local_runner')
 

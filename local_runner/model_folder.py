@@ -12,12 +12,12 @@ import logging
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from utils import config as config_lib
-from utils.atomic import write_json
-from utils.errors import InputError
-from utils.label_map import configuration_entries, labels_in_id_order, parse_id_to_label
-from utils.metric_names import EVAL_KEYS
-from utils.output_layout import CURVES_PNG, LAST_NAME, MODEL_FILE, WEIGHTS_DIR
+from utils.core import config as config_lib
+from utils.core.atomic import write_json
+from utils.core.errors import InputError
+from utils.core.label_map import configuration_entries, labels_in_id_order, parse_id_to_label
+from utils.core.metric_names import EVAL_KEYS
+from utils.core.output_layout import CURVES_PNG, LAST_NAME, MODEL_FILE, WEIGHTS_DIR
 
 logger = logging.getLogger('local_runner')
 
@@ -39,7 +39,7 @@ def check_train_output(path: str) -> None:
     last = os.path.join(path, WEIGHTS_DIR, LAST_NAME)
     if not os.path.isfile(model_json):
         return
-    from utils.checkpoints import marks_finished_run
+    from utils.modeling.checkpoints import marks_finished_run
     if not os.path.isfile(last) or marks_finished_run(last):
         raise InputError(f'--output {path} already holds a finished training run ({model_json}): '
                          f'choose a new --output folder, or delete that one to train again')
@@ -77,7 +77,7 @@ def new_adapter(configuration: Dict[str, Any], labels: Optional[Sequence[str]], 
     """A loaded adapter on an offline model entity; weights from `local_path` (a model folder), else
     pretrained or random. A failed download of COCO weights is an InputError saying what to do."""
     from fasterrcnn_adapter import FasterRCNNAdapter
-    from utils.local_model import local_model
+    from utils.platform.local_model import local_model
     adapter = FasterRCNNAdapter()
     adapter.model_entity = local_model(configuration=configuration, labels=labels, name=name)
     try:
@@ -105,7 +105,7 @@ def load_model_dir(model_dir: str, configuration: Optional[Dict[str, Any]] = Non
     else:
         # weights without model.json (e.g. artifacts downloaded from the platform): the checkpoint
         # describes itself (variant, label map, sizes)
-        from utils import checkpoints
+        from utils.modeling import checkpoints
         checkpoint = checkpoints.load_checkpoint(weights)
         id_to_label = parse_id_to_label(checkpoint.get('id_to_label_map'))
         if not id_to_label or 'model_variant' not in checkpoint:
@@ -143,7 +143,7 @@ def train_on_folder(data_dir: str, output_dir: str, configuration: Dict[str, Any
                     labels: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """convert_from_dtlpy + train + save on a local export; returns paths and the best epoch's metrics."""
     if labels is None:
-        from utils.dataloop_reader import read_dataloop_export
+        from utils.data.dataloop_reader import read_dataloop_export
         include_background = config_lib.resolve(configuration)['include_background']
         labels = read_dataloop_export(data_dir, include_background=include_background).labels_found
         if not labels:
@@ -155,14 +155,14 @@ def train_on_folder(data_dir: str, output_dir: str, configuration: Dict[str, Any
     adapter = new_adapter(configuration, labels, os.path.basename(os.path.abspath(output_dir)) or 'fasterrcnn', None)
     os.makedirs(output_dir, exist_ok=True)
     adapter.convert_from_dtlpy(data_dir)
-    from utils.engine import NonFiniteLossError
+    from utils.training.engine import NonFiniteLossError
     try:
         result = adapter.train(data_dir, output_dir)
     except NonFiniteLossError as err:  # a settings problem, explained in the message: no traceback
         raise InputError(f'{err} (checkpoints of the finished epochs are in {output_dir}/{WEIGHTS_DIR})') from err
     adapter.save(output_dir)
     model_json = write_model_description(adapter, output_dir, data_dir, result)
-    from utils import trainer
+    from utils.training import trainer
     trainer.discard_finished_state(output_dir)  # only now: until model.json, its last.pth says "finished"
     return {'output': output_dir, 'model_json': model_json,
             'weights': os.path.join(output_dir, adapter.settings['weights_filename']),

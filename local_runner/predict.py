@@ -11,11 +11,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from local_runner.draw import detections_from_json, draw_detections
 from local_runner.inputs import RESULT_EXTENSIONS, output_names
-from utils.atomic import write_json
-from utils.config import prediction_batch_size
-from utils.errors import InputError
-from utils.progress import Progress
-from utils.label_map import label_to_id
+from utils.core.atomic import write_json
+from utils.core.config import prediction_batch_size
+from utils.core.errors import InputError
+from utils.core.progress import Progress
+from utils.core.label_map import label_to_id
 
 logger = logging.getLogger('local_runner')
 
@@ -43,7 +43,7 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
     ``<stem>.png`` (the image with the boxes drawn). Unreadable images are logged and skipped."""
     from torchvision.transforms.functional import pil_to_tensor
 
-    from utils.images import ImageDecodeError, load_image
+    from utils.data.images import ImageDecodeError, load_image
 
     settings = adapter.settings
     class_ids = label_to_id(adapter.id_to_label_map())

@@ -2,17 +2,17 @@
 
 Writes ``evaluation_<subset>.json`` / ``.txt`` (mAP@[.5:.95], mAP@.5, mAP@.75,
 AR@100, per-class AP and AP@.5) and ``pr_curve_<subset>.png`` (precision-recall
-per class at IoU .5), all from the `Evaluation` that `utils.engine.evaluate` returns.
+per class at IoU .5), all from the `Evaluation` that `utils.training.engine.evaluate` returns.
 """
 import logging
 import os
 from typing import Any, Dict, Optional
 
 from local_runner.draw import class_color
-from utils.atomic import atomic_write, write_json
-from utils.errors import InputError
-from utils.label_map import label_to_id
-from utils.metric_names import EVAL_KEYS, LEGENDS
+from utils.core.atomic import atomic_write, write_json
+from utils.core.errors import InputError
+from utils.core.label_map import label_to_id
+from utils.core.metric_names import EVAL_KEYS, LEGENDS
 
 logger = logging.getLogger('local_runner')
 
@@ -63,9 +63,9 @@ def format_metrics_table(metrics: Dict[str, float], per_class: Optional[Dict[str
 
 def _subset_dataset(adapter, data_dir: str, subset: str):
     """The subset's records as a DetectionDataset over the model's labels; InputError when there are none."""
-    from utils.dataloop_reader import read_dataloop_export
-    from utils.detection_dataset import DetectionDataset
-    from utils.transforms import get_transform
+    from utils.data.dataloop_reader import read_dataloop_export
+    from utils.data.detection_dataset import DetectionDataset
+    from utils.data.transforms import get_transform
 
     id_to_label = adapter.id_to_label_map()
     export = read_dataloop_export(data_dir, labels=list(id_to_label.values()),
@@ -87,13 +87,13 @@ def _subset_dataset(adapter, data_dir: str, subset: str):
 
 
 def evaluate_on_folder(adapter, data_dir: str, subset: str, output_dir: str) -> Dict[str, Any]:
-    """COCO bbox metrics of the model on `data_dir/subset` via `utils.engine.evaluate`, per-class AP and a
+    """COCO bbox metrics of the model on `data_dir/subset` via `utils.training.engine.evaluate`, per-class AP and a
     precision-recall plot; writes evaluation_<subset>.json/.txt and pr_curve_<subset>.png in `output_dir`."""
     import torch
 
-    from utils import engine
-    from utils.config import prediction_batch_size, worker_count
-    from utils.data_loading import collate_fn
+    from utils.training import engine
+    from utils.core.config import prediction_batch_size, worker_count
+    from utils.data.data_loading import collate_fn
 
     settings = adapter.settings
     dataset = _subset_dataset(adapter, data_dir, subset)

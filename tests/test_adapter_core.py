@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fasterrcnn_adapter import FasterRCNNAdapter, UnreadableItem
-from utils import config as config_lib
-from utils import checkpoints, model_factory
-from utils.local_model import local_model
+from utils.core import config as config_lib
+from utils.modeling import checkpoints, model_factory
+from utils.platform.local_model import local_model
 
 SMALL = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn',
          'min_size': 160, 'max_size': 240, 'device': 'cpu'}

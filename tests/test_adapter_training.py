@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
-from utils.local_model import local_model
-from utils.checkpoints import marks_finished_run
-from utils.synthetic import make_synthetic_export
+from utils.platform.local_model import local_model
+from utils.modeling.checkpoints import marks_finished_run
+from utils.data.synthetic import make_synthetic_export
 
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
         'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 2,

@@ -3,7 +3,7 @@ import logging
 import os
 import threading
 
-from utils.artifact_sync import CheckpointUploader, restore_checkpoints
+from utils.platform.artifact_sync import CheckpointUploader, restore_checkpoints
 
 NAMES = ('best.pth', 'last.pth')
 

@@ -29,12 +29,13 @@ from fasterrcnn_adapter import UnreadableItem
 from test_adapter_core import SMALL, boxes_of, make_adapter, random_image
 from test_dataloop_reader import _image_bytes, _item, _mask_png
 from test_training import LABEL_TO_ID, make_records, settings, small_model
-from utils import config as config_lib
-from utils import checkpoints, model_factory, trainer
-from utils.dataloop_reader import read_dataloop_export
-from utils.detection_dataset import DetectionDataset
-from utils.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits, ImageSizeError, load_image, network_limits
-from utils.transforms import get_transform
+from utils.core import config as config_lib
+from utils.modeling import checkpoints, model_factory
+from utils.training import trainer
+from utils.data.dataloop_reader import read_dataloop_export
+from utils.data.detection_dataset import DetectionDataset
+from utils.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageLimits, ImageSizeError, load_image, network_limits
+from utils.data.transforms import get_transform
 
 CPU = torch.device('cpu')
 
@@ -632,7 +633,7 @@ def read_only(monkeypatch):
 
 def test_train_on_a_read_only_data_folder_skips_the_index_and_finishes(read_only, tmp_path, caplog):
     from test_local_runner import TINY
-    from utils.synthetic import make_synthetic_export
+    from utils.data.synthetic import make_synthetic_export
     data = tmp_path / 'data'
     make_synthetic_export(str(data), n_train=2, n_val=1, image_size=(64, 64), seed=5)
     config = tmp_path / 'config.json'

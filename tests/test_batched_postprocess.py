@@ -1,4 +1,4 @@
-"""The batched post-processing (utils/batched_postprocess.py) gives torchvision's results, run here on the CPU.
+"""The batched post-processing (utils/modeling/batched_postprocess.py) gives torchvision's results, run here on the CPU.
 
 On CUDA the network takes that path by itself; `ON_CPU` sends these CPU runs through it too.
 """
@@ -8,9 +8,9 @@ import torchvision
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-from utils import batched_postprocess
-from utils.batched_postprocess import BatchedRoIHeads, BatchedRPN, greedy_nms
-from utils.model_factory import build_model
+from utils.modeling import batched_postprocess
+from utils.modeling.batched_postprocess import BatchedRoIHeads, BatchedRPN, greedy_nms
+from utils.modeling.model_factory import build_model
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
 

@@ -10,9 +10,9 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from fasterrcnn_adapter import FasterRCNNAdapter
 from local_runner.demo import DEMO_DATA, DEMO_SETTINGS
-from utils.images import load_image
-from utils.local_model import local_model
-from utils.synthetic import make_synthetic_export
+from utils.data.images import load_image
+from utils.platform.local_model import local_model
+from utils.data.synthetic import make_synthetic_export
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -99,7 +99,7 @@ def test_embed_on_cuda_in_half_precision_matches_cpu(tmp_path):
 
 def test_device_inputs_take_images_already_on_the_gpu_as_they_are():
     """A batch decoded on the GPU (or passed as CUDA tensors) skips the pinned host copy."""
-    from utils.inference import device_inputs
+    from utils.inference.prediction import device_inputs
     device = torch.device('cuda')
     images = [torch.randint(0, 255, (3, 20, 30), dtype=torch.uint8, device=device),
               torch.randint(0, 255, (3, 16, 12), dtype=torch.uint8)]

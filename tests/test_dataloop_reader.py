@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from utils.annotation_boxes import mask_blob_boxes
-from utils.dataloop_reader import DataloopExport, load_index, read_dataloop_export, require_training_subsets, save_index
+from utils.data.annotation_boxes import mask_blob_boxes
+from utils.data.dataloop_reader import DataloopExport, load_index, read_dataloop_export, require_training_subsets, save_index
 
 LABELS = ['car', 'person']
 W, H = 100, 80
@@ -207,7 +207,7 @@ def _by_name(records):
 
 def test_boxes_and_labels_of_every_item(export_dir, caplog):
     root, expected = export_dir
-    with caplog.at_level(logging.INFO, logger='utils.dataloop_reader'):
+    with caplog.at_level(logging.INFO, logger='utils.data.dataloop_reader'):
         export = read_dataloop_export(root, labels=LABELS)
     records = _by_name(export.subsets['train'])
     assert sorted(records) == sorted(expected)

@@ -14,9 +14,9 @@ import torch
 
 from local_runner.cli import main as local_runner_main
 from fasterrcnn_adapter import FasterRCNNAdapter
-from utils import device as device_lib
-from utils.local_model import local_model
-from utils.synthetic import make_synthetic_export
+from utils.core import device as device_lib
+from utils.platform.local_model import local_model
+from utils.data.synthetic import make_synthetic_export
 
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn',
         'min_size': 64, 'max_size': 64}

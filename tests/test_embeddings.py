@@ -6,10 +6,10 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 
 from fasterrcnn_adapter import FasterRCNNAdapter, UnreadableItem
-from utils import config as config_lib
-from utils.embeddings import fpn_embedding
-from utils.local_model import local_model
-from utils.synthetic import render_item
+from utils.core import config as config_lib
+from utils.modeling.embeddings import fpn_embedding
+from utils.platform.local_model import local_model
+from utils.data.synthetic import render_item
 
 SHAPES = ['circle', 'square', 'triangle']
 

@@ -12,9 +12,9 @@ from PIL import Image
 
 from torchvision.models.detection._utils import BoxCoder
 
-from utils.group_by_aspect_ratio import aspect_ratio_groups, build_grouped_batch_sampler
-from utils.inference import NetworkCache, Prefetcher, boxes_to_collection, fold_batch_norms, inference_network
-from utils.model_factory import BucketedTransform, build_model
+from utils.data.group_by_aspect_ratio import aspect_ratio_groups, build_grouped_batch_sampler
+from utils.inference.prediction import NetworkCache, Prefetcher, boxes_to_collection, fold_batch_norms, inference_network
+from utils.modeling.model_factory import BucketedTransform, build_model
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
 
@@ -186,7 +186,7 @@ def test_bulk_boxes_equal_collection_add():
 
 def test_bulk_boxes_are_freed_as_soon_as_they_are_dropped():
     """No reference cycle between an annotation and its box: dropped, they go at once, where a cycle would
-    wait for a full collection of the whole heap (utils.frozen_heap)."""
+    wait for a full collection of the whole heap (utils.core.frozen_heap)."""
     import gc
     import weakref
     collection = boxes_to_collection([[1.0, 2.0, 30.0, 40.0, 0.9, 1]] * 3, {1: 'cat'}, 'm', 'id-1')
@@ -271,8 +271,8 @@ class _InMemoryItem:
 def test_predict_items_downloads_ahead_in_many_threads_but_decodes_in_few():
     """Decoding holds the GIL that the thread driving the GPU needs: at most DECODE_THREADS at once."""
     from fasterrcnn_adapter import FasterRCNNAdapter
-    from utils.inference import DECODE_THREADS
-    from utils.local_model import local_model
+    from utils.inference.prediction import DECODE_THREADS
+    from utils.platform.local_model import local_model
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(buffer, 'JPEG')
     downloads, decodes = _Gauge(), _Gauge()
@@ -313,7 +313,7 @@ def test_bucketed_transform_normalises_and_rescales_boxes_exactly_as_torchvision
 def test_predict_items_reports_a_failed_download_as_that_item_s_error():
     """Downloads run ahead in the prefetcher's threads; one that fails is its item's error, the others go on."""
     from fasterrcnn_adapter import FasterRCNNAdapter
-    from utils.local_model import local_model
+    from utils.platform.local_model import local_model
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(buffer, 'JPEG')
 
@@ -338,9 +338,9 @@ def test_predict_items_reports_a_failed_download_as_that_item_s_error():
 
 def test_cudnn_autotuning_only_where_cudnn_benchmark_asks_and_only_on_cuda():
     """Off by default: on an H100 each new input shape cost 12-17 s of autotuning (bench/RESULTS.md)."""
-    from utils import config as config_lib
-    from utils.inference import inference_context
-    from utils.model_factory import cudnn_autotune
+    from utils.core import config as config_lib
+    from utils.inference.prediction import inference_context
+    from utils.modeling.model_factory import cudnn_autotune
     assert config_lib.DEFAULTS['cudnn_benchmark'] is False
     with pytest.raises(config_lib.ConfigError, match='cudnn_benchmark'):
         config_lib.resolve({'cudnn_benchmark': 'yes'})
@@ -356,7 +356,7 @@ def test_cudnn_autotuning_only_where_cudnn_benchmark_asks_and_only_on_cuda():
 
 def test_detection_rows_clip_boxes_to_each_image_in_one_host_copy():
     """Rows [left, top, right, bottom, score, label] per image, boxes clipped to that image's own size."""
-    from utils.inference import detection_rows
+    from utils.inference.prediction import detection_rows
 
     def network(inputs):  # what a detector may return: a box past the edges, an image with none
         assert [tuple(i.shape) for i in inputs] == [(3, 48, 64), (3, 30, 20)]

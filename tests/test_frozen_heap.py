@@ -1,12 +1,12 @@
-"""utils.frozen_heap: the collector skips the heap inside, and gets it back after (predict_items through it:
+"""utils.core.frozen_heap: the collector skips the heap inside, and gets it back after (predict_items through it:
 tests/test_predict_pipeline.py)."""
 import contextlib
 import gc
 import threading
 import weakref
 
-from utils import frozen_heap as frozen_heap_module
-from utils.frozen_heap import freeze_kept, frozen_heap
+from utils.core import frozen_heap as frozen_heap_module
+from utils.core.frozen_heap import freeze_kept, frozen_heap
 
 
 class _Cycle:
@@ -105,10 +105,10 @@ def test_evaluation_runs_with_the_heap_frozen(tmp_path):
     """engine.evaluate (fit runs it, and so does the local runner's report) carries the policy itself."""
     import torch
     from tests.test_training import CPU, LABEL_TO_ID, make_records, small_model
-    from utils import engine
-    from utils.data_loading import collate_fn
-    from utils.detection_dataset import DetectionDataset
-    from utils.transforms import get_transform
+    from utils.training import engine
+    from utils.data.data_loading import collate_fn
+    from utils.data.detection_dataset import DetectionDataset
+    from utils.data.transforms import get_transform
     records = make_records(tmp_path, 2, seed=2)
     loader = torch.utils.data.DataLoader(DetectionDataset(records, LABEL_TO_ID, get_transform(False, {})),
                                          batch_size=2, collate_fn=collate_fn)

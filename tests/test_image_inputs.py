@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from fasterrcnn_adapter import FasterRCNNAdapter, UnreadableItem
-from utils.images import image_size, load_image
+from utils.data.images import image_size, load_image
 
 W, H = 48, 32
 QUADRANTS = {'tl': (220, 30, 30), 'tr': (30, 200, 60), 'bl': (40, 60, 220), 'br': (230, 210, 40)}
@@ -177,14 +177,14 @@ def _noisy_jpeg(orientation=1, mode='RGB', **save):
 def test_jpeg_tensor_decode_gives_pil_pixels_exactly(data):
     """Prediction decodes JPEGs with torchvision (less GIL held): the very pixels `load_image` gives."""
     from torchvision.transforms.functional import pil_to_tensor
-    from utils.images import load_image_tensor
+    from utils.data.images import load_image_tensor
     fast = load_image_tensor(data)
     assert fast.dtype == torch.uint8
     assert torch.equal(fast, pil_to_tensor(load_image(data)))
 
 
 def test_jpeg_tensor_decode_fails_as_pil_does():
-    from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor
+    from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor
     truncated = _noisy_jpeg()[:300]
     with pytest.raises(ImageDecodeError) as fast:
         load_image_tensor(truncated)

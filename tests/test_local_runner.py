@@ -16,8 +16,8 @@ from PIL import Image
 
 from local_runner import demo, inputs, report
 from local_runner.cli import main
-from utils import config as config_lib
-from utils.synthetic import make_synthetic_export
+from utils.core import config as config_lib
+from utils.data.synthetic import make_synthetic_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = ['circle', 'square', 'triangle']
@@ -66,7 +66,7 @@ def trained(export_dir, config_file, tmp_path_factory):
 def load_like_the_platform(model_dir):
     """An adapter built independently of the runner: local_model(model.json) + adapter.load(model_dir)."""
     from fasterrcnn_adapter import FasterRCNNAdapter
-    from utils.local_model import local_model
+    from utils.platform.local_model import local_model
     with open(os.path.join(model_dir, 'model.json')) as f:
         description = json.load(f)
     adapter = FasterRCNNAdapter()
@@ -184,7 +184,7 @@ def test_predict_writes_loadable_json_and_pictures_matching_adapter_predict(trai
     import dtlpy as dl
     from torchvision.transforms.functional import pil_to_tensor
 
-    from utils.images import load_image
+    from utils.data.images import load_image
 
     images = tmp_path / 'images'
     shutil.copytree(os.path.join(export_dir, 'validation', 'items'), images)
@@ -369,7 +369,7 @@ def test_only_the_projects_input_errors_become_one_line_exits(tmp_path, capsys, 
     """An InputError is the user's to fix: one line, exit 2. Any other error (a ValueError from torch or
     PIL, say) is a bug and keeps its traceback."""
     from local_runner import cli
-    from utils.errors import InputError
+    from utils.core.errors import InputError
 
     def bad_input(*args, **kwargs):
         raise InputError('the folder holds\nnothing usable')
@@ -387,7 +387,7 @@ def test_only_the_projects_input_errors_become_one_line_exits(tmp_path, capsys, 
 # ----------------------------------------------------------------------------- demo
 
 def test_demo_settings_are_one_place_and_valid():
-    from utils import config
+    from utils.core import config
     assert set(demo.DEMO_SETTINGS) <= set(config.OPTIONS)
     settings = config_lib.resolve(demo.DEMO_SETTINGS)
     assert settings['pretrained'] is False  # the demo never downloads

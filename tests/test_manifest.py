@@ -6,8 +6,8 @@ import os
 
 from dtlpy.entities.service import OnResetAction
 
-from utils import config as config_lib
-from utils import model_factory
+from utils.core import config as config_lib
+from utils.modeling import model_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,7 @@ def test_every_configuration_key_is_known():
     (model,) = load()['components']['models']
     known = set(config_lib.OPTIONS) | {'id_to_label_map', 'label_to_id_map'}
     unknown = sorted(set(model['configuration']) - known)
-    assert unknown == [], f'dataloop.json configuration keys unknown to utils/config.py: {unknown}'
+    assert unknown == [], f'dataloop.json configuration keys unknown to utils/core/config.py: {unknown}'
 
 
 def test_model_configuration_equals_documented_defaults():

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torchvision.transforms.functional import pil_to_tensor
 
-from utils import checkpoints, model_factory
-from utils.onnx_export import ExportError, export_onnx, sidecar_path
-from utils.synthetic import render_item
+from utils.modeling import checkpoints, model_factory
+from utils.export.onnx_export import ExportError, export_onnx, sidecar_path
+from utils.data.synthetic import render_item
 
 ort = pytest.importorskip('onnxruntime')  # a development requirement (requirements-dev.txt)
 

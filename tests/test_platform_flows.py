@@ -29,11 +29,11 @@ from dtlpy.services import service_defaults
 from PIL import Image
 
 from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
-from utils import engine
-from utils.dataloop_reader import load_index
-from utils.local_model import manifest_model_block
-from utils.checkpoints import load_checkpoint
-from utils.synthetic import render_item
+from utils.training import engine
+from utils.data.dataloop_reader import load_index
+from utils.platform.local_model import manifest_model_block
+from utils.modeling.checkpoints import load_checkpoint
+from utils.data.synthetic import render_item
 
 LABELS = ['circle', 'square', 'triangle']
 SHAPE_MAP = {1: 'circle', 2: 'square', 3: 'triangle'}

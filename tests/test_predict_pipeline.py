@@ -1,4 +1,4 @@
-"""utils.predict_pipeline through the adapter's predict_items: the SDK loop's results and errors, with batch
+"""utils.inference.pipeline through the adapter's predict_items: the SDK loop's results and errors, with batch
 k's annotations built and uploaded while the network runs batch k+1."""
 import gc
 import io
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from fasterrcnn_adapter import FasterRCNNAdapter
-from utils.local_model import local_model
+from utils.platform.local_model import local_model
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
 
@@ -117,7 +117,7 @@ def test_failed_batches_are_reported_after_the_others_ran(adapter, uploads, monk
 
 def test_the_garbage_collector_walks_only_each_batch_s_objects_and_gets_the_heap_back(adapter, uploads,
                                                                                     monkeypatch):
-    """utils.frozen_heap through predict_items: every collection skips the heap and the earlier batches'
+    """utils.core.frozen_heap through predict_items: every collection skips the heap and the earlier batches'
     annotations, and after the call nothing stays frozen."""
     items = [_Item(i, _jpeg(i)) for i in range(6)]
     frozen_at = []  # the frozen count at each collection

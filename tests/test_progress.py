@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from utils import engine
-from utils.progress import Progress, route_sdk_bars
+from utils.training import engine
+from utils.core.progress import Progress, route_sdk_bars
 
 BAR_CHARACTERS = ('\r', '█', '|#', '\x1b[')
 
@@ -21,7 +21,7 @@ def _progress_lines(caplog, text):
 
 
 def test_without_a_terminal_progress_is_a_bounded_number_of_log_lines(caplog, capsys):
-    with caplog.at_level(logging.INFO, logger='utils.progress'):
+    with caplog.at_level(logging.INFO, logger='utils.core.progress'):
         for _ in Progress(range(1000), desc='work', unit='item', summary=True):
             pass
     lines = _progress_lines(caplog, 'work:')
@@ -34,8 +34,8 @@ def test_without_a_terminal_progress_is_a_bounded_number_of_log_lines(caplog, ca
 
 def test_a_line_every_interval_when_the_work_is_slow(caplog, monkeypatch):
     clock = iter(range(0, 10_000, 40))  # 40 s per step
-    monkeypatch.setattr('utils.progress.time.monotonic', lambda: next(clock))
-    with caplog.at_level(logging.INFO, logger='utils.progress'):
+    monkeypatch.setattr('utils.core.progress.time.monotonic', lambda: next(clock))
+    with caplog.at_level(logging.INFO, logger='utils.core.progress'):
         progress = Progress(total=1000, desc='slow')
         for _ in range(5):
             progress.update()
@@ -45,7 +45,7 @@ def test_a_line_every_interval_when_the_work_is_slow(caplog, monkeypatch):
 
 def test_on_a_terminal_a_bar_and_no_log_lines(caplog, monkeypatch):
     monkeypatch.setattr(sys, 'stderr', _Terminal())
-    with caplog.at_level(logging.INFO, logger='utils.progress'):
+    with caplog.at_level(logging.INFO, logger='utils.core.progress'):
         for _ in Progress(range(50), desc='work', summary=True):
             pass
     assert not _progress_lines(caplog, 'work')

@@ -15,10 +15,12 @@ import torch
 
 from local_runner.model_folder import check_train_output
 from tests.test_training import CHECKPOINT_INFO, CPU, LABEL_TO_ID, make_records, settings, small_model
-from utils import atomic, checkpoint_writer, checkpoints, curves, trainer
-from utils.atomic import atomic_write, remove_stale_temporaries
-from utils.checkpoints import load_checkpoint, marks_finished_run, save_checkpoint
-from utils.errors import DiskFullError, InputError
+from utils.core import atomic
+from utils.training import checkpoint_writer, curves, trainer
+from utils.modeling import checkpoints
+from utils.core.atomic import atomic_write, remove_stale_temporaries
+from utils.modeling.checkpoints import load_checkpoint, marks_finished_run, save_checkpoint
+from utils.core.errors import DiskFullError, InputError
 
 OLD = time.time() - 3600  # an mtime from before this test process started
 
@@ -250,7 +252,7 @@ def test_on_epoch_end_sees_that_epochs_checkpoints_complete(tmp_path, monkeypatc
         time.sleep(0.2)  # the next epoch trains meanwhile: on_epoch_end must still wait for this write
         return real_save(payload, path)
 
-    monkeypatch.setattr('utils.checkpoint_writer.save_checkpoint', slow_save)
+    monkeypatch.setattr('utils.training.checkpoint_writer.save_checkpoint', slow_save)
     output = tmp_path / 'out'
     seen, active = [], []
 
@@ -296,7 +298,7 @@ def test_the_checkpoint_is_a_snapshot_of_its_epoch(tmp_path, monkeypatch, record
 
     monkeypatch.setattr(trainer._Run, 'add', add)
     real_save = checkpoints.save_checkpoint
-    monkeypatch.setattr('utils.checkpoint_writer.save_checkpoint',
+    monkeypatch.setattr('utils.training.checkpoint_writer.save_checkpoint',
                         lambda payload, path: (time.sleep(0.3), real_save(payload, path))[1])
     seen = {}
     output = tmp_path / 'out'
@@ -362,7 +364,7 @@ def test_checkpoints_come_every_interval_and_after_the_final_epoch(tmp_path, mon
     clocked_training(monkeypatch, epoch_s=25.0)
     output, written = tmp_path / 'out', []
     real_save = checkpoints.save_checkpoint
-    monkeypatch.setattr('utils.checkpoint_writer.save_checkpoint',
+    monkeypatch.setattr('utils.training.checkpoint_writer.save_checkpoint',
                         lambda payload, path: written.append((os.path.basename(path), payload['epoch'])) or
                         real_save(payload, path))
     seen = []

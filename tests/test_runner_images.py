@@ -17,9 +17,9 @@ import pytest
 import torch
 import torchvision
 
-from utils import config as config_lib
-from utils import device as device_lib
-from utils import model_factory
+from utils.core import config as config_lib
+from utils.core import device as device_lib
+from utils.modeling import model_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'docker'))

@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from utils.atomic import atomic_write
-from utils.label_map import configuration_entries, label_to_id, labels_in_id_order, parse_id_to_label
+from utils.core.atomic import atomic_write
+from utils.core.label_map import configuration_entries, label_to_id, labels_in_id_order, parse_id_to_label
 
 
 def test_atomic_write_replaces_the_file_with_plain_permissions(tmp_path):

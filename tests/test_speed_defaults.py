@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from utils import config as config_lib
+from utils.core import config as config_lib
 
 
 def test_auto_values_on_the_cpu_keep_the_cpu_recipe():
@@ -17,7 +17,7 @@ def test_auto_values_on_the_cpu_keep_the_cpu_recipe():
 @pytest.mark.parametrize('gib, batch', [(15, 4), (80, 8)])
 def test_auto_values_on_a_gpu_follow_its_memory(monkeypatch, gib, batch):
     monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: SimpleNamespace(total_memory=gib * 2 ** 30))
-    monkeypatch.setattr('utils.config.os.cpu_count', lambda: 8)
+    monkeypatch.setattr('utils.core.config.os.cpu_count', lambda: 8)
     settings = config_lib.for_training(config_lib.resolve({}), torch.device('cuda'))
     assert settings['batch_size'] == batch and settings['learning_rate'] == pytest.approx(0.00125 * batch)
     assert settings['num_workers'] == 4

@@ -7,7 +7,7 @@ import re
 import pytest
 from PIL import Image
 
-from utils.synthetic import SHAPE_COLORS, make_synthetic_export
+from utils.data.synthetic import SHAPE_COLORS, make_synthetic_export
 
 
 def _digest(root):

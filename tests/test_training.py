@@ -19,18 +19,18 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from utils import engine, trainer
-from utils.checkpoints import load_checkpoint
-from utils.coco_eval import CocoEvaluator
-from utils.coco_utils import convert_to_coco_api
-from utils.config import DEFAULTS
-from utils.curves import COLUMNS, read_csv, write_csv, write_png
-from utils.detection_dataset import DetectionDataset
-from utils.model_factory import build_model
-from utils.output_layout import CURVES_CSV, CURVES_PNG
-from utils.transforms import (Compose, RandomHorizontalFlip, RandomPhotometricDistort, RandomVerticalFlip,
+from utils.training import engine, trainer
+from utils.modeling.checkpoints import load_checkpoint
+from utils.evaluation.coco_eval import CocoEvaluator
+from utils.evaluation.coco_utils import convert_to_coco_api
+from utils.core.config import DEFAULTS
+from utils.training.curves import COLUMNS, read_csv, write_csv, write_png
+from utils.data.detection_dataset import DetectionDataset
+from utils.modeling.model_factory import build_model
+from utils.core.output_layout import CURVES_CSV, CURVES_PNG
+from utils.data.transforms import (Compose, RandomHorizontalFlip, RandomPhotometricDistort, RandomVerticalFlip,
                               get_transform)
-from utils.data_loading import collate_fn
+from utils.data.data_loading import collate_fn
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'
 SIZE = 128
@@ -304,8 +304,8 @@ def test_evaluator_ignores_images_it_was_not_given(tmp_path):
 
 
 def test_per_class_ap_reads_the_cocoeval_precision_array():
-    from utils.coco_eval import per_class_ap
-    from utils.coco_utils import coco_from_dict
+    from utils.evaluation.coco_eval import per_class_ap
+    from utils.evaluation.coco_utils import coco_from_dict
     gt = {'images': [{'id': 0, 'width': 100, 'height': 100}, {'id': 1, 'width': 100, 'height': 100}],
           'annotations': [
               {'id': 1, 'image_id': 0, 'category_id': 1, 'bbox': [10, 10, 30, 30], 'area': 900, 'iscrowd': 0},
@@ -521,7 +521,7 @@ def test_publish_metrics_gets_every_epoch_and_its_errors_do_not_stop_training(tr
 
 
 def test_training_keeps_the_garbage_collector_off_the_heap_and_gives_it_back(trained):
-    """utils.frozen_heap around the epochs: frozen while they run, nothing frozen after fit."""
+    """utils.core.frozen_heap around the epochs: frozen while they run, nothing frozen after fit."""
     assert all(frozen > 1000 for _, _, frozen in trained.published)
     assert gc.get_freeze_count() == 0
 
@@ -712,7 +712,7 @@ def test_fit_without_validation_and_with_an_explicit_resume_path(tmp_path, monke
 def test_a_small_validation_set_is_decoded_once_for_the_whole_run(tmp_path, monkeypatch):
     """Evaluation every epoch over a set that fits in memory (VALIDATION_CACHE_BYTES) decodes each image once,
     with the same metrics as a set read by the loader every epoch."""
-    import utils.detection_dataset as detection_dataset
+    import utils.data.detection_dataset as detection_dataset
     decoded = []
     real_load = detection_dataset.load_image
     monkeypatch.setattr(detection_dataset, 'load_image', lambda path, *args: decoded.append(path) or

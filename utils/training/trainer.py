@@ -19,7 +19,7 @@ from 1 ("epoch 3/10"). When ``weights/last.pth`` exists (or `resume_path` is
 given) training continues after its epoch with the same state; a finished run
 is not trained again (only a last.pth that says so is a finished run: a
 best.pth alone is not). The checkpoints are written on a background thread
-(`utils.checkpoint_writer`) from a CPU snapshot taken at the end of the epoch, so
+(`utils.training.checkpoint_writer`) from a CPU snapshot taken at the end of the epoch, so
 the next epoch trains meanwhile; by interval, because on a small dataset a GPU
 epoch takes less than a resnet50's 320 MB last.pth does to snapshot and write
 (a crash loses at most that interval of training). With no validation records, every epoch counts as the
@@ -35,24 +35,24 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from utils import engine
-from utils.atomic import remove_stale_temporaries
-from utils.checkpoint_writer import CheckpointWriter
-from utils.checkpoints import (check_compatible, device_copy, load_checkpoint, make_checkpoint, marks_finished_run,
+from utils.training import engine
+from utils.core.atomic import remove_stale_temporaries
+from utils.training.checkpoint_writer import CheckpointWriter
+from utils.modeling.checkpoints import (check_compatible, device_copy, load_checkpoint, make_checkpoint, marks_finished_run,
                                save_checkpoint)
-from utils.config import DEFAULTS, for_training
-from utils.curves import CurvesWriter
-from utils.data_loading import collate_fn, make_generator, seed_everything, seed_worker
-from utils.detection_dataset import DetectionDataset
-from utils.errors import InputError
-from utils.frozen_heap import frozen_heap
-from utils.group_by_aspect_ratio import GroupedBatchSampler, build_grouped_batch_sampler
-from utils.images import network_limits
-from utils.label_map import parse_id_to_label
-from utils.metric_names import EVAL_KEYS, LOSS_KEYS
-from utils.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR  # noqa: F401
-from utils.model_factory import cudnn_autotune, num_classes_for
-from utils.transforms import get_transform
+from utils.core.config import DEFAULTS, for_training
+from utils.training.curves import CurvesWriter
+from utils.data.data_loading import collate_fn, make_generator, seed_everything, seed_worker
+from utils.data.detection_dataset import DetectionDataset
+from utils.core.errors import InputError
+from utils.core.frozen_heap import frozen_heap
+from utils.data.group_by_aspect_ratio import GroupedBatchSampler, build_grouped_batch_sampler
+from utils.data.images import network_limits
+from utils.core.label_map import parse_id_to_label
+from utils.core.metric_names import EVAL_KEYS, LOSS_KEYS
+from utils.core.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR  # noqa: F401
+from utils.modeling.model_factory import cudnn_autotune, num_classes_for
+from utils.data.transforms import get_transform
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
         resume_path: Optional[str] = None) -> FitResult:
     """Train `model` for ``settings['epochs']`` epochs (or until early stopping); see the module doc.
 
-    - `settings`: the resolved configuration (`utils.config.resolve`); missing keys take defaults.
+    - `settings`: the resolved configuration (`utils.core.config.resolve`); missing keys take defaults.
     - `checkpoint_info`: `make_checkpoint` kwargs: variant, id_to_label_map (and optionally
       min_size, max_size; by default the network's own).
     - `on_epoch_end(epoch, epochs)`: called once per epoch, in order, as soon as the checkpoints
@@ -201,7 +201,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
                               interval_s=float(settings['checkpoint_interval_s']))
     curves = CurvesWriter(output_path)
     try:
-        with frozen_heap():  # the collector walks each step's objects, not the process's heap (utils.frozen_heap)
+        with frozen_heap():  # the collector walks each step's objects, not the process's heap (utils.core.frozen_heap)
             _epochs(run, train_loader, val_loader, device, settings, writer, curves, publish_metrics, last_path,
                     best_path)
         writer.wait()  # the final checkpoints are on disk (and on_epoch_end saw them) before fit returns

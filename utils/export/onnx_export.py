@@ -16,12 +16,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from utils import config as config_lib
-from utils import checkpoints, model_factory
-from utils.atomic import atomic_write, write_json
-from utils.errors import InputError
-from utils.label_map import configuration_entries, parse_id_to_label
-from utils.output_layout import MODEL_FILE
+from utils.core import config as config_lib
+from utils.modeling import checkpoints, model_factory
+from utils.core.atomic import atomic_write, write_json
+from utils.core.errors import InputError
+from utils.core.label_map import configuration_entries, parse_id_to_label
+from utils.core.output_layout import MODEL_FILE
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
 
-from utils.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
-from utils.errors import InputError
+from utils.core.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
+from utils.core.errors import InputError
 
 try:  # deprecated since torchvision 0.29 (TorchCodec takes over); without it PIL decodes every image
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -31,7 +31,7 @@ warnings.filterwarnings('ignore', message='The image decoding and encoding capab
                         category=DeprecationWarning)
 
 # PIL's own bomb check, a backstop at the largest `max_image_pixels` allowed; the
-# configured limit (`ImageLimits`, default in utils.config) is applied first, from the header.
+# configured limit (`ImageLimits`, default in utils.core.config) is applied first, from the header.
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS_CEILING
 
 

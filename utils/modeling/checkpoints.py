@@ -12,10 +12,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
-from utils.atomic import atomic_write
-from utils.errors import InputError
-from utils.label_map import parse_id_to_label
-from utils.model_factory import BUILDERS, input_sizes, num_classes_for
+from utils.core.atomic import atomic_write
+from utils.core.errors import InputError
+from utils.core.label_map import parse_id_to_label
+from utils.modeling.model_factory import BUILDERS, input_sizes, num_classes_for
 
 CHECKPOINT_FORMAT = 'fasterrcnn-dataloop/1'
 PREDICTOR = 'roi_heads.box_predictor.'

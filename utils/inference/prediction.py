@@ -29,10 +29,10 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.transforms.functional import pil_to_tensor
 
-from utils.embeddings import fpn_embedding
-from utils.engine import detections_to_host
-from utils.images import ImageLimits, ImageSizeError
-from utils.model_factory import cudnn_autotune
+from utils.modeling.embeddings import fpn_embedding
+from utils.training.engine import detections_to_host
+from utils.data.images import ImageLimits, ImageSizeError
+from utils.modeling.model_factory import cudnn_autotune
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch
 
 def image_vectors(network: nn.Module, images: List[torch.Tensor], device: torch.device,
                   autotune: bool = False) -> List[List[float]]:
-    """One L2-normalised vector per image (`utils.embeddings.fpn_embedding`), through the same
+    """One L2-normalised vector per image (`utils.modeling.embeddings.fpn_embedding`), through the same
     preprocessing and precision as `detection_rows`, so a vector describes what prediction sees."""
     with inference_context(device, autotune):
         image_list, _ = network.transform(device_inputs(images, device))
@@ -273,7 +273,7 @@ def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: st
     model_info validation) do not apply to image boxes whose confidences are already in [0, 1].
     The box's reference back to its annotation, which `Annotation.new` writes and nothing in dtlpy
     reads, is cleared: with it each annotation is a reference cycle, freed only by a full collection
-    of the process's heap once the caller drops it (`utils.frozen_heap`); without it, at once.
+    of the process's heap once the caller drops it (`utils.core.frozen_heap`); without it, at once.
     """
     collection = dl.AnnotationCollection()
     new, box, append = dl.Annotation.new, dl.Box, collection.annotations.append

@@ -1,6 +1,6 @@
 """A torch Dataset over the reader's records, in the form torchvision's detection models train on.
 
-A record (from `utils.dataloop_reader`) is::
+A record (from `utils.data.dataloop_reader`) is::
 
     {'item_id': str, 'name': str, 'image_path': str, 'width': int, 'height': int,
      'boxes': [[x1, y1, x2, y2], ...], 'labels': [label name, ...]}
@@ -9,11 +9,11 @@ and an empty ``boxes`` list marks a negative (background) image. Item ``i``
 returns ``(image, target)`` with ``target`` holding ``boxes`` (float32 ``[N, 4]``,
 ``[0, 4]`` for a negative), ``labels`` (int64 ``[N]``), ``image_id`` (``i``),
 ``area`` and ``iscrowd``. Targets are prepared once, up front, so the COCO ground
-truth (`utils.coco_utils`) is built from them without decoding any image.
+truth (`utils.evaluation.coco_utils`) is built from them without decoding any image.
 
 An image that cannot be decoded at training time, or whose size the `limits`
 refuse (too many pixels, too thin for the network's resize), is logged (naming
-the item) and the sample comes back as ``None``; `utils.data_loading.collate_fn` drops
+the item) and the sample comes back as ``None``; `utils.data.data_loading.collate_fn` drops
 it. The reader already skips and counts such items; this guards records from an
 older index or from elsewhere.
 """
@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from utils.errors import InputError
-from utils.images import ImageDecodeError, ImageLimits, load_image
+from utils.core.errors import InputError
+from utils.data.images import ImageDecodeError, ImageLimits, load_image
 
 logger = logging.getLogger(__name__)
 

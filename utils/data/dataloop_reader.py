@@ -16,7 +16,7 @@ size comes from the image header (`image_size`), never from item metadata, which
 can be stale or missing. Coordinates are read from the JSON directly (the SDK's
 `AnnotationCollection.from_json` silently drops what it cannot parse).
 
-Annotation types become boxes as `utils.annotation_boxes` says (box, polygon, ellipse, mask
+Annotation types become boxes as `utils.data.annotation_boxes` says (box, polygon, ellipse, mask
 blobs; other types are counted as ``type <t>``), clipped to the image; those under 1 px
 wide or high after clipping are dropped.
 
@@ -34,10 +34,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from PIL import Image
 
-from utils.annotation_boxes import Frame, Skip, annotation_boxes, clip_box
-from utils.atomic import atomic_write
-from utils.errors import InputError
-from utils.images import ImageDecodeError, ImageLimits, ImageSizeError, image_extensions, image_size
+from utils.data.annotation_boxes import Frame, Skip, annotation_boxes, clip_box
+from utils.core.atomic import atomic_write
+from utils.core.errors import InputError
+from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, image_extensions, image_size
 
 logger = logging.getLogger(__name__)
 

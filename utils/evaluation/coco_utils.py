@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from pycocotools.coco import COCO
 
-from utils.detection_dataset import DetectionDataset
+from utils.data.detection_dataset import DetectionDataset
 
 logger = logging.getLogger(__name__)
 

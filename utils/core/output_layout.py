@@ -1,4 +1,4 @@
-"""Names of the files a training run leaves in its output folder (`utils.trainer`, `utils.curves`).
+"""Names of the files a training run leaves in its output folder (`utils.training.trainer`, `utils.training.curves`).
 
 Kept apart from the trainer so that code which only checks a folder (the local
 runner, before any heavy import) uses the same names.

@@ -4,9 +4,9 @@ import json
 import os
 from typing import Any, Dict, Iterable, Optional
 
-from utils.label_map import configuration_entries
+from utils.core.label_map import configuration_entries
 
-MANIFEST_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'dataloop.json')
+MANIFEST_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'dataloop.json')
 
 
 def load_manifest(path: str = MANIFEST_PATH) -> Dict[str, Any]:

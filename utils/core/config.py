@@ -11,7 +11,7 @@ import os
 import posixpath
 from typing import Any, Dict, Optional, Tuple
 
-from utils.errors import InputError
+from utils.core.errors import InputError
 
 VARIANTS = (
     'fasterrcnn_resnet50_fpn',
@@ -24,7 +24,7 @@ DEVICES = ('auto', 'cpu', 'cuda')
 # network sees at most max_size x min_size (1333 x 800, about 1 MP): beyond that, pixels
 # only cost memory. 100 MP takes in every camera up to medium format and costs 300 MB
 # decoded as RGB, 1.2 GB as the float32 tensor the network normalizes; past it, a tiny
-# compressed file can exhaust a pod. The ceiling is PIL's own bomb limit (utils.images).
+# compressed file can exhaust a pod. The ceiling is PIL's own bomb limit (utils.data.images).
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 MAX_IMAGE_PIXELS_CEILING = 400_000_000
 LR_SCHEDULERS = ('multistep', 'cosine')

@@ -25,8 +25,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils.coco_utils import quiet_stdout
-from utils.metric_names import EVAL_KEYS
+from utils.evaluation.coco_utils import quiet_stdout
+from utils.core.metric_names import EVAL_KEYS
 
 logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import dtlpy as dl
 
-from utils.frozen_heap import freeze_kept
-from utils.progress import Progress
+from utils.core.frozen_heap import freeze_kept
+from utils.core.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class _Finisher:
         for collection in collections:
             self.annotations.extend(collection.annotations if isinstance(collection, dl.AnnotationCollection)
                                     else collection)
-        freeze_kept()  # kept to the end of the call: the garbage collector stops walking them (utils.frozen_heap)
+        freeze_kept()  # kept to the end of the call: the garbage collector stops walking them (utils.core.frozen_heap)
 
     def failed(self, batch_items: list, what: str, err: Exception) -> None:
         ids = [item.id for item in batch_items]

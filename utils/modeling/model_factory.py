@@ -1,6 +1,6 @@
 """Build torchvision Faster R-CNN variants: COCO weights, a fresh box predictor, padding buckets, cuDNN autotuning.
 
-Checkpoint files (writing, loading, validating them) are `utils.checkpoints`."""
+Checkpoint files (writing, loading, validating them) are `utils.modeling.checkpoints`."""
 import contextlib
 import logging
 import math
@@ -13,8 +13,8 @@ from torchvision.models import detection
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from utils.batched_postprocess import batch_postprocessing, host_table
-from utils.errors import InputError
+from utils.modeling.batched_postprocess import batch_postprocessing, host_table
+from utils.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def build_model(variant: str, num_classes: int, min_size: Optional[int] = None, 
     box predictor is then replaced for `num_classes` unless `keep_coco_head`.
     `padding_bucket` > 32 pads batches to `BucketedTransform`'s coarser grid.
     `batched_postprocess`: on CUDA, the RPN and RoI heads post-process the whole batch at once
-    (`utils.batched_postprocess`: same results, far fewer host syncs); False: torchvision's as is.
+    (`utils.modeling.batched_postprocess`: same results, far fewer host syncs); False: torchvision's as is.
     `options` are further FasterRCNN keyword arguments (e.g. rpn_post_nms_top_n_train).
     """
     builder, weights_enum = BUILDERS[variant]

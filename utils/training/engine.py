@@ -1,7 +1,7 @@
 """One training epoch and one COCO evaluation, in the shape of torchvision's detection references.
 
 `train_one_epoch` runs the model in training mode over a loader of
-``(images, targets)`` batches (see `utils.data_loading.collate_fn`): a linear learning
+``(images, targets)`` batches (see `utils.data.data_loading.collate_fn`): a linear learning
 rate warm-up on the first epoch, mixed precision when a GradScaler is given
 (CUDA), gradient clipping, and a guard against non-finite losses: such a step
 is skipped and logged, and `max_nonfinite` of them in a row raise
@@ -17,11 +17,11 @@ import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from utils.coco_eval import CocoEvaluator, Evaluation
-from utils.coco_utils import get_coco_api_from_dataset
-from utils.frozen_heap import frozen_heap
-from utils.metric_names import LOSS_KEYS
-from utils.progress import Progress
+from utils.evaluation.coco_eval import CocoEvaluator, Evaluation
+from utils.evaluation.coco_utils import get_coco_api_from_dataset
+from utils.core.frozen_heap import frozen_heap
+from utils.core.metric_names import LOSS_KEYS
+from utils.core.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ def evaluate(model: torch.nn.Module, data_loader: Optional[Iterable], device: to
     nms_thresh 0.5, detections_per_img 100) for the duration and get their
     own values back afterwards, as does the model's train/eval mode. An empty
     (or missing) validation set, or no detections at all, gives 0.0 for all.
-    `backend`: the COCO implementation (see `utils.coco_eval`); None picks the fastest installed.
+    `backend`: the COCO implementation (see `utils.evaluation.coco_eval`); None picks the fastest installed.
     """
     if data_loader is None or len(data_loader.dataset) == 0:
         logger.warning('no validation images: evaluation metrics are 0.0')

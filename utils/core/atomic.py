@@ -23,7 +23,7 @@ import threading
 import time
 from typing import IO, Any, Iterator, List, Optional, Set
 
-from utils.errors import DiskFullError
+from utils.core.errors import DiskFullError
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from utils.errors import InputError
+from utils.core.errors import InputError
 
 logger = logging.getLogger('fasterrcnn.device')
 

@@ -17,7 +17,7 @@ Boxes are clipped to the image; those under 1 px wide or high after clipping are
 
 `annotation_boxes` gives an annotation's boxes unclipped, `clip_box` clips one to the image.
 Whatever cannot be used raises `Skip`, whose `reason` is the counter key a `SubsetReport`
-counts it under (`utils.dataloop_reader`).
+counts it under (`utils.data.dataloop_reader`).
 """
 import base64
 import binascii

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from utils.atomic import copy_file
+from utils.core.atomic import copy_file
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as F
 
-from utils.config import DEFAULTS
+from utils.core.config import DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class RandomPhotometricDistort:
 def get_transform(train: bool, settings: Optional[Mapping[str, Any]] = None) -> Compose:
     """The pipeline for training (`train=True`: augmentations as switched on) or evaluation.
 
-    `settings` is the adapter's resolved configuration (`utils.config.resolve`);
+    `settings` is the adapter's resolved configuration (`utils.core.config.resolve`);
     missing keys take the defaults (horizontal flip on, vertical flip and
     photometric distortion off).
     """

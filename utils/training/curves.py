@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from utils.atomic import atomic_write
-from utils.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
-from utils.output_layout import CURVES_CSV, CURVES_PNG
+from utils.core.atomic import atomic_write
+from utils.core.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
+from utils.core.output_layout import CURVES_CSV, CURVES_PNG
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from utils.checkpoints import cpu_copy, device_copy, save_checkpoint
+from utils.modeling.checkpoints import cpu_copy, device_copy, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class CheckpointWriter:
     def submit(self, epoch: int, files: Sequence[Tuple[str, Mapping[str, Any]]]) -> None:
         """Write each (path, checkpoint) in order in the background, then call ``on_written(epoch)``.
 
-        The checkpoints must be snapshots (`utils.checkpoints.cpu_copy`): training goes on meanwhile.
+        The checkpoints must be snapshots (`utils.modeling.checkpoints.cpu_copy`): training goes on meanwhile.
         """
         self.wait()
         self._thread = threading.Thread(target=self._write, args=(epoch, list(files)), daemon=True,
