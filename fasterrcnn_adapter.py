@@ -30,7 +30,7 @@ from utils.inference import pipeline
 from utils.inference import prediction
 from utils.inference.prediction import UnreadableItem
 from utils.modeling import checkpoints, model_factory
-from utils.platform import artifact_sync
+from utils.platform import annotation_json, artifact_sync
 
 logger = logging.getLogger('fasterrcnn.adapter')
 
@@ -257,6 +257,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         for position, image_rows in zip(positions, rows):
             collections[position] = prediction.boxes_to_collection(image_rows, labels, model_name, model_id)
         return collections
+
+    def _upload_payloads(self, batch_items, detections: Tuple[List[int], List[list]]) -> List[List[dict]]:
+        """predict_items' second half before the upload: per item, the JSON the SDK would upload for `_annotate`'s
+        stamped collection, built in bulk (`utils.platform.annotation_json`: the same dicts, no objects between)."""
+        positions, rows = detections
+        return annotation_json.batch_box_annotations(batch_items, positions, rows, self.id_to_label_map(),
+                                                     self.model_entity.name, self.model_entity.id)
 
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
         """The batch's decoded images and their positions; unreadable entries are kept for the run's error."""

@@ -1,5 +1,6 @@
 """utils.inference.pipeline through the adapter's predict_items: the SDK loop's results and errors, with batch
 k's annotations built and uploaded while the network runs batch k+1."""
+import copy
 import gc
 import io
 import threading
@@ -39,14 +40,23 @@ def adapter():
     return adapter
 
 
+class _Uploads(list):
+    """Item ids in upload order; `sent`: per item id, the annotation dicts its upload sent."""
+    sent: dict
+
+
 @pytest.fixture
 def uploads(adapter, monkeypatch):
-    """The platform's upload, offline: records which items went up, returns what it was given."""
-    uploaded = []
+    """The platform's upload, offline: records which items went up and what was sent (objects as the SDK's upload
+    serialises them, dicts as they are), and returns what the SDK's upload returns: its objects, read back."""
+    uploaded = _Uploads()
+    uploaded.sent = {}
 
-    def upload(item, collection):
+    def upload(item, predictions):
         uploaded.append(item.id)
-        return collection
+        sent = [p if isinstance(p, dict) else p.to_json() for p in predictions]
+        uploaded.sent.setdefault(item.id, []).append(sent)
+        return dl.AnnotationCollection.from_json(_json=copy.deepcopy(sent))
     monkeypatch.setattr(adapter, '_upload_model_annotations', upload)
     return uploaded
 
@@ -58,8 +68,11 @@ def _as_json(annotations):
 def test_same_annotations_in_the_same_order_as_the_sdk_loop(adapter, uploads):
     items = [_Item(i, _jpeg(i)) for i in range(7)]  # 3 batches of 3, the last one short
     ours_items, ours = adapter.predict_items(items, batch_size=3)
+    ours_sent = dict(uploads.sent)
+    uploads.sent.clear()
     sdk_items, sdk = dl.BaseModelAdapter.predict_items(adapter, items, batch_size=3)
     assert ours_items == sdk_items == items
+    assert ours_sent == uploads.sent  # the JSON built in bulk is what the SDK's objects send
     assert len(ours) == 7 * 5
     assert _as_json(ours) == _as_json(sdk)
     assert [annotation.item_id for annotation in ours] == [f'item-{i}' for i in range(7) for _ in range(5)]
@@ -145,7 +158,7 @@ def test_the_garbage_collector_walks_only_each_batch_s_objects_and_gets_the_heap
 def _steps_of(adapter, monkeypatch, items, batch_size):
     """The order of predict_items' steps: ('decoded', i) per item, ('detect', first item), ('annotate', first)."""
     steps = []
-    prepare, detect, annotate = adapter.prepare_item_func, adapter._detect, adapter._annotate
+    prepare, detect, annotate = adapter.prepare_item_func, adapter._detect, adapter._upload_payloads
 
     def decoded(item):
         image = prepare(item)
@@ -156,10 +169,11 @@ def _steps_of(adapter, monkeypatch, items, batch_size):
         steps.append(('detect', len([s for s in steps if s[0] == 'detect']) * batch_size))
         return detect(batch, **kwargs)
 
-    def annotating(batch, detections):
+    def annotating(batch_items, detections):
         steps.append(('annotate', len([s for s in steps if s[0] == 'annotate']) * batch_size))
-        return annotate(batch, detections)
-    for name, replacement in (('prepare_item_func', decoded), ('_detect', detecting), ('_annotate', annotating)):
+        return annotate(batch_items, detections)
+    for name, replacement in (('prepare_item_func', decoded), ('_detect', detecting),
+                              ('_upload_payloads', annotating)):
         monkeypatch.setattr(adapter, name, replacement)
     adapter.predict_items(items, batch_size=batch_size)
     return steps

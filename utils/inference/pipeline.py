@@ -7,11 +7,12 @@ before the next batch reaches the GPU. Building annotations is pure Python (abou
 this project's 2-core machine, 20 on the H100 machine's host: 31 ms for 16 images of 100 boxes) and
 the upload waits on the platform, so the GPU sat idle for both. Here the caller's thread decodes and
 runs the network (`adapter._detect`) and one finishing thread, in batch order, turns the rows into
-annotations (`adapter._annotate`), stamps them (the SDK's `_update_predictions_metadata`) and
-uploads them (the SDK's `_upload_model_annotations`, 16 items at once). Batch k is handed to the
-finishing thread once batch k+1 is decoded, so that it runs beside batch k+1's forward pass and
-not beside its decoding: the decoding threads need Python's GIL between their steps, and with
-the finishing thread's pure Python beside them each waited out a switch interval (5 ms) at every
+the JSON the SDK would upload for its stamped annotations (`adapter._upload_payloads`: built in bulk,
+no `dl.Annotation` between, `utils.platform.annotation_json`) and uploads it (the SDK's
+`_upload_model_annotations`, 16 items at once; what comes back are the SDK's objects, as in its
+loop). Batch k is handed to the finishing thread once batch k+1 is decoded, so that it runs beside
+batch k+1's forward pass and not beside its decoding: the decoding threads need Python's GIL between
+their steps, and with the finishing thread's pure Python beside them each waited out a switch interval (5 ms) at every
 step (a host-only simulation on 2 cores: 54.5 -> 46.1 ms a batch of 16 beside a 30 ms forward).
 Decoding batch k+1 in the pool while the network runs batch k was slower on an H100, in two
 sessions (122.5 against 137.3 images/s in the same run): decoding stays between forward passes.
@@ -39,7 +40,8 @@ POOL_THREADS = 16
 
 
 def predict_items(adapter, items: Sequence[Any], batch_size: int, **kwargs) -> Tuple[list, List[dl.Annotation]]:
-    """The SDK's predict_items for `adapter` (a dl.BaseModelAdapter with `_detect` and `_annotate`), pipelined."""
+    """The SDK's predict_items for `adapter` (a dl.BaseModelAdapter with `_detect` and `_upload_payloads`),
+    pipelined."""
     with ThreadPoolExecutor(POOL_THREADS, thread_name_prefix='predict') as pool, _Finisher(adapter, pool) as finisher:
         for start in Progress(range(0, len(items), batch_size), desc='predicting', unit='batch', log=logger,
                               summary=True):
@@ -47,7 +49,7 @@ def predict_items(adapter, items: Sequence[Any], batch_size: int, **kwargs) -> T
             batch = list(pool.map(adapter.prepare_item_func, batch_items))
             finisher.hand_over()  # the batch before: beside this one's forward pass, not beside its decoding
             try:
-                finisher.forwarded(batch_items, batch, adapter._detect(batch, **kwargs))
+                finisher.forwarded(batch_items, adapter._detect(batch, **kwargs))
             except Exception as err:  # the SDK's rule: report the batch, go on with the next
                 finisher.failed(batch_items, f'Failed to predict batch {start}', err)
     if finisher.errors:
@@ -57,14 +59,14 @@ def predict_items(adapter, items: Sequence[Any], batch_size: int, **kwargs) -> T
 
 
 class _Finisher:
-    """Each batch's second half, in batch order on a thread of its own: annotations, model metadata, upload.
-    One batch in flight: annotations never pile up behind a slow upload."""
+    """Each batch's second half, in batch order on a thread of its own: the annotations' JSON (model metadata
+    in), the upload. One batch in flight: annotations never pile up behind a slow upload."""
 
     def __init__(self, adapter, pool: ThreadPoolExecutor):
         self._adapter, self._pool = adapter, pool
         self._thread = ThreadPoolExecutor(1, thread_name_prefix='annotate')
         self._running: Optional[Future] = None
-        self._waiting: Optional[tuple] = None  # (items, batch, detections) through the network, not handed over
+        self._waiting: Optional[tuple] = None  # (items, detections) through the network, not handed over
         self.annotations: List[dl.Annotation] = []
         self.errors: List[str] = []
         self.failed_ids: List[str] = []
@@ -81,8 +83,8 @@ class _Finisher:
         finally:
             self._thread.shutdown(wait=True)
 
-    def forwarded(self, batch_items: list, batch: list, detections) -> None:
-        self._waiting = batch_items, batch, detections
+    def forwarded(self, batch_items: list, detections) -> None:
+        self._waiting = batch_items, detections
 
     def hand_over(self) -> None:
         """Start the waiting batch's second half once the batch before it is done."""
@@ -92,19 +94,18 @@ class _Finisher:
             self._running.result()
         self._running, self._waiting = self._thread.submit(self._finish, *self._waiting), None
 
-    def _finish(self, batch_items: list, batch: list, detections) -> None:
+    def _finish(self, batch_items: list, detections) -> None:
         adapter = self._adapter
-        try:
-            collections = adapter._annotate(batch, detections)
+        try:  # pure Python: one thread, not the pool's 16
+            payloads = adapter._upload_payloads(batch_items, detections)
         except Exception as err:  # part of predicting, for the SDK: the batch is reported, the others go on
             self.failed(batch_items, 'Failed to predict batch', err)
             return
-        for item, collection in zip(batch_items, collections):  # pure Python: one thread, not the pool's 16
-            adapter._update_predictions_metadata(item, collection)
         try:
-            collections = list(self._pool.map(adapter._upload_model_annotations, batch_items, collections))
-        except Exception as err:
+            collections = list(self._pool.map(adapter._upload_model_annotations, batch_items, payloads))
+        except Exception as err:  # the call raises at its end, as the SDK's loop does: nothing of it is returned
             self.failed(batch_items, 'Failed to upload annotations', err)
+            return
         for collection in collections:
             self.annotations.extend(collection.annotations if isinstance(collection, dl.AnnotationCollection)
                                     else collection)

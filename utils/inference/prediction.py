@@ -33,6 +33,7 @@ from utils.modeling.embeddings import fpn_embedding
 from utils.training.engine import detections_to_host
 from utils.data.images import ImageLimits, ImageSizeError
 from utils.modeling.model_factory import cudnn_autotune
+from utils.platform.annotation_json import label_name, model_confidence
 
 logger = logging.getLogger(__name__)
 
@@ -278,11 +279,10 @@ def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: st
     collection = dl.AnnotationCollection()
     new, box, append = dl.Annotation.new, dl.Box, collection.annotations.append
     for left, top, right, bottom, score, label_id in rows:
-        label_id = int(label_id)
-        confidence = round(min(max(score, 0.0), 1.0), 4)
+        confidence = model_confidence(score)
         metadata = {'user': {'model': {'confidence': confidence, 'name': model_name, 'model_id': model_id}}}
         annotation = new(annotation_definition=box(left=left, top=top, right=right, bottom=bottom,
-                                                    label=labels.get(label_id, str(label_id))),
+                                                    label=label_name(labels, label_id)),
                          automated=True, metadata=metadata)
         annotation.annotation_definition._annotation = None
         append(annotation)
