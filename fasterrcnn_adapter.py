@@ -26,7 +26,7 @@ from utils.core.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
 from utils.core.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR
 from utils.core.progress import route_sdk_bars
 from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
-from utils.inference import pipeline
+from utils.inference import cuda_graphs, pipeline
 from utils.inference import prediction
 from utils.inference.prediction import UnreadableItem
 from utils.modeling import checkpoints, model_factory
@@ -242,6 +242,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """`predict`'s forward pass: the positions of the readable entries and, per image, its rows."""
         settings = self._resolve_settings()
         network = self._inference_networks.get(self.model, self.device)
+        cuda_graphs.use_graphs(network, settings['cuda_graphs'])  # only the CUDA copy takes them
         prediction.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
                                   settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
         images, positions = self._readable(batch)

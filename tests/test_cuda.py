@@ -47,11 +47,14 @@ def test_train_with_amp_on_cuda_then_fp16_predictions_match_fp32(tmp_path):
 
     images = [pil_to_tensor(load_image(path)) for path in sorted(glob.glob(str(data / 'validation' / 'items' / '*')))]
     on_gpu = adapter.predict(images)  # fp16, channels_last, folded batch norms
+    adapter.model_entity.configuration['cuda_graphs'] = True
+    replayed = [adapter.predict(images) for _ in range(3)][-1]  # seen, captured, replayed
+    assert adapter._inference_networks.get(adapter.model, adapter.device).backbone.graphs.replays >= 2
     on_cpu = make_adapter({**DEMO_SETTINGS, 'device': 'cpu'}, artifacts=str(tmp_path / 'artifacts')).predict(images)
     assert sum(len(c) for c in on_cpu) >= len(images)  # 1-3 shapes per image: something to compare
     threshold = DEMO_SETTINGS['conf_threshold']
     worst = (0.0, 0.0)  # the largest (box, score) difference of a matched detection: the margin, printed
-    for gpu_collection, cpu_collection in zip(on_gpu, on_cpu):
+    for gpu_collection, cpu_collection in zip(on_gpu + replayed, on_cpu + on_cpu):  # eager, then CUDA graphs
         # each side's detections, up to those within 0.01 of the threshold, found on the other side
         for side, one, other in (('cpu', cpu_collection, gpu_collection), ('gpu', gpu_collection, cpu_collection)):
             for a in one.annotations:

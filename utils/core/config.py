@@ -73,6 +73,8 @@ OPTIONS: Dict[str, Option] = {
     # cuDNN's per-shape autotuning: measured on an H100 it costs seconds per new input shape (bench/RESULTS.md)
     'cudnn_benchmark': Option(False, (bool,)),
     'max_image_pixels': Option(DEFAULT_MAX_IMAGE_PIXELS, (int,), minimum=1, maximum=MAX_IMAGE_PIXELS_CEILING),
+    # CUDA graphs for the network's fixed-shape parts (utils/inference/cuda_graphs.py); off until measured on a GPU
+    'cuda_graphs': Option(False, (bool,)),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(AUTO, _NUM, minimum=0.0, training=True, auto=True),
