@@ -326,6 +326,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             vectors: List[Optional[List[float]]] = [None] * len(batch)
             if images:
                 network = self._inference_networks.get(self.model, self.device)
+                cuda_graphs.use_graphs(network, self.settings['cuda_graphs'])
                 found = prediction.image_vectors(network, images, self.device, self.settings['cudnn_benchmark'])
                 for position, vector in zip(positions, found):
                     vectors[position] = vector

@@ -122,6 +122,22 @@ def test_the_cpu_network_predicted_with_is_never_changed():
     assert list(network.state_dict()) == keys
 
 
+def test_the_adapter_on_the_cpu_predicts_and_saves_as_without_graphs():
+    from fasterrcnn_adapter import FasterRCNNAdapter
+    from utils.platform.local_model import local_model
+    adapters = []
+    for on in (False, True):
+        adapter = FasterRCNNAdapter()
+        adapter.model_entity = local_model({'pretrained': False, 'model_variant': VARIANT, 'device': 'cpu',
+                                            'conf_threshold': 0.0, 'cuda_graphs': on}, labels=['a', 'b'])
+        adapter.load('/nonexistent')
+        adapters.append(adapter)
+    images = [torch.randint(0, 255, (3, 60, 80), dtype=torch.uint8) for _ in range(2)]
+    eager, graphed = ([a.predict(images) for _ in range(3)][-1] for a in adapters)
+    assert [c.to_json() for c in graphed] == [c.to_json() for c in eager]
+    assert list(adapters[1].model.state_dict()) == list(adapters[0].model.state_dict())
+
+
 def test_a_network_replayed_finds_what_it_finds_eagerly():
     """Three batches of one padded shape (seen, captured, replayed), then another shape: the detections of
     each batch equal the eager network's; the RPN head reads the backbone's output buffers without a copy."""
