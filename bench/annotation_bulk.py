@@ -98,7 +98,8 @@ def main():
                                       for item, a in zip(items, answers)], args.repeats) / boxes * 1e6
     copying = best_seconds(lambda: [copy.deepcopy(a) for a in answers], args.repeats) / boxes * 1e6
     print(f'{args.images} images x {args.boxes} boxes, best of {args.repeats}; host us per box')
-    print(f'  rows -> upload request body: SDK objects {sdk:7.2f} us, bulk JSON {bulk:7.2f} us, ratio {sdk / bulk:5.2f}')
+    print(f'  rows -> upload request body: SDK objects {sdk:7.2f} us, bulk JSON {bulk:7.2f} us, '
+          f'ratio {sdk / bulk:5.2f}')
     print(f'  per image of {args.boxes} boxes:          SDK objects {sdk * args.boxes / 1e3:7.2f} ms, '
           f'bulk JSON {bulk * args.boxes / 1e3:7.2f} ms')
     print(f'  both, after the upload: the answer read back into SDK objects {read_back - copying:7.2f} us a box')

@@ -12,8 +12,9 @@ no `dl.Annotation` between, `utils.platform.annotation_json`) and uploads it (th
 `_upload_model_annotations`, 16 items at once; what comes back are the SDK's objects, as in its
 loop). Batch k is handed to the finishing thread once batch k+1 is decoded, so that it runs beside
 batch k+1's forward pass and not beside its decoding: the decoding threads need Python's GIL between
-their steps, and with the finishing thread's pure Python beside them each waited out a switch interval (5 ms) at every
-step (a host-only simulation on 2 cores: 54.5 -> 46.1 ms a batch of 16 beside a 30 ms forward).
+their steps, and with the finishing thread's pure Python beside them each waited out a switch
+interval (5 ms) at every step (a host-only simulation on 2 cores: 54.5 -> 46.1 ms a batch of 16
+beside a 30 ms forward).
 Decoding batch k+1 in the pool while the network runs batch k was slower on an H100, in two
 sessions (122.5 against 137.3 images/s in the same run): decoding stays between forward passes.
 What comes back, and the errors, are the SDK loop's: `(items, annotations)` in input order; a

@@ -53,7 +53,8 @@ def box_annotations(rows: Sequence[Sequence[float]], labels: Dict[int, str], mod
 def batch_box_annotations(items: Sequence, positions: Sequence[int], rows: Sequence[Sequence[Sequence[float]]],
                           labels: Dict[int, str], model_name: str, model_id: Optional[str]) -> List[List[dict]]:
     """Per entry of `items` (a batch of dl.Item), its annotation dicts: `rows[k]` belongs to `items[positions[k]]`;
-    an entry without rows (unreadable, or nothing found) gets an empty list, as the SDK uploads an empty collection."""
+    an entry without rows (unreadable, or nothing found) gets an empty list, as the SDK uploads an empty
+    collection for it."""
     out: List[List[dict]] = [[] for _ in items]
     for position, image_rows in zip(positions, rows):
         item = items[position]
