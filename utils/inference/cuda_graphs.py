@@ -10,7 +10,9 @@ the RPN's post-NMS count per image). What depends on the data (anchors, proposal
 detections) stays eager, on the batched post-processing (`utils.modeling.batched_postprocess`).
 
 Rules that keep a replay correct:
-- a replay reads only its static input buffers, so every call copies its inputs into them first;
+- a replay reads only its static input buffers, so every call copies its inputs into them first
+  (the box head and predictor work row by row in eval mode, so the rows padded past a call's
+  proposals hold whatever came before and never reach the real rows, which are cut back out);
   the copy is skipped only when the input *is* that buffer (the backbone's static output handed to
   the RPN head, whose graph was captured on it);
 - outputs are the graph's static buffers, valid until that graph replays again: one forward pass at
@@ -34,8 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 logger = logging.getLogger(__name__)
 
 #: graphs kept per network, all modules together (4 per padded shape and batch size). Each holds its
-#: static buffers: for resnet50_fpn at batch 16 and 800x1216 px, about 0.2 GB of input and 0.7 GB of
-#: fp16 FPN features, so 12 graphs (3 shapes) stay within a 16 GB T4 beside the network.
+#: static buffers (for resnet50_fpn's backbone at batch 16 and 800x1216 px, about 0.2 GB of input and
+#: 0.7 GB of fp16 FPN features: 3 shapes about 2.7 GB) besides the intermediates' pool they share; the
+#: peak on a 16 GB T4 is still to be measured (bench/graph_speed.py prints it).
 MAX_GRAPHS = 12
 #: a shape is captured the time it is seen this often (the first time runs eagerly)
 CAPTURE_AFTER = 2
