@@ -132,6 +132,7 @@ def test_predict_items_uploads_what_the_sdk_s_own_loop_uploads(dataloop_env, mon
     model = emu.seed_model(project['id'], dataset['id'], 'bulk-model', configuration=configuration,
                            labels=['cat', 'dog'])
     seeded = [emu.seed_item(dataset['id'], f'{k}.jpg', _jpeg(k)) for k in range(3)]
+    broken = emu.seed_item(dataset['id'], 'broken.jpg', _jpeg(9)[:300])
     service = FasterRCNNAdapter(dl.models.get(model_id=model['id']))  # loads the model, as a deployed service
     items = [dl.items.get(item_id=item['id']) for item in seeded]
     bodies = _record_annotation_posts(emu, monkeypatch)
@@ -147,6 +148,11 @@ def test_predict_items_uploads_what_the_sdk_s_own_loop_uploads(dataloop_env, mon
         assert len(ours_sent[item['id']][0]) == 4  # random weights, no threshold: max_detections boxes
     assert all(isinstance(annotation, dl.Annotation) for annotation in ours) and len(ours) == 3 * 4
     assert [_made_here(a) for a in ours] == [_made_here(a) for a in sdk]
+
+    bodies.clear()  # an unreadable item gets nothing and is named at the end; the others go up as before
+    with pytest.raises(ValueError, match='broken.jpg'):
+        service.predict_items([dl.items.get(item_id=broken['id']), items[0]])
+    assert list(bodies) == [seeded[0]['id']] and bodies[seeded[0]['id']] == ours_sent[seeded[0]['id']]
     assert emu.missing == [] and emu.errors == []
 
 
