@@ -2,13 +2,13 @@
 
 Thin by design: it reads the model's configuration, builds the network
 (`utils.modeling.model_factory`) and its checkpoint files (`utils.modeling.checkpoints`), and delegates
-data reading (`utils.data.dataloop_reader`), training (`utils.training.trainer`, `utils.platform.artifact_sync`)
+data reading (`utils.data.dataloop_reader`), training (`utils.training.trainer`, `utils.platform.training_run`)
 and prediction (`utils.inference.prediction`, `utils.inference.pipeline`). Settings are read from
 `model_entity.configuration` as a plain dict, so reading never PATCHes the model.
 """
-import contextlib
 import logging
 import os
+import shutil
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -18,26 +18,23 @@ import torch
 
 from utils.core import config as config_lib
 from utils.core import device as device_lib
-from utils.core.atomic import copy_file, remove_stale_temporaries
+from utils.core import termination
+from utils.core.atomic import copy_file
 from utils.core.errors import InputError
 from utils.core.frozen_heap import freeze_kept, frozen_heap
 from utils.core.label_map import configuration_entries, label_to_id, parse_id_to_label
-from utils.core.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
-from utils.core.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR
 from utils.core.progress import route_sdk_bars
 from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
 from utils.inference import cuda_graphs, pipeline
 from utils.inference import prediction
 from utils.inference.prediction import UnreadableItem
-from utils.modeling import checkpoints, model_factory
-from utils.platform import annotation_json, artifact_sync
+from utils.modeling import checkpoints, model_factory, network_loading
+from utils.platform import annotation_json, training_data, training_run
+from utils.training.run_folder import RunFolder
 
 logger = logging.getLogger('fasterrcnn.adapter')
 
 INDEX_FILENAME = 'fasterrcnn_index.json'
-ANNOTATION_TYPES_FOR_TRAINING = ['box', 'segment', 'binary', 'ellipse']
-CHECKPOINT_NAMES = (BEST_NAME, LAST_NAME)  # the resume checkpoint last: it names the best epoch
-RPN_TEST_KEYS = ('rpn_pre_nms_top_n_test', 'rpn_post_nms_top_n_test')
 
 
 # embed_items (and the SDK's own predict_items loop) draw a tqdm bar the SDK offers no switch for:
@@ -59,17 +56,6 @@ def _fill_sdk_keys(model_entity: dl.Model) -> None:
     configuration.setdefault('predict_embed_timeout', _sdk_adapter.PREDICT_EMBED_DEFAULT_TIMEOUT)
 
 
-@contextlib.contextmanager
-def _seeded_init(seed: int):
-    """Random initialisation drawn from `seed` (same seed, same starting network), leaving the caller's RNG as it was.
-
-    Networks are built on the CPU, so forking the CPU generator covers every init.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 class FasterRCNNAdapter(dl.BaseModelAdapter):
     """load / save / train / predict / convert_from_dtlpy for `fasterrcnn_*` variants."""
 
@@ -78,6 +64,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.settings: Dict[str, Any] = dict(config_lib.DEFAULTS)
         self.artifacts_path: Optional[str] = None
         self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
+        self._training_failed = False  # train() raised: the SDK's save-on-failure uploads what is left
+        self._upload_failed = False  # save_to_model's upload failed: the save-on-failure that follows skips it
         self.unreadable_items: List[UnreadableItem] = []
         self._prefetchers: List[prediction.Prefetcher] = []  # one per predict_items call in flight
         self._decode_slots = threading.BoundedSemaphore(prediction.DECODE_THREADS)
@@ -125,38 +113,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """Build the network; weights from the artifact, else COCO-pretrained, else random."""
         settings = self._resolve_settings()
         self.device = device_lib.resolve_device(settings['device'])  # first: a missing GPU fails before any work
-        variant = settings['model_variant']
-        id_to_label_map = self.id_to_label_map()
-        num_classes = model_factory.num_classes_for(id_to_label_map)
-        sizes = dict(min_size=settings['min_size'], max_size=settings['max_size'],
-                     rpn_post_nms_top_n_train=settings['rpn_post_nms_top_n_train'],
-                     box_batch_size_per_image=settings['box_batch_size_per_image'],
-                     padding_bucket=settings['padding_bucket'],
-                     **{key: settings[key] for key in RPN_TEST_KEYS if settings[key] is not None})
         self.artifacts_path = local_path
-        weights_path = os.path.join(local_path or '', settings['weights_filename'])
-        if local_path and os.path.isfile(weights_path):
-            checkpoint = checkpoints.load_checkpoint(weights_path)
-            checkpoints.check_compatible(checkpoint, weights_path, variant, num_classes)
-            saved_labels = parse_id_to_label(checkpoint.get('id_to_label_map'))
-            if saved_labels and saved_labels != id_to_label_map:
-                logger.warning('the label map saved with %s differs from the model\'s; using the model\'s: %s',
-                               weights_path, id_to_label_map)
-            model = model_factory.build_model(variant, num_classes, **sizes)
-            checkpoints.load_state(model, checkpoint, weights_path)
-            logger.info('loaded %s weights from %s', variant, weights_path)
-        elif settings['pretrained']:
-            keep_head = id_to_label_map == model_factory.coco_id_to_label_map()
-            with _seeded_init(settings['seed']):  # the new box predictor's random start
-                model = model_factory.build_model(variant, num_classes, coco_weights=True, keep_coco_head=keep_head,
-                                                  **sizes)
-            logger.info('loaded COCO-pretrained %s (%s)', variant,
-                        'COCO head kept' if keep_head else f'new box predictor for {num_classes} classes')
-        else:
-            logger.warning('no weights at %s and pretrained is off: %s starts from random weights',
-                           weights_path, variant)
-            with _seeded_init(settings['seed']):
-                model = model_factory.build_model(variant, num_classes, **sizes)
+        model = network_loading.load_network(settings, self.id_to_label_map(), local_path)
         self.model = model.to(self.device).eval()
 
     def save(self, local_path, **kwargs):
@@ -174,15 +132,26 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         logger.info('saved weights to %s', target)
 
     def save_to_model(self, local_path=None, cleanup=False, replace=True, **kwargs):
-        """The SDK's save + upload of all of `local_path`, minus what must not become an artifact: a
-        finished run's weights/last.pth (nothing is left to resume: ship the best weights, not the last
-        epoch's optimizer state) and the temporaries of interrupted writes. A failed run's last.pth is
-        shipped: the retry resumes from it."""
-        if local_path is not None and os.path.isdir(local_path):
-            from utils.training import trainer
-            trainer.discard_finished_state(local_path)
-            remove_stale_temporaries(local_path, recursive=True)
-        return super().save_to_model(local_path=local_path, cleanup=cleanup, replace=replace, **kwargs)
+        """The SDK's save + upload of all of `local_path`, minus what must not become an artifact (a finished run's
+        last.pth, temporaries: `RunFolder.clean_for_upload`), with a deadline per upload; after a successful
+        run, the weights must then be among the model's artifacts, else the execution fails saying where they
+        are (`utils.platform.training_run.upload_run_folder`)."""
+        if local_path is None or not os.path.isdir(local_path) or not self.model_entity.project_id:
+            return super().save_to_model(local_path=local_path, cleanup=cleanup, replace=replace, **kwargs)
+        if self._upload_failed:  # the SDK's save-on-failure after that very error: the same upload would fail
+            logger.info('not uploading %s again: the upload just failed', local_path)
+            return None
+        RunFolder(local_path).clean_for_upload()
+        self.save(local_path, **kwargs)
+        try:
+            training_run.upload_run_folder(self.model_entity, self._resolve_settings(), local_path,
+                                           weights_required=not self._training_failed)
+        except Exception:
+            self._upload_failed = True
+            raise
+        if cleanup:
+            shutil.rmtree(local_path, ignore_errors=True)
+        return None
 
     # ----------------------------------------------------------------- predict
     def image_limits(self):
@@ -244,7 +213,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         network = self._inference_networks.get(self.model, self.device)
         cuda_graphs.use_graphs(network, settings['cuda_graphs'])  # only the CUDA copy takes them
         prediction.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
-                                  settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
+                                  settings['max_detections'], [settings[key] for key in network_loading.RPN_TEST_KEYS])
         images, positions = self._readable(batch)
         rows = prediction.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
         return positions, rows
@@ -348,21 +317,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     # ---------------------------------------------------------------- training
     def prepare_data(self, dataset, root_path=None, data_path=None, output_path=None, overwrite=False, **kwargs):
         """The SDK's download, asking for every annotation type we turn into boxes (it would fetch boxes only)."""
-        system = self.model_entity.metadata.setdefault('system', {})
-        original = system.get('annotationsSubsets')
-        subsets = system.get('subsets') or {}
-        wanted = dl.Filters(resource=dl.FiltersResource.ANNOTATION, use_defaults=False)
-        wanted.add(field='type', values=ANNOTATION_TYPES_FOR_TRAINING, operator=dl.FiltersOperations.IN)
-        wanted.add(field='metadata.system.model.name', values=False, operator=dl.FiltersOperations.EXISTS)
-        system['annotationsSubsets'] = {**{name: wanted.prepare() for name in subsets}, **(original or {})}
-        try:
+        with training_data.training_annotations(self.model_entity):
             return super().prepare_data(dataset, root_path=root_path, data_path=data_path,
                                         output_path=output_path, overwrite=overwrite, **kwargs)
-        finally:
-            if original is None:
-                system.pop('annotationsSubsets', None)
-            else:
-                system['annotationsSubsets'] = original
 
     def _training_label_map(self, labels_found: List[str]) -> Dict[int, str]:
         """Keep the stored map when it covers exactly the model's labels, else ids 1..K in label order."""
@@ -399,94 +356,47 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         return export
 
     def train(self, data_path, output_path, **kwargs):
-        """Fine-tune on the converted data; checkpoints in `output_path/weights`, resumed when present."""
+        """Fine-tune on the converted data; checkpoints in `output_path/weights`, resumed when present.
+
+        The platform's part (uploads during training, metrics, the termination check) comes as the trainer's
+        hooks (`utils.platform.training_run`); SIGTERM on the main thread ends the run like an error, so the
+        SDK's save-on-failure uploads the last finished epoch (`utils.core.termination`).
+        """
         from utils.training import trainer
-        from utils.data.dataloop_reader import load_index
         settings = self._resolve_settings()
-        index_path = os.path.join(data_path, INDEX_FILENAME)
-        converted_path, export = self._converted
-        if converted_path != os.path.realpath(data_path):  # else converted in this process: fresher than any index
-            export = load_index(index_path) if os.path.isfile(index_path) else self.convert_from_dtlpy(data_path)
+        export = self._training_export(data_path)
         id_to_label_map = self.id_to_label_map()
-        with _seeded_init(settings['seed']):  # a label map rewritten by convert_from_dtlpy needs a new predictor
+        # a label map rewritten by convert_from_dtlpy needs a new predictor
+        with network_loading.seeded_init(settings['seed']):
             model_factory.replace_box_predictor(self.model, model_factory.num_classes_for(id_to_label_map))
-        resumed = self._resume_from_artifacts(output_path)
+        folder = RunFolder(output_path)
+        platform = training_run.PlatformTraining(self.model_entity, settings, self.artifacts_path)
+        hooks = platform.hooks(folder, self.kill_event)
         # set before fitting: if the run fails, the SDK's save-on-failure ships the trainer's best epoch
         # as is, instead of save() overwriting it with the half-trained weights of the failed epoch
-        self.best_checkpoint_path = os.path.join(output_path, WEIGHTS_DIR, BEST_NAME)
-        uploader = self._checkpoint_uploader(output_path, settings, resumed)
-        callback = kwargs.get('on_epoch_end_callback')
-
-        def on_epoch_end(epoch: int, epochs: int) -> None:
-            if uploader is not None and epoch + 1 < epochs:  # the last epoch's files go up with save_to_model
-                uploader.epoch_end(epoch)
-            if callback is not None:
-                callback(epoch, epochs)
-
-        if uploader is not None:  # an upload needs files that were written since the last one
-            settings = {**settings, 'checkpoint_interval_s': min(settings['checkpoint_interval_s'],
-                                                                 settings['checkpoint_upload_interval_s'])}
-        try:
+        self.best_checkpoint_path = folder.best_path
+        self._training_failed, self._upload_failed = True, False
+        with termination.sigterm_raises(lambda: termination.TrainingTerminated(
+                f'SIGTERM (a preemption) stopped training: the last finished epoch is in {folder.weights_dir}, '
+                f'saved as the run fails')):
             result = trainer.fit(
                 self.model, export.subsets.get('train', []), export.subsets.get('validation', []),
                 label_to_id=label_to_id(id_to_label_map),
                 output_path=output_path, settings=settings, device=self.device,
                 checkpoint_info=dict(variant=settings['model_variant'], id_to_label_map=id_to_label_map),
-                on_epoch_end=on_epoch_end, publish_metrics=self._publish_metrics)
-        finally:
-            if uploader is not None:
-                uploader.close()  # nothing may land after the SDK's own upload or the delete below
+                on_epoch_end=kwargs.get('on_epoch_end_callback'), publish_metrics=platform.publish_metrics,
+                hooks=hooks)
         # weights/last.pth stays, saying the run finished, until save_to_model ships the folder without it
-        self._drop_uploaded_last_checkpoint(uploader is not None and LAST_NAME in uploader.uploaded_names)
+        platform.finished()
+        self._training_failed = False
         self.model.eval()
         return result
 
-    def _checkpoint_uploader(self, output_path: str, settings: Dict[str, Any],
-                             resumed: bool) -> Optional[artifact_sync.CheckpointUploader]:
-        """Uploads last.pth / best.pth during training, so a pod reset resumes from them; None off the platform."""
-        if not self.model_entity.project_id:  # a local model (local_runner, tests): no artifacts to upload to
-            return None
-
-        def upload(folder: str) -> None:
-            if self.model_entity.artifacts.upload(filepath=os.path.join(folder, '*'), overwrite=True) is None:
-                raise RuntimeError('the SDK reported the upload as failed (its warning says why)')
-
-        return artifact_sync.CheckpointUploader(
-            upload, os.path.join(output_path, WEIGHTS_DIR), WEIGHTS_DIR,
-            names=CHECKPOINT_NAMES,
-            interval_s=settings['checkpoint_upload_interval_s'],
-            staging_parent=os.path.dirname(os.path.abspath(output_path)),
-            already_uploaded=CHECKPOINT_NAMES if resumed else ())
-
-    def _resume_from_artifacts(self, output_path: str) -> bool:
-        """A retried run on a fresh pod finds its checkpoints among the model's artifacts; True when it copied them."""
-        if not self.artifacts_path:
-            return False
-        return artifact_sync.restore_checkpoints(os.path.join(self.artifacts_path, WEIGHTS_DIR),
-                                                 os.path.join(output_path, WEIGHTS_DIR),
-                                                 names=CHECKPOINT_NAMES)
-
-    def _drop_uploaded_last_checkpoint(self, uploaded_by_this_run: bool) -> None:
-        """After a finished run, delete the last.pth this run or a failed one uploaded (the SDK's upload never
-        deletes): left among the artifacts, the next train_model (or a clone's) would resume from it."""
-        if not uploaded_by_this_run and not (self.artifacts_path and os.path.isfile(
-                os.path.join(self.artifacts_path, WEIGHTS_DIR, LAST_NAME))):
-            return  # the model has no uploaded last.pth
-        remote = f'/artifacts/models/{self.model_entity.name}/{WEIGHTS_DIR}/{LAST_NAME}'
-        try:
-            self.model_entity.artifacts.items_repository.delete(filters=dl.Filters(field='filename', values=remote))
-            logger.info('deleted the resume checkpoint %s from the model\'s artifacts: the run is complete', remote)
-        except Exception as err:
-            logger.warning('could not delete %s from the model\'s artifacts (%s: %s): a later training run '
-                           'would resume from it', remote, type(err).__name__, err)
-
-    def _publish_metrics(self, epoch: int, metrics: Dict[str, float]) -> None:
-        """One call per epoch: loss components on one figure, validation mAP / AR on another."""
-        if not self.model_entity.project_id:  # a local model (local_runner, benches): no platform to plot them
-            return
-        x = epoch + 1
-        samples = [dl.PlotSample(figure='training loss', legend=key, x=x, y=float(metrics[key]))
-                   for key in LOSS_KEYS if key in metrics]
-        samples += [dl.PlotSample(figure='validation', legend=LEGENDS[key], x=x, y=float(metrics[key]))
-                    for key in EVAL_KEYS if key in metrics]
-        self.model_entity.metrics.create(samples=samples, dataset_id=self.model_entity.dataset_id)
+    def _training_export(self, data_path):
+        """The records `convert_from_dtlpy` made: from this process when it converted `data_path`, else its index."""
+        from utils.data.dataloop_reader import load_index
+        index_path = os.path.join(data_path, INDEX_FILENAME)
+        converted_path, export = self._converted
+        if converted_path != os.path.realpath(data_path):  # else converted in this process: fresher than any index
+            export = load_index(index_path) if os.path.isfile(index_path) else self.convert_from_dtlpy(data_path)
+        return export

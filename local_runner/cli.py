@@ -19,6 +19,7 @@ from local_runner.logs import setup_logging
 from local_runner.model_folder import check_train_output, find_model_files, load_model_dir, train_on_folder
 from local_runner.predict import predict_images
 from local_runner.report import evaluate_on_folder
+from utils.core import termination
 from utils.core.errors import InputError
 
 logger = logging.getLogger('local_runner')
@@ -210,17 +211,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     restore_logging = setup_logging(quiet=args.quiet, verbose=args.verbose)
     from tqdm.contrib.logging import logging_redirect_tqdm
-    try:
-        with logging_redirect_tqdm():
+    try:  # SIGTERM (a preemption, `kill`) stops a command as Ctrl-C does
+        with termination.sigterm_raises(termination.Terminated), logging_redirect_tqdm():
             return args.func(args)
     except InputError as err:
         logger.debug('%s failed', args.command, exc_info=True)
         print(f'local_runner {args.command}: error: {_one_line(err)}', file=sys.stderr)
         return EXIT_INPUT_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         again = ' (run the same command again to resume from the last finished epoch)' \
             if args.command == 'train' else ''
-        print(f'local_runner {args.command}: interrupted{again}', file=sys.stderr)
-        return EXIT_INTERRUPTED
+        by = ' by SIGTERM' if isinstance(err, termination.Terminated) else ''
+        print(f'local_runner {args.command}: interrupted{by}{again}', file=sys.stderr)
+        return termination.EXIT_CODE if by else EXIT_INTERRUPTED
     finally:
         restore_logging()

@@ -17,7 +17,8 @@ from utils.core.atomic import write_json
 from utils.core.errors import InputError
 from utils.core.label_map import configuration_entries, labels_in_id_order, parse_id_to_label
 from utils.core.metric_names import EVAL_KEYS
-from utils.core.output_layout import CURVES_PNG, LAST_NAME, MODEL_FILE, WEIGHTS_DIR
+from utils.core.output_layout import CURVES_PNG, MODEL_FILE, WEIGHTS_DIR
+from utils.training.run_folder import RunFolder
 
 logger = logging.getLogger('local_runner')
 
@@ -26,23 +27,8 @@ DEFAULT_WEIGHTS = config_lib.DEFAULTS['weights_filename']
 
 
 def check_train_output(path: str) -> None:
-    """Refuse to overwrite a complete run; an interrupted one is resumed (or, stopped before its first
-    last.pth, started over), and a finished one whose model.json is missing gets it.
-
-    A run is complete when its model.json is written: that happens after the trainer's final last.pth
-    said ``finished``, and that last.pth is deleted only after model.json. A best.pth alone (a run
-    killed between best.pth and last.pth, or whose last.pth met a full disk) is no finished run.
-    """
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f'--output {path} is a file, not a folder')
-    model_json = os.path.join(path, MODEL_FILE)
-    last = os.path.join(path, WEIGHTS_DIR, LAST_NAME)
-    if not os.path.isfile(model_json):
-        return
-    from utils.modeling.checkpoints import marks_finished_run
-    if not os.path.isfile(last) or marks_finished_run(last):
-        raise InputError(f'--output {path} already holds a finished training run ({model_json}): '
-                         f'choose a new --output folder, or delete that one to train again')
+    """Refuse a file or a complete run as `--output` (`RunFolder.check_new_output`); an interrupted one resumes."""
+    RunFolder(path).check_new_output('--output')
 
 
 def find_model_files(model_dir: str) -> Tuple[Optional[str], str]:
@@ -162,8 +148,7 @@ def train_on_folder(data_dir: str, output_dir: str, configuration: Dict[str, Any
         raise InputError(f'{err} (checkpoints of the finished epochs are in {output_dir}/{WEIGHTS_DIR})') from err
     adapter.save(output_dir)
     model_json = write_model_description(adapter, output_dir, data_dir, result)
-    from utils.training import trainer
-    trainer.discard_finished_state(output_dir)  # only now: until model.json, its last.pth says "finished"
+    RunFolder(output_dir).discard_finished_state()  # only now: until model.json, its last.pth says "finished"
     return {'output': output_dir, 'model_json': model_json,
             'weights': os.path.join(output_dir, adapter.settings['weights_filename']),
             'curves': os.path.join(output_dir, CURVES_PNG), 'labels': list(labels),

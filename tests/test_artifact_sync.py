@@ -3,7 +3,8 @@ import logging
 import os
 import threading
 
-from utils.platform.artifact_sync import CheckpointUploader, restore_checkpoints
+from utils.platform.artifact_sync import CheckpointUploader
+from utils.training.run_folder import RunFolder
 
 NAMES = ('best.pth', 'last.pth')
 
@@ -150,14 +151,15 @@ def test_a_checkpoint_that_cannot_be_staged_is_logged_not_raised(tmp_path, caplo
 
 def test_restore_copies_uploaded_checkpoints_only_without_a_local_resume_file(tmp_path):
     uploaded, local = tmp_path / 'artifacts' / 'weights', tmp_path / 'output' / 'weights'
-    assert not restore_checkpoints(str(uploaded), str(local), NAMES)  # nothing uploaded
+    folder = RunFolder(str(tmp_path / 'output'))
+    assert not folder.restore_from(str(uploaded), NAMES)  # nothing uploaded
     assert not local.exists()
     uploaded.mkdir(parents=True)
     (uploaded / 'best.pth').write_bytes(b'best')
-    assert not restore_checkpoints(str(uploaded), str(local), NAMES)  # best.pth alone cannot resume
+    assert not folder.restore_from(str(uploaded), NAMES)  # best.pth alone cannot resume
     (uploaded / 'last.pth').write_bytes(b'last')
-    assert restore_checkpoints(str(uploaded), str(local), NAMES)
+    assert folder.restore_from(str(uploaded), NAMES)
     assert (local / 'best.pth').read_bytes() == b'best' and (local / 'last.pth').read_bytes() == b'last'
     (uploaded / 'last.pth').write_bytes(b'older')
-    assert not restore_checkpoints(str(uploaded), str(local), NAMES)  # the local resume file is newer
+    assert not folder.restore_from(str(uploaded), NAMES)  # the local resume file is newer
     assert (local / 'last.pth').read_bytes() == b'last'

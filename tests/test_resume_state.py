@@ -17,6 +17,7 @@ from local_runner.model_folder import check_train_output
 from tests.test_training import CHECKPOINT_INFO, CPU, LABEL_TO_ID, make_records, settings, small_model
 from utils.core import atomic
 from utils.training import checkpoint_writer, curves, trainer
+from utils.training.run_folder import RunFolder
 from utils.modeling import checkpoints
 from utils.core.atomic import atomic_write, remove_stale_temporaries
 from utils.modeling.checkpoints import load_checkpoint, marks_finished_run, save_checkpoint
@@ -162,8 +163,8 @@ def test_only_the_last_checkpoint_of_the_final_epoch_says_finished(tmp_path, mon
     # a finished run is not trained again; the finished state is dropped only on request
     calls.clear()
     assert fit(records, output, epochs=3).epochs_run == 3 and calls == []
-    assert trainer.discard_finished_state(str(output)) and not os.path.exists(last_path)
-    assert not trainer.discard_finished_state(str(output))
+    assert RunFolder(str(output)).discard_finished_state() and not os.path.exists(last_path)
+    assert not RunFolder(str(output)).discard_finished_state()
 
 
 def test_a_run_resumed_with_fewer_epochs_than_it_has_run_is_marked_finished(tmp_path, monkeypatch, records):
@@ -185,7 +186,7 @@ def test_a_resumable_last_pth_is_never_discarded(tmp_path, monkeypatch, records)
     last_path = str(tmp_path / 'out' / 'weights' / 'last.pth')
     checkpoint = load_checkpoint(last_path)
     save_checkpoint({**checkpoint, 'finished': False, 'epochs': 5}, last_path)
-    assert not trainer.discard_finished_state(str(tmp_path / 'out')) and os.path.isfile(last_path)
+    assert not RunFolder(str(tmp_path / "out")).discard_finished_state() and os.path.isfile(last_path)
     # an older last.pth without the flag: finished when its epoch was the last planned
     legacy = {k: v for k, v in checkpoint.items() if k != 'finished'}
     save_checkpoint({**legacy, 'epoch': 4, 'epochs': 5}, last_path)

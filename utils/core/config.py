@@ -97,6 +97,7 @@ OPTIONS: Dict[str, Option] = {
     'seed': Option(0, (int,), training=True),
     'checkpoint_upload_interval_s': Option(600, (int,), minimum=0, training=True),
     'checkpoint_interval_s': Option(60, _NUM, minimum=0, training=True),
+    'upload_timeout_s': Option(1200, _NUM, minimum=1, training=True),
     'yaml_config': Option({}, (dict,)),
 }
 DEFAULTS: Dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}

@@ -13,10 +13,13 @@ the training thread, so the trainer may overwrite its own copies at once, and
 one background thread uploads them in order. Never two uploads at once: an
 epoch end that finds the previous upload still running leaves it to the next.
 A failed upload is logged and retried at the next due epoch end; it never
-stops training.
+stops training. An upload gets `timeout_s` to finish (a stalled connection is
+never answered): past it, it is abandoned (its thread is left to the SDK; the
+next round, or the run's final save, uploads the same files), said in one line.
 """
 import glob
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -24,30 +27,12 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from utils.core.atomic import copy_file
+from utils.training.hooks import HookBase
 
 logger = logging.getLogger(__name__)
 
 Signature = Tuple[int, int, int]
 STAGING_PREFIX = '.checkpoint-upload-'
-
-
-def restore_checkpoints(uploaded_dir: str, local_dir: str, names: Sequence[str]) -> bool:
-    """The retry's side: copy `names` from the artifacts' `uploaded_dir` into `local_dir`; True when it copied.
-
-    The last name is the resume checkpoint: nothing is copied unless it was uploaded and `local_dir`
-    has none of its own (a local one is newer). The others come along: a resumed run must still know
-    (and ship) the earlier run's best epoch when its own epochs do not beat it.
-    """
-    resume = names[-1]
-    if os.path.isfile(os.path.join(local_dir, resume)) or not os.path.isfile(os.path.join(uploaded_dir, resume)):
-        return False
-    os.makedirs(local_dir, exist_ok=True)
-    for name in names:  # the resume checkpoint last (and whole, or not at all): it marks a complete copy
-        if os.path.isfile(os.path.join(uploaded_dir, name)):
-            copy_file(os.path.join(uploaded_dir, name), os.path.join(local_dir, name))
-    logger.info('resuming from the checkpoint uploaded by an earlier run: %s', os.path.join(uploaded_dir, resume))
-    return True
 
 
 def _signature(path: str) -> Optional[Signature]:
@@ -59,7 +44,7 @@ def _signature(path: str) -> Optional[Signature]:
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
-class CheckpointUploader:
+class CheckpointUploader(HookBase):
     """Uploads `names` from `weights_dir` to `<artifacts>/<remote_dir>/<name>` at most every `interval_s` seconds.
 
     Staged copies live in a temporary folder under `staging_parent`: put it beside
@@ -76,12 +61,14 @@ class CheckpointUploader:
 
     def __init__(self, upload: Callable[[str], object], weights_dir: str, remote_dir: str, names: Sequence[str],
                  interval_s: float, staging_parent: str, already_uploaded: Iterable[str] = (),
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, timeout_s: float = math.inf):
         self._upload, self._weights_dir, self._remote_dir = upload, weights_dir, remote_dir
         self._staging_parent = staging_parent
         for stale in glob.glob(os.path.join(staging_parent, STAGING_PREFIX + '*')):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         self._names, self._interval_s, self._clock = tuple(names), float(interval_s), clock
+        self.checkpoint_every_s = self._interval_s  # an upload needs files written since the last round
+        self._timeout_s, self._round_started = float(timeout_s), 0.0
         self._uploaded: Dict[str, Signature] = {}
         for name in already_uploaded:
             signature = _signature(os.path.join(weights_dir, name))
@@ -91,6 +78,16 @@ class CheckpointUploader:
         self._thread: Optional[threading.Thread] = None
         self._staging_root: Optional[str] = None
         self.uploaded_names = set()  # names this run uploaded at least once
+
+    def after_checkpoint(self, epoch: int, epochs: int) -> None:
+        if epoch + 1 < epochs:  # the last epoch's files go up with the run's own save
+            self.epoch_end(epoch)
+
+    def after_train(self, run) -> None:
+        self.close()
+
+    def on_failure(self, run) -> None:
+        self.close()
 
     def epoch_end(self, epoch: int) -> None:
         """Start an upload round when one is due and the previous one has finished; returns at once, never raises."""
@@ -102,28 +99,42 @@ class CheckpointUploader:
 
     def _start_round(self, epoch: int) -> None:
         if self._thread is not None and self._thread.is_alive():
-            logger.info('epoch %d: the previous checkpoint upload is still running; the next epoch end retries',
-                        epoch + 1)
-            return
+            if time.monotonic() - self._round_started < self._timeout_s:
+                logger.info('epoch %d: the previous checkpoint upload is still running; the next epoch end retries',
+                            epoch + 1)
+                return
+            self._abandon(f'epoch {epoch + 1}: ')
         if self._clock() - self._last_round < self._interval_s:
             return
         files = self._stage(epoch)
         if not files:
             return
-        self._last_round = self._clock()
+        self._last_round, self._round_started = self._clock(), time.monotonic()
         self._thread = threading.Thread(target=self._run, args=(epoch, files), name='checkpoint-upload', daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Wait for the upload in flight (so nothing lands after the caller's own uploads or deletes); clean up."""
+        """Wait for the upload in flight (so nothing lands after the caller's own uploads or deletes), at most until
+        its deadline: then it is abandoned; clean up."""
         thread = self._thread
         while thread is not None and thread.is_alive():
-            thread.join(timeout=60)
-            if thread.is_alive():
+            left = self._round_started + self._timeout_s - time.monotonic()
+            if left <= 0:
+                self._abandon('')
+                break
+            thread.join(timeout=min(60.0, left))
+            if thread.is_alive() and left > 60:
                 logger.info('waiting for the checkpoint upload in flight to finish')
         if self._staging_root is not None:
             shutil.rmtree(self._staging_root, ignore_errors=True)
             self._staging_root = None
+
+    def _abandon(self, when: str) -> None:
+        """Leave a stalled upload's thread behind (it ends when the SDK gives up, or with the process)."""
+        logger.warning('%sabandoning the checkpoint upload in flight: no answer from the platform for %.0f s '
+                       '(upload_timeout_s); the same files go up with the next upload', when,
+                       time.monotonic() - self._round_started)
+        self._thread = None
 
     def _stage(self, epoch: int) -> List[Tuple[str, str, Signature]]:
         """Copy each changed file to its own staging folder: (name, folder to upload, signature of the copy)."""

@@ -22,8 +22,10 @@ best.pth alone is not). The checkpoints are written on a background thread
 (`utils.training.checkpoint_writer`) from a CPU snapshot taken at the end of the epoch, so
 the next epoch trains meanwhile; by interval, because on a small dataset a GPU
 epoch takes less than a resnet50's 320 MB last.pth does to snapshot and write
-(a crash loses at most that interval of training). With no validation records, every epoch counts as the
-best so far (best.pth = the latest weights) and early stopping is off. At the
+(a crash loses at most that interval of training). The loop only trains and evaluates: metrics,
+checkpoints, curves, uploads and progress are hooks (`utils.training.hooks`), and the folder's states
+(resumable, finished) belong to `utils.training.run_folder.RunFolder`. With no validation records, every
+epoch counts as the best so far (best.pth = the latest weights) and early stopping is off. At the
 end, the model holds the best epoch's weights.
 """
 import dataclasses
@@ -31,17 +33,15 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from utils.training import engine
-from utils.core.atomic import remove_stale_temporaries
-from utils.training.checkpoint_writer import CheckpointWriter
-from utils.modeling.checkpoints import (check_compatible, device_copy, load_checkpoint, make_checkpoint, marks_finished_run,
-                               save_checkpoint)
+from utils.training.hooks import HookBase, build_hooks
+from utils.training.run_folder import RunFolder
+from utils.modeling.checkpoints import check_compatible, device_copy, load_checkpoint
 from utils.core.config import DEFAULTS, for_training
-from utils.training.curves import CurvesWriter
 from utils.data.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.data.detection_dataset import DetectionDataset
 from utils.core.errors import InputError
@@ -50,7 +50,7 @@ from utils.data.group_by_aspect_ratio import GroupedBatchSampler, build_grouped_
 from utils.data.images import network_limits
 from utils.core.label_map import parse_id_to_label
 from utils.core.metric_names import EVAL_KEYS, LOSS_KEYS
-from utils.core.output_layout import BEST_NAME, LAST_NAME, WEIGHTS_DIR  # noqa: F401
+from utils.core.output_layout import LAST_NAME
 from utils.modeling.model_factory import cudnn_autotune, num_classes_for
 from utils.data.transforms import get_transform
 
@@ -100,12 +100,14 @@ class _Run:
         return max(0, self.last_epoch - self.best_epoch)
 
     def add(self, record: Dict[str, Any]) -> bool:
-        """Append an epoch's record; True when it is the best so far (every epoch, without validation)."""
+        """Append an epoch's record; True when it is the best so far (every epoch, without validation): its
+        weights are then kept as a device copy (what best.pth and the end of the run take)."""
         self.history.append(record)
         self.last_epoch = record['epoch']
         improved = (not self.has_val) or record['mAP'] > self.best_score
         if improved:
             self.best_score, self.best_epoch = record['mAP'], record['epoch']
+            self.best_weights = device_copy(self.model.state_dict())
         self.stopped_early = bool(self.has_val and self.patience and self.stale >= self.patience)
         return improved
 
@@ -167,89 +169,64 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
         checkpoint_info: dict,
         on_epoch_end: Optional[Callable[[int, int], None]] = None,
         publish_metrics: Optional[Callable[[int, Dict[str, float]], None]] = None,
-        resume_path: Optional[str] = None) -> FitResult:
+        resume_path: Optional[str] = None, hooks: Sequence[HookBase] = ()) -> FitResult:
     """Train `model` for ``settings['epochs']`` epochs (or until early stopping); see the module doc.
 
     - `settings`: the resolved configuration (`utils.core.config.resolve`); missing keys take defaults.
     - `checkpoint_info`: `make_checkpoint` kwargs: variant, id_to_label_map (and optionally
       min_size, max_size; by default the network's own).
     - `on_epoch_end(epoch, epochs)`: called once per epoch, in order, as soon as the checkpoints
-      due at that epoch (none between intervals) are complete on disk: whatever it reads or
-      uploads of weights/ is whole and is what a resumed run starts from. It runs on
-      the checkpoint writer's thread while the next epoch trains (so it must not read the
-      model, and calls never overlap); an exception from it stops training at the next
-      epoch boundary, or fails `fit` at the end (and `fit` can resume later).
+      due at that epoch (none between intervals) are complete on disk (`utils.training.hooks.ProgressHook`).
     - `publish_metrics(epoch, metrics)`: once per epoch with the loss components, lr,
       mAP, mAP_50, mAP_75 and AR_100; an exception from it is logged and training goes on.
+    - `hooks`: more `HookBase`s (an upload of the checkpoints), placed by `build_hooks`.
     """
     device = torch.device(device)
     settings = for_training({**DEFAULTS, **(settings or {})}, device)
-    last_path, best_path = _checkpoint_paths(output_path)
+    folder = RunFolder(output_path)
+    folder.prepare()
     limits = network_limits(model, settings['max_image_pixels'])  # the item is skipped, not the run
     train_loader, val_loader, generator = _data(train_records, val_records, label_to_id, settings, device, limits)
     run = _new_run(model, settings, device, generator, checkpoint_info, has_val=val_loader is not None)
-    source = resume_path or (last_path if os.path.exists(last_path) else None)
-    if source and _resume(run, source, last_path, best_path):
+    source = folder.resume_source(resume_path)
+    if source and _resume(run, source, folder):
         return run.result()  # that run had finished
-    if not source and os.path.exists(best_path):
-        logger.warning('%s has no %s: the run that wrote it stopped before its first epoch was saved; '
-                       'starting over', best_path, LAST_NAME)
     logger.info('training %s for %d epoch(s) on %s: %d train / %d validation image(s), batch %d, %d batch(es)/epoch',
                 checkpoint_info.get('variant'), run.epochs, device, len(train_records), len(val_records or []),
                 settings['batch_size'], len(train_loader))
-    writer = CheckpointWriter(None if on_epoch_end is None else lambda epoch: on_epoch_end(epoch, run.epochs),
-                              interval_s=float(settings['checkpoint_interval_s']))
-    curves = CurvesWriter(output_path)
+    hooks = build_hooks(folder, settings, run.epochs, on_epoch_end, publish_metrics, hooks)
     try:
         with frozen_heap():  # the collector walks each step's objects, not the process's heap (utils.core.frozen_heap)
-            _epochs(run, train_loader, val_loader, device, settings, writer, curves, publish_metrics, last_path,
-                    best_path)
-        writer.wait()  # the final checkpoints are on disk (and on_epoch_end saw them) before fit returns
+            _epochs(run, (train_loader, val_loader), device, settings, hooks)
+        for hook in hooks:
+            hook.after_train(run)
     except BaseException:
-        writer.close_quietly()  # the last good checkpoints, and those kept since, land before the error goes on
+        for hook in hooks:
+            hook.on_failure(run)
         raise
-    finally:
-        curves.draw(run.history)
-    _load_best(model, best_path, run.best_epoch, run.last_epoch, None, run.best_weights)
+    _load_best(model, folder.best_path, run.best_epoch, run.last_epoch, None, run.best_weights)
     logger.info('training done: %d epoch(s)%s, best mAP %.4f at epoch %d; weights in %s', len(run.history),
                 ' (stopped early)' if run.stopped_early else '', run.best_score, run.best_epoch + 1,
-                os.path.dirname(last_path))
+                folder.weights_dir)
     return run.result()
 
 
-def _epochs(run: _Run, train_loader, val_loader, device, settings, writer: CheckpointWriter, curves: CurvesWriter,
-            publish_metrics, last_path: str, best_path: str) -> None:
-    """The epochs left: train, evaluate, publish, the checkpoints handed to `writer`, then the curves."""
-    best = None  # (epoch, metrics) of a best epoch not yet in best.pth; its weights: run.best_weights
+def _epochs(run: _Run, loaders, device, settings, hooks: Sequence[HookBase]) -> None:
+    """The epochs left: each trains and evaluates; the hooks do the rest."""
+    train_loader, val_loader = loaders
     for epoch in range(run.last_epoch + 1, run.epochs):
-        writer.check()  # a failed write (or on_epoch_end) of the previous epoch stops the run here
+        for hook in hooks:
+            hook.before_epoch(run, epoch)
         record = _train_and_evaluate(run, train_loader, val_loader, device, epoch, settings)
-        metrics = {key: record[key] for key in LOSS_KEYS + ('lr',) + EVAL_KEYS}
-        if run.add(record):
-            run.best_weights = device_copy(run.model.state_dict())
-            best = (epoch, metrics)
-        _publish(publish_metrics, epoch, metrics)
-        finished = run.stopped_early or epoch + 1 >= run.epochs
-        if writer.epoch_end(epoch, _checkpoints(run, epoch, last_path, best_path, best, finished), final=finished,
-                            snapshots=run.best_weights.values() if best else ()):
-            best = None
-        curves.write(run.history, draw=finished)  # drawn while the writer's thread writes the checkpoints
+        run.add(record)  # keeps a copy of the weights of a best epoch
+        for hook in hooks:
+            hook.after_epoch(run, record)
         logger.info(_summary_line(record, run.epochs, run.best_score, run.best_epoch))
         if run.stopped_early:
             logger.info('early stopping: validation mAP has not improved for %d epoch(s) (patience %d); '
                         'stopping after epoch %d/%d, best mAP %.4f at epoch %d', run.stale, run.patience,
                         epoch + 1, run.epochs, run.best_score, run.best_epoch + 1)
             break
-
-
-def _checkpoint_paths(output_path: str) -> Tuple[str, str]:
-    """(weights/last.pth, weights/best.pth) under `output_path`; the folder is created, and the
-    temporaries that interrupted writes left in it (or in `output_path`) are removed."""
-    weights_dir = os.path.join(output_path, WEIGHTS_DIR)
-    os.makedirs(weights_dir, exist_ok=True)
-    remove_stale_temporaries(output_path)
-    remove_stale_temporaries(weights_dir)
-    return os.path.join(weights_dir, LAST_NAME), os.path.join(weights_dir, BEST_NAME)
 
 
 def _data(train_records, val_records, label_to_id, settings, device, limits):
@@ -292,9 +269,9 @@ def _new_run(model, settings, device, generator, checkpoint_info, has_val: bool)
                 epochs=int(settings['epochs']), patience=int(settings['early_stopping_patience']), has_val=has_val)
 
 
-def _resume(run: _Run, source: str, last_path: str, best_path: str) -> bool:
+def _resume(run: _Run, source: str, folder: RunFolder) -> bool:
     """Continue the run saved in `source` (a last.pth); True when that run had already finished
-    (the model then holds its best weights and `run` its history, and `last_path` says finished)."""
+    (the model then holds its best weights and `run` its history, and the folder's last.pth says finished)."""
     checkpoint = load_checkpoint(source)
     info = run.checkpoint_info
     check_compatible(checkpoint, source, info['variant'], num_classes_for(info['id_to_label_map']))
@@ -312,13 +289,11 @@ def _resume(run: _Run, source: str, last_path: str, best_path: str) -> bool:
     # finished by the plan of this call: a finished run asked for more epochs goes on
     if checkpoint.get('stopped_early') or int(checkpoint['epoch']) + 1 >= run.epochs:
         run.stopped_early = bool(checkpoint.get('stopped_early', False))
-        if not checkpoint.get('finished') and os.path.abspath(source) == os.path.abspath(last_path):
-            # finished by this run's settings (fewer epochs than planned): say so, for the adapter and runner
-            save_checkpoint({**{k: v for k, v in checkpoint.items() if k != 'variants'}, 'finished': True}, last_path)
+        folder.tag_finished(checkpoint, source)
         logger.info('%s: training already finished (%d epoch(s)%s, best mAP %.4f at epoch %d): nothing to do',
                     source, len(run.history), ', stopped early' if run.stopped_early else '',
                     run.best_score, run.best_epoch + 1)
-        _load_best(run.model, best_path, run.best_epoch, run.last_epoch, checkpoint)
+        _load_best(run.model, folder.best_path, run.best_epoch, run.last_epoch, checkpoint)
         return True
     run.model.load_state_dict(checkpoint['state_dict'])
     run.optimizer.load_state_dict(checkpoint['optimizer'])
@@ -362,48 +337,6 @@ def _train_and_evaluate(run: _Run, train_loader, val_loader, device, epoch: int,
     record.update(train_time=train_time, eval_time=eval_time,
                   images_per_s=n_train / train_time if train_time > 0 else 0.0)
     return record
-
-
-def _publish(publish_metrics, epoch: int, metrics: Dict[str, float]) -> None:
-    if publish_metrics is None:
-        return
-    try:
-        publish_metrics(epoch, dict(metrics))
-    except Exception as err:  # the platform's metrics are nice to have, the run is not at stake
-        logger.warning('could not publish the metrics of epoch %d: %s: %s', epoch + 1,
-                       type(err).__name__, err, exc_info=logger.isEnabledFor(logging.DEBUG))
-
-
-def _checkpoints(run: _Run, epoch: int, last_path: str, best_path: str,
-                 best: Optional[Tuple[int, Dict[str, float]]], finished: bool) -> List[Tuple[str, Dict[str, Any]]]:
-    """[(best.pth, the best epoch's weights (`run.best_weights`) + metrics) when `best` (the epoch and metrics
-    of a best epoch since the last write) is given, (last.pth, everything to resume)], holding the live
-    tensors: the caller snapshots them (`cpu_copy` for the background writer, `device_copy` to keep), as
-    training goes on changing them (best.pth first: last.pth names it as the best)."""
-    weights = run.model.state_dict()
-    files = []
-    if best is not None:
-        best_epoch, metrics = best
-        files.append((best_path, make_checkpoint(run.model, **run.checkpoint_info, state_dict=run.best_weights,
-                                                 epoch=best_epoch, metrics=dict(metrics))))
-    files.append((last_path, make_checkpoint(
-        run.model, **run.checkpoint_info, state_dict=weights,
-        optimizer=run.optimizer.state_dict(), lr_scheduler=run.lr_scheduler.state_dict(),
-        scaler=run.scaler.state_dict() if run.scaler is not None else None,
-        epoch=epoch, epochs=run.epochs, best_score=run.best_score, best_epoch=run.best_epoch,
-        history=list(run.history), stopped_early=run.stopped_early, finished=finished,
-        rng={'torch': torch.get_rng_state(), 'loader': run.generator.get_state()})))
-    return files
-
-
-def discard_finished_state(output_path: str) -> bool:
-    """Delete `output_path`'s weights/last.pth when it is a finished run's (nothing is left to resume, and
-    its optimizer state doubles the weights' size); True when it did. A resumable one is kept."""
-    last_path = os.path.join(output_path, WEIGHTS_DIR, LAST_NAME)
-    if not marks_finished_run(last_path):
-        return False
-    os.remove(last_path)
-    return True
 
 
 def _load_best(model: torch.nn.Module, best_path: str, best_epoch: int, last_epoch: int,
