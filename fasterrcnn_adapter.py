@@ -136,12 +136,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         last.pth, temporaries: `RunFolder.clean_for_upload`), with a deadline per upload; after a successful
         run, the weights must then be among the model's artifacts, else the execution fails saying where they
         are (`utils.platform.training_run.upload_run_folder`)."""
-        if local_path is None or not os.path.isdir(local_path) or not self.model_entity.project_id:
-            return super().save_to_model(local_path=local_path, cleanup=cleanup, replace=replace, **kwargs)
         if self._upload_failed:  # the SDK's save-on-failure after that very error: the same upload would fail
             logger.info('not uploading %s again: the upload just failed', local_path)
             return None
-        RunFolder(local_path).clean_for_upload()
+        if local_path is not None and os.path.isdir(local_path):
+            RunFolder(local_path).clean_for_upload()
+        if local_path is None or not os.path.isdir(local_path) or not self.model_entity.project_id:
+            return super().save_to_model(local_path=local_path, cleanup=cleanup, replace=replace, **kwargs)
         self.save(local_path, **kwargs)
         try:
             training_run.upload_run_folder(self.model_entity, self._resolve_settings(), local_path,

@@ -40,6 +40,9 @@ Helpers: ``dir_filter(dir, recursive=False)`` and ``tag_filter(subset)`` build
 model subset filters; ``binaries_dataset(project_id)``, ``find_items(dataset_id,
 filename)`` and ``item_annotations(item_id)`` read state back;
 ``make_token()`` is the unsigned JWT the fixture logs in with;
+``add_fault(kind, where, times)`` injects the platform's failures (HTTP 500,
+or a request read and never answered), for example on
+``artifact_upload('weights/best.pth')``;
 ``connect_sdk(api_url)`` logs the SDK of any process in (a child process
 driving ``train_model`` uses it too) and ``NoExportWaitTime`` replaces
 ``time`` in ``dtlpy.repositories.datasets`` to skip the SDK's export wait.
@@ -245,6 +248,8 @@ class DataloopEmulator:
         self.items, self.blobs, self.annotations, self.models, self.commands = {}, {}, {}, {}, {}
         self.feature_sets, self.features = {}, {}
         self.metrics, self.requests, self.missing, self.errors = [], [], [], []
+        self.faults, self.faults_hit = [], []
+        self._released = threading.Event()  # lets stalled requests go (unanswered) when the emulator stops
         self.routes = [(method, re.compile('^{}$'.format(pattern)), getattr(self, handler))
                        for method, pattern, handler in self.ROUTES]
 
@@ -259,6 +264,7 @@ class DataloopEmulator:
         return self
 
     def stop(self):
+        self._released.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -502,6 +508,39 @@ class DataloopEmulator:
         chunk = docs[page * size:(page + 1) * size] if size > 0 else []
         return {'items': chunk, 'totalItemsCount': total, 'totalPagesCount': pages,
                 'hasNextPage': size > 0 and (page + 1) * size < total}
+
+    # ------------------------------------------------------------------ faults
+    def add_fault(self, kind, where, times=None):
+        """Make the requests for which ``where(req)`` is true fail, the first ``times`` of them (all when None).
+
+        ``kind``: ``'error'`` answers HTTP 500 (the platform failing) and changes nothing; ``'stall'`` reads the
+        whole request and never answers (a stalled connection), until the emulator stops. Each hit is
+        recorded in ``faults_hit`` as a ``Request``.
+        """
+        if kind not in ('error', 'stall'):
+            raise ValueError('fault kind must be error or stall, got {!r}'.format(kind))
+        self.faults.append({'kind': kind, 'where': where, 'left': times})
+
+    @staticmethod
+    def artifact_upload(relative=''):
+        """A fault's ``where``: an item upload into a model's artifacts whose path ends with ``relative``."""
+        def where(req):
+            if req.method != 'POST' or not re.match(r'^/datasets/[^/]+/items$', req.path):
+                return False
+            fields = _parse_multipart(req.headers.get('Content-Type', ''), req.body)
+            remote = '/' + (fields.get('path') or [b''])[0].decode().lstrip('/')
+            return remote.startswith('/artifacts/models/') and remote.endswith(relative)
+        return where
+
+    def _fault_for(self, req):
+        with self._lock:
+            for fault in self.faults:
+                if fault['left'] != 0 and fault['where'](req):
+                    if fault['left'] is not None:
+                        fault['left'] -= 1
+                    self.faults_hit.append(Request(req.method, req.path, fault['kind']))
+                    return fault['kind']
+        return None
 
     # ------------------------------------------------------------------ routes
     ROUTES = [
@@ -878,8 +917,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except (_ClientGone, ConnectionError):
             self.close_connection = True
             return
+        api_path = path[len(API_PREFIX):].rstrip('/') or '/'
+        fault = emulator._fault_for(_Req(self.command, api_path, parse_qs(parts.query), self.headers, body))
+        if fault == 'stall':
+            emulator._released.wait()
+            self.close_connection = True
+            return
         try:
-            result = emulator.dispatch(self.command, path, parse_qs(parts.query), self.headers, body)
+            if fault == 'error':
+                result = 500, {'message': 'emulator fault: internal server error'}, {}
+            else:
+                result = emulator.dispatch(self.command, path, parse_qs(parts.query), self.headers, body)
             if result is None:
                 result = 404, {'message': 'emulator has no route for {} {}'.format(self.command, path),
                                'path': path}, {}

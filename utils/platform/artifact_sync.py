@@ -13,13 +13,12 @@ the training thread, so the trainer may overwrite its own copies at once, and
 one background thread uploads them in order. Never two uploads at once: an
 epoch end that finds the previous upload still running leaves it to the next.
 A failed upload is logged and retried at the next due epoch end; it never
-stops training. An upload gets `timeout_s` to finish (a stalled connection is
-never answered): past it, it is abandoned (its thread is left to the SDK; the
-next round, or the run's final save, uploads the same files), said in one line.
+stops training. An upload that times out (`upload` raises a TimeoutError: a
+stalled connection is never answered) is abandoned, said in one line: the next
+round, or the run's final save, uploads the same files.
 """
 import glob
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -61,14 +60,13 @@ class CheckpointUploader(HookBase):
 
     def __init__(self, upload: Callable[[str], object], weights_dir: str, remote_dir: str, names: Sequence[str],
                  interval_s: float, staging_parent: str, already_uploaded: Iterable[str] = (),
-                 clock: Callable[[], float] = time.monotonic, timeout_s: float = math.inf):
+                 clock: Callable[[], float] = time.monotonic):
         self._upload, self._weights_dir, self._remote_dir = upload, weights_dir, remote_dir
         self._staging_parent = staging_parent
         for stale in glob.glob(os.path.join(staging_parent, STAGING_PREFIX + '*')):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         self._names, self._interval_s, self._clock = tuple(names), float(interval_s), clock
         self.checkpoint_every_s = self._interval_s  # an upload needs files written since the last round
-        self._timeout_s, self._round_started = float(timeout_s), 0.0
         self._uploaded: Dict[str, Signature] = {}
         for name in already_uploaded:
             signature = _signature(os.path.join(weights_dir, name))
@@ -99,42 +97,29 @@ class CheckpointUploader(HookBase):
 
     def _start_round(self, epoch: int) -> None:
         if self._thread is not None and self._thread.is_alive():
-            if time.monotonic() - self._round_started < self._timeout_s:
-                logger.info('epoch %d: the previous checkpoint upload is still running; the next epoch end retries',
-                            epoch + 1)
-                return
-            self._abandon(f'epoch {epoch + 1}: ')
+            logger.info('epoch %d: the previous checkpoint upload is still running; the next epoch end retries',
+                        epoch + 1)
+            return
         if self._clock() - self._last_round < self._interval_s:
             return
         files = self._stage(epoch)
         if not files:
             return
-        self._last_round, self._round_started = self._clock(), time.monotonic()
+        self._last_round = self._clock()
         self._thread = threading.Thread(target=self._run, args=(epoch, files), name='checkpoint-upload', daemon=True)
         self._thread.start()
 
     def close(self) -> None:
-        """Wait for the upload in flight (so nothing lands after the caller's own uploads or deletes), at most until
-        its deadline: then it is abandoned; clean up."""
+        """Wait for the upload in flight (so nothing lands after the caller's own uploads or deletes; `upload`'s
+        deadline bounds it); clean up."""
         thread = self._thread
         while thread is not None and thread.is_alive():
-            left = self._round_started + self._timeout_s - time.monotonic()
-            if left <= 0:
-                self._abandon('')
-                break
-            thread.join(timeout=min(60.0, left))
-            if thread.is_alive() and left > 60:
+            thread.join(timeout=60)
+            if thread.is_alive():
                 logger.info('waiting for the checkpoint upload in flight to finish')
         if self._staging_root is not None:
             shutil.rmtree(self._staging_root, ignore_errors=True)
             self._staging_root = None
-
-    def _abandon(self, when: str) -> None:
-        """Leave a stalled upload's thread behind (it ends when the SDK gives up, or with the process)."""
-        logger.warning('%sabandoning the checkpoint upload in flight: no answer from the platform for %.0f s '
-                       '(upload_timeout_s); the same files go up with the next upload', when,
-                       time.monotonic() - self._round_started)
-        self._thread = None
 
     def _stage(self, epoch: int) -> List[Tuple[str, str, Signature]]:
         """Copy each changed file to its own staging folder: (name, folder to upload, signature of the copy)."""
@@ -167,6 +152,10 @@ class CheckpointUploader(HookBase):
                 tic = time.monotonic()
                 try:
                     self._upload(folder)
+                except TimeoutError as err:  # a stalled upload: its thread is left to the SDK
+                    logger.warning('abandoning the upload of %s of epoch %d: %s; the same files go up with the next '
+                                   'upload (the run\'s final save at the latest)', remote, epoch + 1, err)
+                    return
                 except Exception as err:  # never fatal: the checkpoint stays on disk and the next round retries
                     logger.warning('could not upload %s of epoch %d to the model\'s artifacts (%s: %s); '
                                    'training goes on and retries at the next due epoch end',

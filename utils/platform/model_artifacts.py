@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 RETRY_DELAYS_S = (10.0, 30.0, 90.0)
 
 
-class UploadTimeout(RuntimeError):
+class UploadTimeout(TimeoutError):
     """The platform did not answer an upload within its deadline."""
 
 

@@ -56,7 +56,7 @@ class PlatformTraining:
             self.artifacts.upload_folder, folder.weights_dir, WEIGHTS_DIR, names=CHECKPOINT_NAMES,
             interval_s=self._settings['checkpoint_upload_interval_s'],
             staging_parent=os.path.dirname(os.path.abspath(folder.path)),
-            already_uploaded=CHECKPOINT_NAMES if resumed else (), timeout_s=self._settings['upload_timeout_s'])
+            already_uploaded=CHECKPOINT_NAMES if resumed else ())
         return [self._uploader] + hooks
 
     def finished(self) -> None:
