@@ -59,6 +59,7 @@ from utils.training import engine  # noqa: E402
 from utils.data.group_by_aspect_ratio import build_grouped_batch_sampler  # noqa: E402
 from utils.data.images import load_image  # noqa: E402
 from utils.inference.prediction import DECODE_THREADS, boxes_to_collection  # noqa: E402
+from utils.platform import training_run  # noqa: E402
 from utils.platform.local_model import local_model  # noqa: E402
 from utils.modeling.model_factory import build_model, cudnn_autotune  # noqa: E402
 from utils.data.synthetic import make_synthetic_export  # noqa: E402
@@ -516,7 +517,8 @@ def engine_rows(cfg, device, cuda):
     adapter.load('/nonexistent')
     adapter.convert_from_dtlpy(root)
     results, published = [], []
-    adapter._publish_metrics = lambda epoch, metrics: published.append(time.perf_counter())  # each epoch's end
+    training_run.PlatformTraining.publish_metrics = \
+        lambda self, epoch, metrics: published.append(time.perf_counter())  # each epoch's end
     began = time.perf_counter()
     ours_wall = seconds(lambda: results.append(adapter.train(root, tempfile.mkdtemp())), device)
     print(f'5. {epochs} epochs on {n} images (+{len(os.listdir(os.path.join(root, "validation", "items")))} '

@@ -5,7 +5,7 @@ reset or a preemption kills the process before either, and the retried
 execution starts on a fresh pod that has nothing but the model's artifacts.
 With the resume checkpoint uploaded every `interval_s`, such a retry resumes
 from it and loses at most that interval plus the epoch in progress
-(`restore_checkpoints` copies them back).
+(`utils.training.run_folder.RunFolder.restore_from` copies them back).
 
 How: at an epoch end (the checkpoints of the epoch are written by then) the
 files that changed since their last upload are copied to a staging folder on
