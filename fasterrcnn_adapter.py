@@ -65,7 +65,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self.artifacts_path: Optional[str] = None
         self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
         self._training_failed = False  # train() raised: the SDK's save-on-failure uploads what is left
-        self._upload_failed = False  # save_to_model's upload failed: the save-on-failure that follows skips it
+        self._upload_failed = False  # save_to_model's upload failed: the SDK's save-on-failure that follows skips it
         self.unreadable_items: List[UnreadableItem] = []
         self._prefetchers: List[prediction.Prefetcher] = []  # one per predict_items call in flight
         self._decode_slots = threading.BoundedSemaphore(prediction.DECODE_THREADS)
@@ -136,7 +136,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         last.pth, temporaries: `RunFolder.clean_for_upload`), with a deadline per upload; after a successful
         run, the weights must then be among the model's artifacts, else the execution fails saying where they
         are (`utils.platform.training_run.upload_run_folder`)."""
-        if self._upload_failed:  # the SDK's save-on-failure after that very error: the same upload would fail
+        if self._upload_failed:  # the SDK's save-on-failure right after that very error: the upload just failed
+            self._upload_failed = False
             logger.info('not uploading %s again: the upload just failed', local_path)
             return None
         if local_path is not None and os.path.isdir(local_path):
