@@ -29,7 +29,7 @@ from utils.inference import cuda_graphs, pipeline
 from utils.inference import prediction
 from utils.inference.prediction import UnreadableItem
 from utils.modeling import checkpoints, model_factory, network_loading
-from utils.platform import annotation_json, training_data, training_run
+from utils.platform import annotation_json, sdk_keys, training_data, training_run
 from utils.training.run_folder import RunFolder
 
 logger = logging.getLogger('fasterrcnn.adapter')
@@ -40,20 +40,6 @@ INDEX_FILENAME = 'fasterrcnn_index.json'
 # embed_items (and the SDK's own predict_items loop) draw a tqdm bar the SDK offers no switch for:
 # bounded log lines instead
 route_sdk_bars(_sdk_adapter)
-
-
-def _fill_sdk_keys(model_entity: dl.Model) -> None:
-    """Put the SDK's adapter keys in the configuration up front: a missing one makes the SDK PATCH the model."""
-    configuration = model_entity.configuration
-    for key, value in config_lib.SDK_KEYS.items():
-        configuration.setdefault(key, value)
-    configuration.setdefault('batch_size', config_lib.DEFAULTS['batch_size'])
-    configuration.setdefault('include_background', config_lib.DEFAULTS['include_background'])
-    # read with .get('embeddings_size', 256) by embed_items and the feature set's creation
-    configuration.setdefault('embeddings_size', config_lib.DEFAULTS['embeddings_size'])
-    # read with .get(key, default) by the SDK's predict_dataset / evaluate_model: missing, each is a PATCH
-    configuration.setdefault('predict_embed_subset_limit', _sdk_adapter.PREDICT_EMBED_DEFAULT_SUBSET_LIMIT)
-    configuration.setdefault('predict_embed_timeout', _sdk_adapter.PREDICT_EMBED_DEFAULT_TIMEOUT)
 
 
 class FasterRCNNAdapter(dl.BaseModelAdapter):
@@ -80,12 +66,12 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     @model_entity.setter
     def model_entity(self, model_entity):
-        _fill_sdk_keys(model_entity)
+        sdk_keys.fill_sdk_keys(model_entity)
         dl.BaseModelAdapter.model_entity.fset(self, model_entity)
 
     def load_from_model(self, model_entity=None, local_path=None, overwrite=True, **kwargs):
         if model_entity is not None:
-            _fill_sdk_keys(model_entity)
+            sdk_keys.fill_sdk_keys(model_entity)
         return super().load_from_model(model_entity=model_entity, local_path=local_path, overwrite=overwrite, **kwargs)
 
     def _resolve_settings(self) -> Dict[str, Any]:
