@@ -323,7 +323,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         settings = self._resolve_settings()
         labels = [str(label) for label in (self.model_entity.labels or [])] or None
         export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'],
-                                      limits=self.image_limits())
+                                      limits=self.image_limits(),
+                                      video_frame_stride=settings['video_train_frame_stride'])
         if labels and not set(labels) & set(export.labels_found):
             raise InputError(f'none of the labels in the data {export.labels_found} is one of the model\'s labels '
                              f'{labels}: set the model\'s labels to the dataset\'s (model.labels = [...]; '

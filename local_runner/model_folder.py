@@ -130,8 +130,9 @@ def train_on_folder(data_dir: str, output_dir: str, configuration: Dict[str, Any
     """convert_from_dtlpy + train + save on a local export; returns paths and the best epoch's metrics."""
     if labels is None:
         from utils.data.dataloop_reader import read_dataloop_export
-        include_background = config_lib.resolve(configuration)['include_background']
-        labels = read_dataloop_export(data_dir, include_background=include_background).labels_found
+        resolved = config_lib.resolve(configuration)
+        labels = read_dataloop_export(data_dir, include_background=resolved['include_background'],
+                                      video_frame_stride=resolved['video_train_frame_stride']).labels_found
         if not labels:
             raise InputError(f'--data {data_dir}: no usable box, polygon, mask or ellipse annotation with a label '
                              f'in any subset; see the warnings above for skipped items')

@@ -70,7 +70,8 @@ def _subset_dataset(adapter, data_dir: str, subset: str):
     id_to_label = adapter.id_to_label_map()
     export = read_dataloop_export(data_dir, labels=list(id_to_label.values()),
                                   include_background=adapter.settings['include_background'],
-                                  limits=adapter.image_limits())
+                                  limits=adapter.image_limits(),
+                                  video_frame_stride=adapter.settings['video_train_frame_stride'])
     if subset not in export.subsets:
         raise InputError(f'--data {data_dir} has no {subset}/ subset with items/ or json/ '
                          f'(found: {", ".join(sorted(export.subsets)) or "none"})')

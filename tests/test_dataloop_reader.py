@@ -171,9 +171,10 @@ def build_export(root, outside):
     os.makedirs(os.path.join(root, 'train', 'items'), exist_ok=True)
     os.symlink(outside, os.path.join(root, 'train', 'items', 'link.jpg'))
     _item(root, 'train', '/link.jpg', annotations=[_box('car', (1, 1), (9, 9))])
-    _item(root, 'train', '/video.mp4', image=b'\x00\x00\x00\x18ftypmp42', annotations=[],
+    _item(root, 'train', '/video.mp4', image=b'\x00\x00\x00\x18ftypmp42', annotations=[_box('car', (1, 1), (9, 9))],
           metadata={'system': {'mimetype': 'video/mp4'}})
-    _item(root, 'train', '/video2.jpg', image=jpg, metadata={'system': {}}, annotations=[
+    # annotations with snapshots make a video item, whatever its name says
+    _item(root, 'train', '/video2.jpg', image=b'neither an image nor a video', metadata={'system': {}}, annotations=[
         dict(_box('car', (1, 1), (9, 9)), metadata={'system': {'snapshots_': [{'frame': 1}]}})])
     _item(root, 'train', '/text.jpg', image=b'this is not an image', annotations=[_box('car', (1, 1), (9, 9))])
 
@@ -188,7 +189,7 @@ def build_export(root, outside):
 EXPECTED_DROPPED = collections.Counter({
     'smaller than 1px': 1, 'outside the image': 1, 'duplicate annotation': 1, 'label not in model': 1,
     'type point': 2, 'type polyline': 1, 'type class': 3, 'type text': 1, 'bad coordinates': 2, 'no label': 1,
-    'empty mask': 1, 'unparseable json': 1, 'missing image': 1, 'path outside data_path': 2, 'video item': 2,
+    'empty mask': 1, 'unparseable json': 1, 'missing image': 1, 'path outside data_path': 2, 'unreadable video': 2,
     'undecodable image': 1, 'no usable boxes': 1})
 
 
@@ -250,7 +251,7 @@ def test_counts_reported(export_dir):
     assert sorted(report.skipped_items) == sorted([
         ('/broken', 'unparseable json'), ('/missing.jpg', 'missing image'),
         ('../../etc/passwd', 'path outside data_path'), ('/link.jpg', 'path outside data_path'),
-        ('/video.mp4', 'video item'), ('/video2.jpg', 'video item'), ('/text.jpg', 'undecodable image'),
+        ('/video.mp4', 'unreadable video'), ('/video2.jpg', 'unreadable video'), ('/text.jpg', 'undecodable image'),
         ('/empty.jpg', 'no usable boxes')])
     val = export.reports['validation']
     assert (val.items, val.items_used, val.boxes_per_label, val.dropped) == (1, 1, {'person': 1}, {})

@@ -98,6 +98,8 @@ OPTIONS: Dict[str, Option] = {
     'checkpoint_upload_interval_s': Option(600, (int,), minimum=0, training=True),
     'checkpoint_interval_s': Option(60, _NUM, minimum=0, training=True),
     'upload_timeout_s': Option(1200, _NUM, minimum=1, training=True),
+    # every k-th frame of a video's annotated spans (plus fixed keyframes); README "Training on videos" says why 5
+    'video_train_frame_stride': Option(5, (int,), minimum=1, training=True),
     'yaml_config': Option({}, (dict,)),
 }
 DEFAULTS: Dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}

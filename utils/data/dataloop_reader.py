@@ -20,9 +20,13 @@ Annotation types become boxes as `utils.data.annotation_boxes` says (box, polygo
 blobs; other types are counted as ``type <t>``), clipped to the image; those under 1 px
 wide or high after clipping are dropped.
 
+Video items (a `video/*` mimetype, a video file, or annotations with ``snapshots_``)
+become one record per sampled frame, with its ``frame`` number, as
+`utils.data.video_frames` says; their counts are the report's ``video`` part.
+
 Bad items (unparseable JSON, missing/undecodable image, an image refused by the
 `ImageLimits` (too large, too thin for the network), a path leaving data_path,
-video items) are skipped with a WARNING naming them; every drop is counted in the
+an unreadable video) are skipped with a WARNING naming them; every drop is counted in the
 subset's `SubsetReport`, logged as one INFO summary per subset.
 """
 import collections
@@ -36,8 +40,11 @@ from PIL import Image
 
 from utils.data.annotation_boxes import Frame, Skip, annotation_boxes, clip_box
 from utils.core.atomic import atomic_write
+from utils.core.config import DEFAULTS
 from utils.core.errors import InputError
 from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, image_extensions, image_size
+from utils.data.video import is_video
+from utils.data.video_frames import FRAMES_DIR, VideoCounts, VideoItemReader
 
 logger = logging.getLogger(__name__)
 
@@ -54,25 +61,28 @@ class SubsetReport:
     boxes_per_label: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped_items: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    video: VideoCounts = dataclasses.field(default_factory=VideoCounts)
 
     def summary(self) -> str:
         boxes = sum(self.boxes_per_label.values())
         per_label = ', '.join(f'{k} {v}' for k, v in sorted(self.boxes_per_label.items()))
         dropped = ', '.join(f'{k}: {v}' for k, v in sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0])))
         return (f'{self.items} items, {self.items_used} used ({self.negatives} negatives), '
-                f'{boxes} boxes ({per_label or "none"}); dropped: {dropped or "nothing"}')
+                f'{boxes} boxes ({per_label or "none"}); '
+                + (f'{self.video.summary()}; ' if self.video.videos else '')
+                + f'dropped: {dropped or "nothing"}')
 
     def to_json(self) -> dict:
         return {'items': self.items, 'items_used': self.items_used, 'negatives': self.negatives,
                 'boxes_per_label': dict(self.boxes_per_label), 'dropped': dict(self.dropped),
-                'skipped_items': [list(s) for s in self.skipped_items]}
+                'skipped_items': [list(s) for s in self.skipped_items], 'video': self.video.to_json()}
 
     @classmethod
     def from_json(cls, d: dict) -> 'SubsetReport':
         return cls(items=int(d['items']), items_used=int(d['items_used']), negatives=int(d['negatives']),
                    boxes_per_label=collections.Counter(d['boxes_per_label']),
                    dropped=collections.Counter(d['dropped']),
-                   skipped_items=[tuple(s) for s in d['skipped_items']])
+                   skipped_items=[tuple(s) for s in d['skipped_items']], video=VideoCounts.from_json(d.get('video')))
 
 
 @dataclasses.dataclass
@@ -99,11 +109,15 @@ def _inside(path: str, root: str) -> bool:
 
 # ----------------------------------------------------------------------------- items
 
-def _refuse_video(metadata, annotations: list) -> None:
+def _item_id(item: dict, annotations: list) -> str:
+    return str(item.get('id') or item.get('_id') or next(
+        (a.get('itemId') for a in annotations if isinstance(a, dict) and a.get('itemId')), ''))
+
+
+def _is_video_item(metadata, annotations: list, path: str) -> bool:
     mimetype = _get(metadata, 'system', 'mimetype')
-    if (isinstance(mimetype, str) and mimetype.startswith('video/')) or any(
-            _get(a, 'metadata', 'system', 'snapshots_') for a in annotations):
-        raise Skip('video item', 'video items are not images')
+    return is_video(mimetype if isinstance(mimetype, str) else None) or is_video(path) or any(
+        _get(a, 'metadata', 'system', 'snapshots_') for a in annotations)
 
 
 # Drops worth a line each (the data can be fixed); the others (types, duplicates, empty masks) are only counted.
@@ -131,7 +145,7 @@ class _SubsetReader:
     """Reads one subset; keeps the per-directory listing cache used to find images by stem."""
 
     def __init__(self, data_root: str, subset: str, labels: Optional[frozenset], include_background: bool,
-                 labels_found: set, limits: ImageLimits):
+                 labels_found: set, limits: ImageLimits, video_frame_stride: int):
         self.root = data_root
         self.subset = subset
         self.items_dir = os.path.join(data_root, subset, 'items')
@@ -140,6 +154,8 @@ class _SubsetReader:
         self.limits = limits
         self.report = SubsetReport()
         self._listing = {}
+        self.videos = VideoItemReader(self.report, subset, os.path.join(data_root, subset, FRAMES_DIR),
+                                      video_frame_stride, include_background, limits, self._item_boxes)
 
     def _checked(self, path: str) -> str:
         real = os.path.realpath(path)
@@ -178,7 +194,8 @@ class _SubsetReader:
             raise Skip('missing image', f'no file under {self.items_dir} for {filename or rel_json!r}')
         return self._checked(path)
 
-    def read_item(self, json_path: str) -> Optional[dict]:
+    def read_item(self, json_path: str):
+        """One record for an image item, a list of frame records for a video, None for a skipped item."""
         rel_json = os.path.relpath(json_path, self.json_dir)
         name = '/' + os.path.splitext(rel_json)[0].replace(os.sep, '/')  # until the item names itself
         try:
@@ -188,10 +205,11 @@ class _SubsetReader:
             if named:
                 name = filename
             metadata = item.get('metadata') if isinstance(item.get('metadata'), dict) else item.get('itemMetadata')
-            _refuse_video(metadata, annotations)
             image_path = self._find_image(filename, rel_json)
             if not named:
                 name = '/' + os.path.relpath(image_path, os.path.realpath(self.items_dir)).replace(os.sep, '/')
+            if _is_video_item(metadata, annotations, image_path):
+                return self.videos.read(name, _item_id(item, annotations), annotations, image_path)
             width, height = self._image_size(image_path)
         except Skip as skip:
             self._skip_item(name, skip)
@@ -207,9 +225,7 @@ class _SubsetReader:
                 return None
             self.report.negatives += 1
         self.report.items_used += 1
-        item_id = item.get('id') or item.get('_id') or next(
-            (a.get('itemId') for a in annotations if isinstance(a, dict) and a.get('itemId')), '')
-        return {'item_id': str(item_id), 'name': name, 'image_path': image_path,
+        return {'item_id': _item_id(item, annotations), 'name': name, 'image_path': image_path,
                 'width': int(width), 'height': int(height), 'boxes': boxes, 'labels': labels}
 
     def _parse_item(self, json_path: str) -> Tuple[dict, list]:
@@ -290,21 +306,26 @@ class _SubsetReader:
         for k, path in enumerate(files, 1):
             self.report.items += 1
             record = self.read_item(path)
-            if record is not None:
+            if isinstance(record, list):  # a video's frames
+                records.extend(record)
+                self.report.items_used += bool(record)
+            elif record is not None:
                 records.append(record)
             if k % PROGRESS_EVERY == 0:
                 logger.info('%s: %d/%d items read', self.subset, k, len(files))
         return records
 
 
-def read_dataloop_export(data_path, labels: Optional[Iterable[str]] = None,
-                         include_background: bool = False, limits: Optional[ImageLimits] = None) -> DataloopExport:
+def read_dataloop_export(data_path, labels: Optional[Iterable[str]] = None, include_background: bool = False,
+                         limits: Optional[ImageLimits] = None,
+                         video_frame_stride: int = DEFAULTS['video_train_frame_stride']) -> DataloopExport:
     """Read every subset under `data_path` (each folder with a `json/` or `items/` inside).
 
     labels: the names the model knows; boxes with other labels are dropped and counted.
     None keeps every label found. include_background keeps items without usable
     boxes as negatives (records with empty boxes). limits: the image sizes the
     network takes (default: the default pixel limit only); other items are skipped and counted.
+    video_frame_stride: every k-th frame of a video's annotated spans is sampled (and every fixed keyframe).
     """
     root = os.path.realpath(data_path)
     if not os.path.isdir(root):
@@ -318,7 +339,8 @@ def read_dataloop_export(data_path, labels: Optional[Iterable[str]] = None,
         if not os.path.isdir(base) or not (os.path.isdir(os.path.join(base, 'json'))
                                            or os.path.isdir(os.path.join(base, 'items'))):
             continue
-        reader = _SubsetReader(root, subset, label_set, include_background, found, limits or ImageLimits())
+        reader = _SubsetReader(root, subset, label_set, include_background, found, limits or ImageLimits(),
+                               video_frame_stride)
         if not os.path.isdir(reader.json_dir):
             logger.warning('%s: no json/ folder under %s: the subset has no item files', subset, base)
         subsets[subset] = reader.read()
