@@ -239,3 +239,74 @@ def test_a_video_whose_frames_the_limits_refuse_is_skipped(tmp_path):
     report = export.reports['train']
     assert report.dropped['image too large'] == 2  # the photo and the clip
     assert ('/clips/clip.avi', 'image too large') in report.skipped_items
+
+
+# ----------------------------------------------------------------------------- training runs
+
+TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
+        'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 1,
+        'learning_rate': 0.01, 'warmup_iters': 2, 'video_train_frame_stride': STRIDE}
+
+
+def test_local_runner_trains_and_validates_on_videos(tmp_path):
+    """`python -m local_runner train` on a download holding videos with their JSONs, as a user runs it."""
+    import subprocess
+    import sys
+    root = str(tmp_path / 'data')
+    write_item(root, 'train', '/photo.jpg', [image_box('car', 1, 1, 20, 20)], image_bytes(), 'image/jpeg')
+    write_item(root, 'train', '/clips/clip.avi', TRACKS, 'video', item_id='clipid')
+    write_item(root, 'validation', '/clip.avi', TRACKS, 'video', item_id='valclip')
+    config = tmp_path / 'tiny.json'
+    config.write_text(json.dumps(TINY))
+    output = tmp_path / 'model'
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, '-m', 'local_runner', 'train', '--data', root, '--output', str(output),
+                          '--config', str(config)], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    frames = len(expected_frames(TRACKS, STRIDE, include_background=False))
+    assert f'videos: 1 read, 1 used, {frames} frames sampled' in run.stderr, run.stderr[-3000:]
+    with open(output / 'model.json') as f:
+        description = json.load(f)
+    assert description['labels'] == ['car', 'dog', 'person']  # every label found, the dog's included
+    assert set(description['training']['best_metrics']) >= {'mAP', 'mAP_50'}  # validated on the clip's frames
+    index = load_index(os.path.join(root, 'fasterrcnn_index.json'))
+    assert {r['frame'] for r in index.subsets['validation']} == set(expected_frames(TRACKS, STRIDE, False,
+                                                                                    ['car', 'dog', 'person']))
+
+
+def test_train_model_over_the_platform_with_a_video_in_the_train_subset(dataloop_env, tmp_path, monkeypatch):
+    """The SDK's train_model (prepare_data's download, convert_from_dtlpy, train, upload) over the emulator."""
+    from dtlpy.services import service_defaults
+
+    from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
+    from utils.platform.local_model import manifest_model_block
+    emu = dataloop_env
+    project = emu.seed_project('video-project')
+    dataset = emu.seed_dataset(project['id'], 'clips', labels=LABELS)
+    clip = write_video(tmp_path / 'clip.avi').read_bytes()
+    video = emu.seed_item(dataset['id'], 'clip.avi', clip, dir='/train', annotations=TRACKS,
+                          mimetype='video/x-msvideo', width=WIDTH, height=HEIGHT, metadata={'fps': 10})
+    emu.seed_item(dataset['id'], 'photo.jpg', image_bytes(), dir='/train', annotations=[image_box('car', 1, 1, 20, 20)])
+    emu.seed_item(dataset['id'], 'photo.jpg', image_bytes(), dir='/validation',
+                  annotations=[image_box('person', 5, 5, 30, 40), image_box('car', 40, 10, 80, 50)])
+    configuration = dict(manifest_model_block()['configuration'], **TINY)
+    model = emu.seed_model(project['id'], dataset['id'], 'video-frcnn', configuration=configuration, labels=LABELS,
+                           subsets={'train': emu.dir_filter('/train'), 'validation': emu.dir_filter('/validation')})
+    (tmp_path / 'pod').mkdir()
+    monkeypatch.chdir(tmp_path / 'pod')
+    monkeypatch.setattr(service_defaults, 'DATALOOP_PATH', str(tmp_path / 'dataloop'))
+
+    FasterRCNNAdapter().train_model(dl.models.get(model_id=model['id']))
+
+    assert emu.models[model['id']]['status'] == 'trained'
+    assert emu.missing == [] and emu.errors == []
+    data_path = tmp_path / 'pod' / 'tmp' / model['id'] / 'datasets' / dataset['id']
+    index = load_index(str(data_path / INDEX_FILENAME))
+    frames = frame_records(index.subsets['train'])
+    expected = expected_frames(TRACKS, STRIDE, include_background=False)
+    assert sorted(frames) == sorted(expected)
+    assert {r['item_id'] for r in frames.values()} == {video['id']}
+    for number, record in frames.items():
+        assert sorted(record['labels']) == [label for label, _ in expected[number]], number
+    assert index.reports['train'].video.frames_kept == len(expected)
+    assert any(s['figure'] == 'validation' for s in emu.metrics)
