@@ -231,6 +231,23 @@ def test_frames_are_decoded_once_and_again_only_when_the_plan_changes(tmp_path, 
     assert sorted(frame_records(other.subsets['train'])) == sorted(expected_frames(TRACKS, 2, False))
 
 
+def test_a_video_cut_short_keeps_the_frames_before_the_cut(tmp_path):
+    root = str(tmp_path / 'data')
+    write_item(root, 'train', '/clip.avi', TRACKS, 'video', item_id='cut')
+    path = os.path.join(root, 'train', 'items', 'clip.avi')
+    with open(path, 'rb') as f:
+        data = f.read()
+    with open(path, 'wb') as f:  # a download cut off half way
+        f.write(data[:len(data) // 2])
+    export = read_dataloop_export(root, labels=LABELS, video_frame_stride=STRIDE)
+    frames = frame_records(export.subsets['train'])
+    assert frames and max(frames) < FRAMES - 1
+    assert all(abs(float(np.asarray(Image.open(r['image_path'])).mean()) - 8 * n) < 3 for n, r in frames.items())
+    live = [Track(a) for a in TRACKS if a['type'] in BOX_TYPES]
+    assert export.reports['train'].dropped['annotation past the end of the video'] == \
+        sum(1 for t in live if t.end > max(frames))
+
+
 def test_a_video_whose_frames_the_limits_refuse_is_skipped(tmp_path):
     from utils.data.images import ImageLimits
     root = str(tmp_path / 'data')
@@ -255,6 +272,7 @@ def test_local_runner_trains_and_validates_on_videos(tmp_path):
     root = str(tmp_path / 'data')
     write_item(root, 'train', '/photo.jpg', [image_box('car', 1, 1, 20, 20)], image_bytes(), 'image/jpeg')
     write_item(root, 'train', '/clips/clip.avi', TRACKS, 'video', item_id='clipid')
+    write_item(root, 'train', '/broken.mp4', TRACKS[:1], b'not a video' * 50, 'video/mp4')
     write_item(root, 'validation', '/clip.avi', TRACKS, 'video', item_id='valclip')
     config = tmp_path / 'tiny.json'
     config.write_text(json.dumps(TINY))
@@ -264,7 +282,8 @@ def test_local_runner_trains_and_validates_on_videos(tmp_path):
                           '--config', str(config)], cwd=repo, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     frames = len(expected_frames(TRACKS, STRIDE, include_background=False))
-    assert f'videos: 1 read, 1 used, {frames} frames sampled' in run.stderr, run.stderr[-3000:]
+    assert f'videos: 2 read, 1 used, {frames} frames sampled' in run.stderr, run.stderr[-3000:]
+    assert 'skipping item /broken.mp4 (unreadable video)' in run.stderr  # named, and the rest trained
     with open(output / 'model.json') as f:
         description = json.load(f)
     assert description['labels'] == ['car', 'dog', 'person']  # every label found, the dog's included

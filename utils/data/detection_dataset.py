@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 def describe(record: Mapping[str, Any]) -> str:
     """How log lines name a record: its item name and id."""
-    return f"item {record.get('name') or record.get('image_path')!r} (id {record.get('item_id')})"
+    frame = f" frame {record['frame']}" if 'frame' in record else ''  # a video's sampled frame
+    return f"item {record.get('name') or record.get('image_path')!r}{frame} (id {record.get('item_id')})"
 
 
 class DetectionDataset(torch.utils.data.Dataset):
