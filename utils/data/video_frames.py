@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
@@ -123,7 +123,8 @@ def extract_frames(video_path: str, plan: FramePlan, folder: str,
                    limits: ImageLimits) -> Tuple[List[List[int]], int]:
     """Decode the plan's frames once into `folder`: ([[frame, width, height], ...], last frame number reached).
 
-    A video that cannot be read, or whose frames the `limits` refuse, raises Skip.
+    A video that cannot be read, whose frames the `limits` refuse, or whose frames cannot be
+    written (a read-only data folder) raises Skip.
     """
     stamp, signature = _source_stamp(video_path), plan.signature()
     if plan.last < 0:  # no annotated span: nothing to decode
@@ -131,7 +132,6 @@ def extract_frames(video_path: str, plan: FramePlan, folder: str,
     memo = _read_memo(folder, stamp, signature)
     if memo is not None:
         return memo
-    os.makedirs(folder, exist_ok=True)
     written, reached = [], -1
 
     def wanted(number: int) -> bool:
@@ -140,6 +140,7 @@ def extract_frames(video_path: str, plan: FramePlan, folder: str,
         return plan(number)
 
     try:
+        os.makedirs(folder, exist_ok=True)
         for number, rgb in read_frames(video_path, wanted, last=plan.last):
             height, width = rgb.shape[:2]
             limits.check(width, height)
@@ -150,9 +151,14 @@ def extract_frames(video_path: str, plan: FramePlan, folder: str,
         raise Skip('unreadable video', str(err)) from None
     except ImageSizeError as err:
         raise Skip(err.reason, str(err)) from None
-    with atomic_write(os.path.join(folder, MEMO_FILE), 'w') as f:
-        json.dump({'format': MEMO_FORMAT, 'source': stamp, 'plan': signature, 'frames': written,
-                   'reached': reached}, f)
+    except OSError as err:  # the folder, not the video: a full disk is a DiskFullError and ends the run
+        raise Skip('frames not writable', f'{folder}: {err.strerror or err}') from None
+    try:
+        with atomic_write(os.path.join(folder, MEMO_FILE), 'w') as f:
+            json.dump({'format': MEMO_FORMAT, 'source': stamp, 'plan': signature, 'frames': written,
+                       'reached': reached}, f)
+    except OSError as err:  # the frames stand; only the next conversion decodes again
+        logger.info('%s: memo not written (%s): a later conversion decodes the video again', folder, err)
     return written, reached
 
 
@@ -182,7 +188,8 @@ class VideoItemReader:
         self.counts.videos += 1
         tracks, skipped = read_tracks(annotations)
         plan = FramePlan(tracks, self.stride, self.include_background)
-        frames, reached = extract_frames(video_path, plan, self._folder(item_id, video_path), self.limits)
+        folder = self._folder(item_id, video_path)
+        frames, reached = extract_frames(video_path, plan, folder, self.limits)
         for annotation_id, skip in skipped:
             self.report.dropped[skip.reason] += 1
             if skip.detail:
@@ -193,8 +200,7 @@ class VideoItemReader:
             self.report.dropped['annotation past the end of the video'] += len(cut)
             logger.info('%s: video %s ends at frame %d; %d annotation(s) run past it (to frame %d)', self.subset,
                         name, reached, len(cut), max(track.end for track in cut))
-        records = [r for r in (self._record(name, item_id, tracks, frame, self._folder(item_id, video_path))
-                               for frame in frames) if r is not None]
+        records = [r for r in (self._record(name, item_id, tracks, frame, folder) for frame in frames) if r is not None]
         self.counts.frames_sampled += len(frames)
         if records:
             self.counts.videos_used += 1
