@@ -308,6 +308,8 @@ def test_train_model_over_the_platform_with_a_video_in_the_train_subset(dataloop
     emu.seed_item(dataset['id'], 'photo.jpg', image_bytes(), dir='/train', annotations=[image_box('car', 1, 1, 20, 20)])
     emu.seed_item(dataset['id'], 'photo.jpg', image_bytes(), dir='/validation',
                   annotations=[image_box('person', 5, 5, 30, 40), image_box('car', 40, 10, 80, 50)])
+    held_out = emu.seed_item(dataset['id'], 'clip.avi', clip, dir='/validation', annotations=TRACKS,
+                             mimetype='video/x-msvideo', width=WIDTH, height=HEIGHT, metadata={'fps': 10})
     configuration = dict(manifest_model_block()['configuration'], **TINY)
     model = emu.seed_model(project['id'], dataset['id'], 'video-frcnn', configuration=configuration, labels=LABELS,
                            subsets={'train': emu.dir_filter('/train'), 'validation': emu.dir_filter('/validation')})
@@ -328,4 +330,6 @@ def test_train_model_over_the_platform_with_a_video_in_the_train_subset(dataloop
     for number, record in frames.items():
         assert sorted(record['labels']) == [label for label, _ in expected[number]], number
     assert index.reports['train'].video.frames_kept == len(expected)
+    validation = frame_records(index.subsets['validation'])  # mAP is computed over these frames and the photo
+    assert sorted(validation) == sorted(expected) and {r['item_id'] for r in validation.values()} == {held_out['id']}
     assert any(s['figure'] == 'validation' for s in emu.metrics)
