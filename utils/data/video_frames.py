@@ -10,8 +10,8 @@ Decoding (`extract_frames`) streams through the video once, in frame order
 (`utils.data.video.read_frames`: one frame in memory), and writes each sampled frame
 as ``<frames folder>/<item>/<frame number>.jpg``, so training epochs read small
 images and never the video. A memo next to them (the video's size and mtime, the
-plan) lets a later conversion of the same data (the local runner reads the data
-twice; a retried run) reuse them without decoding.
+plan) lets a later conversion of the same files (the local runner reads the data
+twice; `train` converts again when the index is missing) reuse them without decoding.
 
 Each kept frame becomes one record, as an image item does, plus its ``frame``
 number; its boxes are made by the image reader's own box step (``boxes_of``), so
