@@ -94,6 +94,51 @@ def test_every_frame_of_every_track_is_what_the_sdk_reads(caplog):
     assert Track(TRACKS[1]).at(10) is None and Track(TRACKS[1]).at(11) is not None
 
 
+def sdk_track(item, object_id, states, end_frame):
+    """A track built with the SDK's own AnnotationCollection.add, written out by its to_json."""
+    builder = item.annotations.builder()
+    for frame, definition, fixed, visible in states:
+        builder.add(annotation_definition=definition, object_id=object_id, frame_num=frame, fixed=fixed,
+                    object_visible=visible)
+    last_frame, last_definition, _, last_visible = states[-1]
+    if end_frame > last_frame:  # held to the end: a frame equal to the one before writes no snapshot
+        builder.add(annotation_definition=last_definition, object_id=object_id, frame_num=end_frame, fixed=False,
+                    object_visible=last_visible)
+    (annotation,) = builder.annotations
+    return annotation.to_json()
+
+
+def test_the_tracks_here_are_written_as_the_sdk_writes_them(dataloop_env):
+    """TRACKS' car and person, rebuilt with the SDK over the emulator (it needs the item and its labels)."""
+    emu = dataloop_env
+    project = emu.seed_project('p')
+    dataset = emu.seed_dataset(project['id'], 'clips', labels=LABELS)
+    seeded = emu.seed_item(dataset['id'], 'clip.avi', b'bytes', mimetype='video/x-msvideo', width=WIDTH,
+                           height=HEIGHT, metadata={'fps': 10})
+    item = dl.items.get(item_id=seeded['id'])
+
+    def car(x1, y1, x2, y2):
+        return dl.Box(left=x1, top=y1, right=x2, bottom=y2, label='car')
+
+    def person(x1, y1, x2, y2):
+        return dl.Polygon(geo=np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], float), label='person')
+
+    built = [
+        sdk_track(item, 1, [(0, car(10, 10, 30, 30), True, True), (4, car(14, 10, 34, 30), True, True),
+                            (6, car(16, 10, 36, 30), False, True), (9, car(16, 10, 36, 30), True, False),
+                            (13, car(20, 12, 40, 32), True, True), (14, car(21, 12, 41, 32), False, True)], 17),
+        sdk_track(item, 2, [(11, person(50, 20, 60, 50), True, True), (15, person(52, 22, 62, 52), True, True)], 20),
+    ]
+    for sdk_json, ours_json in zip(built, TRACKS[:2]):
+        sdk, ours = Track(sdk_json), Track(ours_json)
+        assert (sdk.start, sdk.end, sdk.keyframes()) == (ours.start, ours.end, ours.keyframes())
+        for number in range(-1, 25):
+            a, b = sdk.annotation_at(number), ours.annotation_at(number)
+            assert (a is None) == (b is None), number
+            if a is not None:
+                assert a['label'] == b['label'] and annotation_boxes(a, FRAME) == annotation_boxes(b, FRAME), number
+
+
 def test_a_snapshot_changes_the_label_and_bad_frame_numbers_are_refused():
     relabelled = video_annotation(9, 'car', 'box', 0, box(1, 1, 9, 9), 5,
                                   [{'frame': 3, 'fixed': True, 'label': 'person', 'type': 'box',
