@@ -147,9 +147,11 @@ def test_a_snapshot_changes_the_label_and_bad_frame_numbers_are_refused():
     track = Track(relabelled)
     for number in range(6):
         assert track.annotation_at(number)['label'] == sdk_state(relabelled, number).label
-    bad = video_annotation(9, 'car', 'box', -3, box(1, 1, 9, 9), 5)
-    with pytest.raises(Skip, match='bad frame number'):
-        Track(bad)
+    for first, end in ((-3, 5), (1.5, 5), (float('nan'), 5), ('2', 5), (0, float('inf'))):
+        with pytest.raises(Skip, match='bad frame number'):
+            Track(video_annotation(9, 'car', 'box', first, box(1, 1, 9, 9), end))
+    weird = dict(video_annotation(9, 'car', 'box', 0, box(1, 1, 9, 9), 5), metadata=['not', 'a', 'dict'])
+    assert Track(weird).annotation_at(0)['label'] == 'car'  # no metadata: an image-like single frame
 
 
 # ----------------------------------------------------------------------------- a data folder

@@ -20,6 +20,7 @@ state into boxes is `utils.data.annotation_boxes`' job, as for images.
 """
 import bisect
 import dataclasses
+import math
 from typing import Any, Dict, List, Optional, Tuple
 
 from utils.data.annotation_boxes import Skip
@@ -39,7 +40,8 @@ class State:
 
 
 def _frame_number(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or value < 0:
         raise Skip('bad frame number', f'{what} is {value!r}, not a frame number')
     return int(value)
 
@@ -52,7 +54,8 @@ class Track:
             raise Skip('bad annotation', f'not an object: {annotation!r:.80}')
         self.id = annotation.get('id') or annotation.get('_id') or '?'
         self.type = annotation.get('type')
-        system = (annotation.get('metadata') or {}).get('system') or {}
+        metadata = annotation.get('metadata') or {}
+        system = (metadata.get('system') if isinstance(metadata, dict) else None) or {}
         if not isinstance(system, dict):
             raise Skip('bad annotation', '`metadata.system` is not an object')
         states: Dict[int, State] = {}
