@@ -279,6 +279,16 @@ def test_frames_are_decoded_once_and_again_only_when_the_plan_changes(tmp_path, 
     assert sorted(frame_records(other.subsets['train'])) == sorted(expected_frames(TRACKS, 2, False))
 
 
+def test_a_long_decoding_says_where_it_is(tmp_path, monkeypatch, caplog):
+    root = str(tmp_path / 'data')
+    write_item(root, 'train', '/clip.avi', TRACKS, 'video')
+    monkeypatch.setattr(video_frames, 'PROGRESS_EVERY_S', -1)  # as if every frame took long
+    with caplog.at_level('INFO', logger='utils.data.video_frames'):
+        read_dataloop_export(root, labels=LABELS, video_frame_stride=STRIDE)
+    lines = [r.getMessage() for r in caplog.records if 'decoding, at frame' in r.getMessage()]
+    assert len(lines) == FRAMES and 'clip.avi: decoding, at frame 23 of at most 30' in lines[-1]
+
+
 def test_a_video_cut_short_keeps_the_frames_before_the_cut(tmp_path):
     root = str(tmp_path / 'data')
     write_item(root, 'train', '/clip.avi', TRACKS, 'video', item_id='cut')

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import time
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from PIL import Image
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 FRAMES_DIR = 'frames'  # <data_path>/<subset>/frames/<item>/<frame>.jpg
 MEMO_FILE = 'frames.json'
 MEMO_FORMAT = 'fasterrcnn-video-frames/1'
+PROGRESS_EVERY_S = 30  # a long video logs where its decoding is at this often
 JPEG_QUALITY = 95  # the video is lossy already: 95 adds little loss at a fraction of PNG's size and write time
 
 
@@ -132,11 +134,15 @@ def extract_frames(video_path: str, plan: FramePlan, folder: str,
     memo = _read_memo(folder, stamp, signature)
     if memo is not None:
         return memo
-    written, reached = [], -1
+    written, reached, logged = [], -1, time.monotonic()
 
     def wanted(number: int) -> bool:
-        nonlocal reached
+        nonlocal reached, logged
         reached = number
+        if time.monotonic() - logged > PROGRESS_EVERY_S:
+            logged = time.monotonic()
+            logger.info('%s: decoding, at frame %d of at most %d; %d frames sampled so far', video_path, number,
+                        plan.last, len(written))
         return plan(number)
 
     try:
