@@ -19,7 +19,7 @@ from utils.core.errors import InputError
 
 logger = logging.getLogger('fasterrcnn.device')
 
-# The GPU runner image (docker/gpu.Dockerfile) sets it: that image exists to run on a GPU.
+# The GPU runner image (the Dockerfile's gpu target) sets it: that image exists to run on a GPU.
 EXPECT_GPU_ENV = 'FASTERRCNN_EXPECT_GPU'
 NVIDIA_SMI_TIMEOUT_S = 15
 
