@@ -13,7 +13,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from utils.core import config as config_lib
 from utils.core.config import ConfigError
 from utils.core.errors import InputError
-from utils.data.images import image_extensions
 
 logger = logging.getLogger('local_runner')
 
@@ -84,6 +83,7 @@ def list_images(path: str, exclude: Optional[str] = None) -> List[Tuple[str, str
         return [(path, os.path.basename(path))]
     if not os.path.isdir(path):
         raise InputError(f'--input {path} is {_file_kind(path)}, not an image file or a folder')
+    from utils.data.images import image_extensions  # here: that module brings torch, which a path check must not wait for
     extensions = image_extensions()
     excluded = os.path.realpath(exclude) if exclude else None
     found, others, special = [], 0, []

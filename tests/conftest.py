@@ -1,7 +1,8 @@
 """Shared test setup.
 
-``DATALOOP_PATH`` is pointed at a temp dir before anything imports dtlpy, so the
-SDK's cookie file (environments, tokens) and logs stay out of the home folder.
+``DATALOOP_PATH`` is pointed at a temp dir before anything imports dtlpy (one per
+process, so parallel workers do not share it), so the SDK's cookie file
+(environments, tokens) and logs stay out of the home folder.
 Fixtures:
 
 - ``dataloop_emulator``: a started ``tests.dataloop_emulator.DataloopEmulator``
@@ -10,12 +11,20 @@ Fixtures:
 - ``dataloop_env``: same object; see ``tests/dataloop_emulator.py`` for the
   seeding helpers (``seed_project``, ``seed_dataset``, ``seed_item``,
   ``seed_model``) and the state to assert on.
+
+torch runs one intra-op thread in the tests and in every process they start
+(``OMP_NUM_THREADS`` is inherited): at the tests' tiny sizes a second thread buys
+nothing, and two spinning OpenMP threads per process collapse on a shared or
+parallel (``pytest -n 2``) run. Set ``OMP_NUM_THREADS`` yourself to override.
 """
 import os
 import sys
 import tempfile
 
-os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp(prefix='dataloop_path_'))
+if 'PYTEST_XDIST_WORKER' in os.environ or 'DATALOOP_PATH' not in os.environ:
+    # one per process: parallel workers (`pytest -n 2`) must not share the SDK's cookie file
+    os.environ['DATALOOP_PATH'] = tempfile.mkdtemp(prefix='dataloop_path_')
+os.environ.setdefault('OMP_NUM_THREADS', '1')  # before torch is imported: it reads this once
 
 import pytest  # noqa: E402
 

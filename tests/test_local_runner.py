@@ -322,6 +322,18 @@ def test_bad_data_folders_exit_2_with_one_line_naming_what_is_missing(case, tmp_
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_wrong_path_fails_before_torch_or_dtlpy_is_imported(tmp_path):
+    """The path checks come first: a typo costs a fraction of a second, not the heavy imports."""
+    script = ("import sys; from local_runner.cli import main; code = main(sys.argv[1:]); "
+              "print(code, sorted({'torch', 'torchvision', 'dtlpy'} & set(sys.modules)))")
+    for args in (['train', '--data', str(tmp_path / 'nope'), '--output', str(tmp_path / 'out')],
+                 ['predict', '--model', str(tmp_path / 'nope'), '--input', str(tmp_path), '--output', str(tmp_path)]):
+        result = subprocess.run([sys.executable, '-c', script, *args], cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+        assert result.stdout.split() == ['2', '[]'], (args, result.stdout, result.stderr)
+        assert_one_line_error(result.stderr, 'no such folder')
+
+
 def test_model_folder_problems_exit_2_with_one_line(tmp_path, export_dir):
     missing = run_cli('predict', '--model', str(tmp_path / 'nope'), '--input', export_dir, '--output', str(tmp_path))
     assert missing.returncode == 2
