@@ -8,6 +8,7 @@ import torchvision
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
+from utils.core import tested_versions
 from utils.modeling import batched_postprocess
 from utils.modeling.batched_postprocess import BatchedRoIHeads, BatchedRPN, greedy_nms
 from utils.modeling.model_factory import build_model
@@ -90,6 +91,37 @@ def test_the_network_gets_the_batched_heads_and_torchvision_s_own_on_request():
     plain = detector(batched_postprocess=False)
     assert type(plain.rpn) is RegionProposalNetwork and type(plain.roi_heads) is RoIHeads
     assert model.state_dict().keys() == plain.state_dict().keys()
+
+
+def heads_settings(heads):
+    """Every setting of an RPN or RoI heads module: its own plain attributes, and its matcher's, sampler's
+    and box coder's."""
+    settings = {key: value for key, value in vars(heads).items() if not key.startswith('_') or 'nms_top_n' in key}
+    for helper in ('proposal_matcher', 'fg_bg_sampler', 'box_coder'):
+        settings[helper] = (type(settings[helper]), vars(settings[helper]))
+    return settings
+
+
+def test_the_batched_heads_are_built_with_torchvision_s_settings_and_load_its_weights():
+    model = detector(rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_train=500, box_batch_size_per_image=64,
+                     box_nms_thresh=0.4, rpn_score_thresh=0.01)
+    plain = detector(batched_postprocess=False, rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_train=500,
+                     box_batch_size_per_image=64, box_nms_thresh=0.4, rpn_score_thresh=0.01)
+    for ours, theirs in ((model.rpn, plain.rpn), (model.roi_heads, plain.roi_heads)):
+        assert heads_settings(ours) == heads_settings(theirs)
+        assert heads_settings(ours)['fg_bg_sampler'][1]  # the comparison compared something
+    assert model.rpn._pre_nms_top_n['testing'] == 300 and model.roi_heads.nms_thresh == 0.4
+    plain.rpn.head.cls_logits.bias.data.fill_(0.5)
+    model.load_state_dict(plain.state_dict())  # strict: a checkpoint of torchvision's network loads as it is
+    assert torch.equal(model.rpn.head.cls_logits.bias, plain.rpn.head.cls_logits.bias)
+
+
+def test_outside_the_tested_torchvision_releases_the_network_keeps_torchvision_s_heads(monkeypatch, caplog):
+    monkeypatch.setattr(tested_versions, 'TORCHVISION_TESTED', ((0, 1), (0, 2)))
+    model = detector()
+    assert type(model.rpn) is RegionProposalNetwork and type(model.roi_heads) is RoIHeads
+    assert 'outside the releases the batched post-processing was tested on (>=0.1, <0.2)' in caplog.text
+    assert model.state_dict().keys() == detector(batched_postprocess=False).state_dict().keys()
 
 
 def test_batched_detections_equal_torchvision_s(monkeypatch):

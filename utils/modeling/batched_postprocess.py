@@ -164,6 +164,14 @@ def postprocess_detections(heads: RoIHeads, class_logits: Tensor, box_regression
 class BatchedRPN(RegionProposalNetwork):
     """torchvision's RPN, filtering the proposals of the whole batch at once on the GPU."""
 
+    @classmethod
+    def like(cls, rpn: RegionProposalNetwork) -> 'BatchedRPN':
+        """A BatchedRPN with `rpn`'s settings and submodules (the same weights under the same names)."""
+        return cls(rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
+                   rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
+                   rpn.fg_bg_sampler.positive_fraction, dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n),
+                   rpn.nms_thresh, rpn.score_thresh)
+
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         if batched(proposals, len(image_shapes)):
             return filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level)
@@ -173,16 +181,17 @@ class BatchedRPN(RegionProposalNetwork):
 class BatchedRoIHeads(RoIHeads):
     """torchvision's box RoI heads, post-processing the detections of the whole batch at once on the GPU."""
 
+    @classmethod
+    def like(cls, heads: RoIHeads) -> 'BatchedRoIHeads':
+        """BatchedRoIHeads with `heads`' settings and box submodules (the same weights under the same names)."""
+        if heads.has_mask() or heads.has_keypoint():
+            raise ValueError('the batched heads post-process boxes only: a mask or keypoint head has its own')
+        return cls(heads.box_roi_pool, heads.box_head, heads.box_predictor, heads.proposal_matcher.high_threshold,
+                   heads.proposal_matcher.low_threshold, heads.fg_bg_sampler.batch_size_per_image,
+                   heads.fg_bg_sampler.positive_fraction, heads.box_coder.weights, heads.score_thresh,
+                   heads.nms_thresh, heads.detections_per_img)
+
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
         if batched(class_logits, len(image_shapes)) and not self.has_mask() and not self.has_keypoint():
             return postprocess_detections(self, class_logits, box_regression, proposals, image_shapes)
         return super().postprocess_detections(class_logits, box_regression, proposals, image_shapes)
-
-
-def batch_postprocessing(model: torch.nn.Module) -> torch.nn.Module:
-    """Give `model`'s RPN and RoI heads the batched post-processing (same weights, same results)."""
-    if type(model.rpn) is RegionProposalNetwork:
-        model.rpn.__class__ = BatchedRPN
-    if type(model.roi_heads) is RoIHeads:
-        model.roi_heads.__class__ = BatchedRoIHeads
-    return model

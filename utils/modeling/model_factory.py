@@ -13,8 +13,9 @@ from torchvision.models import detection
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from utils.modeling.batched_postprocess import batch_postprocessing, host_table
+from utils.core import tested_versions
 from utils.core.errors import InputError
+from utils.modeling.batched_postprocess import BatchedRoIHeads, BatchedRPN, host_table
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,22 @@ def build_model(variant: str, num_classes: int, min_size: Optional[int] = None, 
             replace_box_predictor(model, num_classes)
     if padding_bucket > model.transform.size_divisible:
         model.transform = BucketedTransform(model.transform, padding_bucket)
-    return batch_postprocessing(model) if batched_postprocess else model
+    if batched_postprocess and batched_heads_tested():
+        model.rpn = BatchedRPN.like(model.rpn)
+        model.roi_heads = BatchedRoIHeads.like(model.roi_heads)
+    return model
+
+
+def batched_heads_tested() -> bool:
+    """Whether the batched heads were tested on this torchvision (they subclass its RPN and RoI heads);
+    if not, the network keeps torchvision's own heads, and one warning says so."""
+    version = torchvision.__version__
+    if tested_versions.within(version, tested_versions.TORCHVISION_TESTED):
+        return True
+    logger.warning('torchvision %s is outside the releases the batched post-processing was tested on (%s): '
+                   'the network keeps torchvision\'s own RPN and RoI heads (same results, more host syncs on a GPU)',
+                   version, tested_versions.describe(tested_versions.TORCHVISION_TESTED))
+    return False
 
 
 def _round_up(value: int, multiple: int) -> int:

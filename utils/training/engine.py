@@ -22,6 +22,7 @@ from utils.evaluation.coco_utils import get_coco_api_from_dataset
 from utils.core.frozen_heap import frozen_heap
 from utils.core.metric_names import LOSS_KEYS
 from utils.core.progress import Progress
+from utils.training.optimizer_step import OptimizerStep
 
 logger = logging.getLogger(__name__)
 
@@ -117,46 +118,15 @@ class _StepGuard:
                 f'NaN coordinates); with amp on, try amp=false')
 
 
-def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """True when `optimizer.step()` can be told to skip by an on-device flag (`found_inf`), as fused SGD can.
-
-    An optimizer built fused whose state came from a run that was not (`load_state_dict` restores
-    the groups' ``fused: False``) is made fused again: both keep the same state, and torch would
-    otherwise hand the flag to the unfused step, which refuses it.
-    """
-    if not getattr(optimizer, '_step_supports_amp_scaling', False):
-        return False
-    for group in optimizer.param_groups:
-        if 'fused' in group:
-            group['fused'] = True
-    return True
-
-
-def _zero_missing_momentum(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter a zero momentum buffer before a fused SGD's first step.
-
-    A fused first step that is skipped (`found_inf`) would otherwise leave torch's
-    uninitialised buffers behind (torch 2.14). A zero buffer is exact: with SGD's
-    dampening 0, ``0 * momentum + grad`` is the first step's ``grad``.
-    """
-    for group in optimizer.param_groups:
-        if not group.get('momentum') or group.get('dampening'):
-            continue
-        for param in group['params']:
-            state = optimizer.state[param]
-            if state.get('momentum_buffer') is None:
-                state['momentum_buffer'] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def _train_step(model, optimizer, params, skips_on_device: bool, images, targets, device, scaler,
+def _train_step(model, optimizer, params, step: OptimizerStep, images, targets, device, scaler,
                 max_grad_norm: float):
     """Forward, backward and (unless a loss or the gradient is non-finite) the optimizer step.
 
-    `params`: the optimizer's parameters; `skips_on_device`: `_skips_on_device(optimizer)`,
-    both worked out once per epoch. Returns ``(values, taken)``: the LOSS_KEYS values and a
-    bool tensor, both on the device, read later (no sync here). With a GradScaler, or an
-    optimizer that skips on an on-device flag (fused SGD), nothing waits for the GPU; a
-    plain optimizer in fp32 needs one sync to decide whether to step.
+    `params`: the optimizer's parameters; `step`: its `OptimizerStep`, both made once per epoch.
+    Returns ``(values, taken)``: the LOSS_KEYS values and a bool tensor, both on the device, read
+    later (no sync here). With a GradScaler, or an optimizer that skips on an on-device flag
+    (fused SGD), nothing waits for the GPU; a plain optimizer in fp32 needs one sync to decide
+    whether to step.
     """
     images, targets = _to_device(images, targets, device)
     with torch.autocast(device_type=device.type, enabled=scaler is not None):
@@ -180,14 +150,7 @@ def _train_step(model, optimizer, params, skips_on_device: bool, images, targets
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     taken = finite_loss & torch.isfinite(norm)
-    if skips_on_device:
-        optimizer.found_inf = (~taken).float()
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif bool(taken):  # a plain optimizer cannot be told to skip: the one sync of this step
-        optimizer.step()
+    step(taken)
     return values, taken
 
 
@@ -220,15 +183,13 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
     warmup = _warmup_scheduler(optimizer, epoch, warmup_iters, bar.total, warmup_factor)
     guard = _StepGuard(header, max_nonfinite, optimizer, device, check_every=log_interval)
     params = [p for group in optimizer.param_groups for p in group['params']]
-    skips_on_device = _skips_on_device(optimizer)
-    if skips_on_device:
-        _zero_missing_momentum(optimizer)  # once: later steps update the buffers in place
+    optimizer_step = OptimizerStep(optimizer)
     for step, (images, targets) in enumerate(bar, 1):
         if len(images) == 0:
             logger.warning('%s: skipping a batch in which no image could be read', header)
             step_scheduler(warmup)
             continue
-        values, taken = _train_step(model, optimizer, params, skips_on_device, images, targets, device, scaler,
+        values, taken = _train_step(model, optimizer, params, optimizer_step, images, targets, device, scaler,
                                     max_grad_norm)
         guard.record(targets, values, taken)
         step_scheduler(warmup)
