@@ -28,7 +28,7 @@ import torchvision  # noqa: E402
 from torchvision.io import ImageReadMode, decode_jpeg  # noqa: E402
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
-from bench.gpu_speed import MemoryItem, jpeg  # noqa: E402
+from bench.speed.common import MemoryItem, jpeg  # noqa: E402
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
 from utils.data.images import load_image  # noqa: E402
 from utils.inference.prediction import DECODE_THREADS, DOWNLOAD_THREADS, Prefetcher  # noqa: E402

@@ -15,7 +15,7 @@ if [ "${GPU_STAGES:-1}" = 1 ]; then  # GPU_STAGES=0 skips it (a minute)
   echo '== the prediction forward stage by stage: plain torchvision vs ours, device-busy time, launches, syncs'
   timeout "${GPU_STAGES_TIMEOUT:-60}" python3 bench/gpu_stages.py 2>&1 | grep -v -E 'DEBUG|WARNING|random weights|USDT|warn'
 fi
-echo '== issue 8 table: every row beside plain torchvision, same run'
+echo '== the speed table (bench/speed/, a module a row): every row beside plain torchvision, same run'
 timeout "${GPU_SPEED_TIMEOUT:-300}" python3 bench/gpu_speed.py "$@" 2>&1 | grep -v -E 'DEBUG|WARNING|random weights'
 if [ "${GPU_DECODE:-1}" = 1 ]; then  # GPU_DECODE=0 skips it (about 15 s)
   echo '== does JPEG decoding on this host hold the GIL the thread driving the GPU needs?'

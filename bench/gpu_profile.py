@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from bench.gpu_speed import (ENGINE_SETTINGS, FULL, TINY, bare_forward, bare_network, bare_step,  # noqa: E402
-                             decoded_batch, fresh_training, make_adapter, synthetic_training_set)
+from bench.speed.common import FULL, TINY, bare_forward, bare_network, decoded_batch, make_adapter  # noqa: E402
+from bench.speed.training import (ENGINE_SETTINGS, bare_step, fresh_training,  # noqa: E402
+                                  synthetic_training_set)
 from utils.training import engine  # noqa: E402
 from utils.training.trainer import build_optimizer  # noqa: E402
 

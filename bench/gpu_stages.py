@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.gpu_profile import profile_call  # noqa: E402
-from bench.gpu_speed import bare_forward, bare_network, forward_bench  # noqa: E402
+from bench.speed.common import bare_forward, bare_network, forward_bench  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 from utils.inference.prediction import set_postprocess  # noqa: E402
 

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from bench.gpu_speed import bare_forward, bare_network, forward_bench  # noqa: E402
+from bench.speed.common import bare_forward, bare_network, forward_bench  # noqa: E402
 from bench.timing import seconds  # noqa: E402
 from utils.modeling import batched_postprocess  # noqa: E402
 from utils.inference.prediction import detection_rows, set_postprocess  # noqa: E402
