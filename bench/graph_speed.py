@@ -27,8 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
 
-from bench.gpu_speed import (FULL, TINY, MemoryItem, bare_forward, bare_network, jpeg,  # noqa: E402
-                             make_adapter, median_seconds, row)
+from bench.speed.common import (FULL, TINY, MemoryItem, bare_forward, bare_network, jpeg,  # noqa: E402
+                                make_adapter, median_seconds, row)
 import dtlpy as dl  # noqa: E402
 import torch  # noqa: E402
 
