@@ -27,10 +27,12 @@ from utils.core.progress import route_sdk_bars
 from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
 from utils.inference import cuda_graphs, pipeline
 from utils.inference import prediction
+from utils.inference import video as video_inference
 from utils.inference.prediction import UnreadableItem
 from utils.modeling import checkpoints, model_factory, network_loading
-from utils.platform import annotation_json, sdk_keys, training_data, training_run
+from utils.platform import sdk_keys, training_data, training_run
 from utils.training.run_folder import RunFolder
+from utils.platform.video_annotations import batch_payloads, tracks_to_collection
 
 logger = logging.getLogger('fasterrcnn.adapter')
 
@@ -150,6 +152,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     def prepare_item_func(self, item: dl.Item):
         """Download and decode one item; an unreadable one becomes an `UnreadableItem`, not an exception.
+        A video item is downloaded to disk and opened, not decoded: `video_inference.VideoEntry`.
 
         Inside `predict_items` the item was usually downloaded already, while the previous batches ran.
         """
@@ -161,8 +164,10 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     @staticmethod
     def _download(item: dl.Item):
-        """The item's bytes in memory, or the exception that stopped the download (`_decode_item` reports it)."""
+        """The item's bytes in memory (a video's file on disk), or the exception that stopped the download."""
         try:
+            if video_inference.is_video_item(item):
+                return video_inference.download(item)
             return item.download(save_locally=False)
         except Exception as err:  # reported per item by _decode_item, never failing the batch
             return err
@@ -174,6 +179,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             buffer = self._download(item) if downloaded is None else downloaded
             if isinstance(buffer, Exception):
                 raise buffer
+            if isinstance(buffer, video_inference.VideoEntry):
+                return buffer
             with self._decode_slots:  # few at a time: each takes the GIL back from the thread driving the GPU
                 return load_image_tensor(buffer, self.image_limits())
         except ImageSizeError as err:
@@ -182,7 +189,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             reason = f'{err} (mimetype {getattr(item, "mimetype", None)})'
         except Exception as err:  # download failures, odd item types: report, never fail the batch
             reason = f'{type(err).__name__}: {err}'
-        logger.error('cannot read item %s (id %s) as an image: %s', name, item.id, reason)
+        logger.error('cannot read item %s (id %s): %s', name, item.id, reason)
         return UnreadableItem(item.id, name, reason)
 
     def predict(self, batch, **kwargs):
@@ -204,6 +211,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                                   settings['max_detections'], [settings[key] for key in network_loading.RPN_TEST_KEYS])
         images, positions = self._readable(batch)
         rows = prediction.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
+        for position, found in video_inference.detect_videos(self, batch):  # their frames through this method
+            positions.append(position)
+            rows.append(found)
         return positions, rows
 
     def _annotate(self, batch, detections: Tuple[List[int], List[list]]) -> List[dl.AnnotationCollection]:
@@ -213,6 +223,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         collections = [dl.AnnotationCollection() for _ in batch]
         model_name, model_id = self.model_entity.name, self.model_entity.id
         for position, image_rows in zip(positions, rows):
+            if isinstance(image_rows, video_inference.VideoDetections):  # one annotation per track
+                collections[position] = tracks_to_collection(image_rows, labels, model_name, model_id)
+                continue
             collections[position] = prediction.boxes_to_collection(image_rows, labels, model_name, model_id)
         return collections
 
@@ -220,11 +233,12 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """predict_items' second half before the upload: per item, the JSON the SDK would upload for `_annotate`'s
         stamped collection, built in bulk (`utils.platform.annotation_json`: the same dicts, no objects between)."""
         positions, rows = detections
-        return annotation_json.batch_box_annotations(batch_items, positions, rows, self.id_to_label_map(),
-                                                     self.model_entity.name, self.model_entity.id)
+        return batch_payloads(batch_items, positions, rows, self.id_to_label_map(),  # videos: their tracks
+                              self.model_entity.name, self.model_entity.id)
 
     def _readable(self, batch) -> Tuple[List[torch.Tensor], List[int]]:
         """The batch's decoded images and their positions; unreadable entries are kept for the run's error."""
+        batch = [None if isinstance(entry, video_inference.VideoEntry) else entry for entry in batch]  # not images
         images, positions, unreadable = prediction.split_readable(batch, self.image_limits())
         self.unreadable_items.extend(unreadable)
         return images, positions
@@ -268,8 +282,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """One error at the end of a run naming every item that could not be decoded."""
         if self.unreadable_items:
             names = '; '.join(str(entry) for entry in self.unreadable_items)
-            raise ValueError(f'{len(self.unreadable_items)} of {total} items could not be read as images '
-                             f'the network takes and {consequence}: {names}')
+            raise ValueError(f'{len(self.unreadable_items)} of {total} items could not be read as images or '
+                             f'videos the network takes and {consequence}: {names}')
 
     # ------------------------------------------------------------------- embed
     def embed(self, batch, **kwargs):
@@ -277,16 +291,21 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
         The vector is the network's own FPN features pooled (`utils.modeling.embeddings.fpn_embedding`),
         computed through the same preprocessing and precision as `predict`; the SDK skips None.
+        A video's vector is the mean of its sampled frames' (`video_inference.embed_videos`).
         """
         with frozen_heap():
-            images, positions = self._readable(batch)
-            vectors: List[Optional[List[float]]] = [None] * len(batch)
-            if images:
-                network = self._inference_networks.get(self.model, self.device)
-                cuda_graphs.use_graphs(network, self.settings['cuda_graphs'])
+            network = self._inference_networks.get(self.model, self.device)
+            cuda_graphs.use_graphs(network, self.settings['cuda_graphs'])
+
+            def vectors_of(entries):
+                images, positions = self._readable(entries)
                 found = prediction.image_vectors(network, images, self.device, self.settings['cudnn_benchmark'])
-                for position, vector in zip(positions, found):
-                    vectors[position] = vector
+                return list(zip(positions, found)) if images else []
+
+            vectors: List[Optional[List[float]]] = [None] * len(batch)
+            for position, vector in vectors_of(batch) + video_inference.embed_videos(
+                    self, batch, lambda frames: [vector for _, vector in vectors_of(frames)]):
+                vectors[position] = vector
             freeze_kept()
             return vectors
 

@@ -50,12 +50,16 @@ def cmd_predict(args) -> int:
     if os.path.isdir(args.input) and os.path.realpath(args.output) == os.path.realpath(args.input):
         raise InputError(f'--output {args.output} is the --input folder: give a separate folder for the results')
     inputs = list_images(args.input, exclude=args.output)
-    overrides = {'conf_threshold': args.conf} if args.conf is not None else {}
+    overrides = read_config_file(args.config)
+    overrides.update({'conf_threshold': args.conf} if args.conf is not None else {})
     adapter = load_model_dir(args.model, overrides)
     result = predict_images(adapter, inputs, args.output)
-    print(f"{len(result['images'])} image(s), {result['boxes']} box(es) at conf >= {result['conf_threshold']:g} "
+    videos = [entry for entry in result['images'] if 'video' in entry]
+    print(f"{len(result['images']) - len(videos)} image(s), "
+          + (f"{len(videos)} video(s) ({sum(v['tracks'] for v in videos)} track(s)), " if videos else '')
+          + f"{result['boxes']} box(es) at conf >= {result['conf_threshold']:g} "
           f"-> {args.output} (<name>.json annotations, <name>.png pictures)"
-          + (f"; {len(result['unreadable'])} unreadable image(s) skipped" if result['unreadable'] else ''))
+          + (f"; {len(result['unreadable'])} unreadable file(s) skipped" if result['unreadable'] else ''))
     return 0
 
 
@@ -141,10 +145,13 @@ def _add_predict(commands, common) -> None:
                                         'predict_items would upload) and one <name>.png (boxes, labels, scores '
                                         'drawn) per image.')
     p.add_argument('--model', required=True, metavar='DIR', help='a folder written by `train`')
-    p.add_argument('--input', required=True, metavar='FILE_OR_DIR', help='an image, or a folder (searched recursively)')
+    p.add_argument('--input', required=True, metavar='FILE_OR_DIR',
+                   help='an image or video, or a folder (searched recursively)')
     p.add_argument('--output', required=True, metavar='DIR', help='where the JSON and PNG files go')
     p.add_argument('--conf', type=_probability, default=None,
                    help="keep boxes with score >= this (default: the model's conf_threshold, 0.5 unless configured)")
+    p.add_argument('--config', metavar='FILE', default=None,
+                   help='JSON object of configuration keys over the model\'s (e.g. video_frame_stride, video_tracker)')
     p.set_defaults(func=cmd_predict)
 
 

@@ -23,7 +23,7 @@ def _text_color(background: Tuple[int, int, int]) -> Tuple[int, int, int]:
     return (0, 0, 0) if luminance > 150 else (255, 255, 255)
 
 
-def _font(size: int):
+def text_font(size: int):
     from PIL import ImageFont
     try:
         return ImageFont.load_default(size=size)
@@ -42,7 +42,7 @@ def draw_detections(image, detections: Sequence[Dict[str, Any]], label_to_id: Di
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
     side = min(width, height)
-    font = _font(max(12, round(side * 0.028)))
+    font = text_font(max(12, round(side * 0.028)))
     line = max(2, round(side / 250))
     pad = max(2, line)
     ordered = sorted(detections, key=lambda d: d['score'])  # best drawn last, on top
@@ -52,7 +52,7 @@ def draw_detections(image, detections: Sequence[Dict[str, Any]], label_to_id: Di
     for det in ordered:
         color = class_color(label_to_id.get(det['label'], 0))
         x1, y1 = det['box'][0], det['box'][1]
-        text = f"{det['label']} {det['score']:.2f}"
+        text = det.get('tag') or f"{det['label']} {det['score']:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad
         tx = min(max(0.0, x1), max(0.0, width - tag_w))

@@ -84,7 +84,8 @@ def list_images(path: str, exclude: Optional[str] = None) -> List[Tuple[str, str
     if not os.path.isdir(path):
         raise InputError(f'--input {path} is {_file_kind(path)}, not an image file or a folder')
     from utils.data.images import image_extensions  # here: that module brings torch, which a path check must not wait for
-    extensions = image_extensions()
+    from utils.data.video import VIDEO_EXTENSIONS
+    extensions = image_extensions() | VIDEO_EXTENSIONS
     excluded = os.path.realpath(exclude) if exclude else None
     found, others, special = [], 0, []
     for folder, dirs, files in os.walk(path):
@@ -106,7 +107,8 @@ def list_images(path: str, exclude: Optional[str] = None) -> List[Tuple[str, str
     if not found:
         what = f'{others} file(s), none with an image extension' if others else 'nothing'
         what += f', {len(special)} not a regular file' if special else ''
-        raise InputError(f'--input {path} has no image files ({what}; looked for .jpg, .jpeg, .png, .bmp, .tif, ...)')
+        raise InputError(f'--input {path} has no image files or video files ({what}; looked for .jpg, .jpeg, .png, '
+                         f'.bmp, .tif, ..., .mp4, .mov, .avi, ...)')
     if others:
         logger.info('--input %s: %d file(s) without an image extension ignored', path, others)
     return found

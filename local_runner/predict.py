@@ -2,7 +2,8 @@
 
 Per image: ``<name>.json`` (a Dataloop item JSON whose ``annotations`` are what
 ``predict_items`` uploads; it loads with ``dl.AnnotationCollection.from_json``)
-and ``<name>.png`` (the image with boxes, labels and scores drawn).
+and ``<name>.png`` (the image with boxes, labels and scores drawn). Videos among
+the inputs go to `local_runner.video` (tracks as JSON, a contact sheet as PNG).
 """
 import logging
 import mimetypes
@@ -11,11 +12,13 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from local_runner.draw import detections_from_json, draw_detections
 from local_runner.inputs import RESULT_EXTENSIONS, output_names
+from local_runner.video import predict_videos
 from utils.core.atomic import write_json
 from utils.core.config import prediction_batch_size
 from utils.core.errors import InputError
 from utils.core.progress import Progress
 from utils.core.label_map import label_to_id
+from utils.data.video import is_video
 
 logger = logging.getLogger('local_runner')
 
@@ -72,9 +75,12 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
 
     limits = adapter.image_limits()
     batch_size = prediction_batch_size(settings['batch_size'], adapter.device)
-    bar = Progress(total=len(inputs), desc='predict', unit='image', log=logger)
+    videos = [index for index, (path, _) in enumerate(inputs) if is_video(path)]
+    bar = Progress(total=len(inputs) - len(videos), desc='predict', unit='image', log=logger)
     try:
         for index, (path, _) in enumerate(inputs):
+            if index in videos:
+                continue
             try:
                 image = load_image(path, limits)
             except (ImageDecodeError, OSError) as err:  # ImageSizeError too: too large, too thin
@@ -88,12 +94,15 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
         flush()
     finally:
         bar.close()
+    found, unreadable_videos, video_boxes = predict_videos(adapter, [(inputs[i], targets[i]) for i in videos])
+    written, unreadable, n_boxes = written + found, unreadable + unreadable_videos, n_boxes + video_boxes
     if unreadable:
-        logger.warning('%d of %d image(s) could not be read: %s', len(unreadable), len(inputs),
+        logger.warning('%d of %d file(s) could not be read: %s', len(unreadable), len(inputs),
                        ', '.join(path for path, _ in unreadable))
     if not written:
-        raise InputError(f'none of the {len(inputs)} image file(s) could be read (see the warnings above)')
-    logger.info('predicted %d box(es) on %d image(s) at conf >= %g; results in %s', n_boxes, len(written),
+        kind = 'image or video' if videos else 'image'
+        raise InputError(f'none of the {len(inputs)} {kind} file(s) could be read (see the warnings above)')
+    logger.info('predicted %d box(es) on %d file(s) at conf >= %g; results in %s', n_boxes, len(written),
                 settings['conf_threshold'], output_dir)
     return {'output': output_dir, 'images': written, 'unreadable': unreadable, 'boxes': n_boxes,
             'conf_threshold': settings['conf_threshold']}

@@ -412,6 +412,9 @@ class DataloopEmulator:
                   'refs': [], 'isBinary': True}
         if width is None and height is None and mimetype.startswith('image/'):
             width, height = self._image_size(data)
+        video = self._video_metadata(data) if mimetype.startswith('video/') else {}
+        if video and width is None and height is None:
+            width, height = video['width'], video['height']
         if width is not None:
             system['width'], system['height'] = width, height
         old = self.items.get(iid)
@@ -425,6 +428,9 @@ class DataloopEmulator:
             'updatedAt': _now(), 'creator': USER_EMAIL, 'description': None,
             'metadata': {'system': system, 'user': {}},
         }
+        if video:  # as the platform's ffmpeg probe writes it: system.ffmpeg and a top-level fps
+            item['metadata']['system']['ffmpeg'] = video
+            item['metadata']['fps'] = video['fps']
         for key, value in (metadata or {}).items():
             if key == 'system':
                 item['metadata']['system'].update(copy.deepcopy(value))
@@ -433,6 +439,26 @@ class DataloopEmulator:
         self.items[iid], self.blobs[iid] = item, data
         self._recount(iid)
         return item
+
+    @staticmethod
+    def _video_metadata(data):
+        """{nb_frames, avg_frame_rate, fps, width, height, duration} of a video's bytes; {} if OpenCV cannot open it."""
+        import tempfile
+        import cv2
+        with tempfile.NamedTemporaryFile(suffix='.video') as f:
+            f.write(data)
+            f.flush()
+            capture = cv2.VideoCapture(f.name, cv2.CAP_FFMPEG)
+            try:
+                if not capture.isOpened():
+                    return {}
+                fps = float(capture.get(cv2.CAP_PROP_FPS) or 0)
+                frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+                width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            finally:
+                capture.release()
+        return {'nb_frames': frames, 'avg_frame_rate': '{}/1'.format(fps), 'fps': fps, 'width': width,
+                'height': height, 'duration': frames / fps if fps else None}
 
     @staticmethod
     def _image_size(data):

@@ -92,7 +92,9 @@ def test_every_configuration_key_is_known():
 def test_model_configuration_equals_documented_defaults():
     (model,) = load()['components']['models']
     assert model['name'] == 'fasterrcnn' and model['status'] == 'pre-trained'
-    assert model['inputType'] == 'image' and model['outputType'] == 'box'
+    # the platform offers the model the media its inputType lists: images and videos (predict_items takes both)
+    assert model['inputType'] == ['image', 'video'] and model['outputType'] == 'box'
+    assert load()['attributes']['Media Type'] == ['Image', 'Video']
     assert model['moduleName'] == load()['components']['modules'][0]['name']
     configuration = dict(model['configuration'])
     configuration.pop('id_to_label_map')  # checked against the labels below

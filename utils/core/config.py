@@ -28,6 +28,7 @@ DEVICES = ('auto', 'cpu', 'cuda')
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 MAX_IMAGE_PIXELS_CEILING = 400_000_000
 LR_SCHEDULERS = ('multistep', 'cosine')
+VIDEO_TRACKERS = ('bytetrack', 'none')
 AUTO = 'auto'
 # torchvision's detection reference trains at lr 0.02 for 16 images per step; linear scaling per image
 LR_PER_IMAGE = 0.02 / 16
@@ -75,6 +76,11 @@ OPTIONS: Dict[str, Option] = {
     'max_image_pixels': Option(DEFAULT_MAX_IMAGE_PIXELS, (int,), minimum=1, maximum=MAX_IMAGE_PIXELS_CEILING),
     # CUDA graphs for the network's fixed-shape parts (utils/inference/cuda_graphs.py); off until measured on a GPU
     'cuda_graphs': Option(False, (bool,)),
+    # video items (utils/inference/video.py): predict every k-th frame; tracker and its thresholds
+    'video_frame_stride': Option(1, (int,), minimum=1),
+    'video_tracker': Option('bytetrack', (str,), choices=VIDEO_TRACKERS),
+    'video_track_threshold': Option(0.5, _NUM, minimum=0.0, maximum=1.0),
+    'video_track_buffer_s': Option(1.0, _NUM, minimum=0.0),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(AUTO, _NUM, minimum=0.0, training=True, auto=True),
