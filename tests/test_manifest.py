@@ -24,6 +24,8 @@ def test_manifest_identity_and_compute_configs():
     computes = {c['name']: c for c in manifest['components']['computeConfigs']}
     assert set(computes) == {'fasterrcnn-deploy', 'fasterrcnn-train-evaluate'}
     assert not computes['fasterrcnn-deploy']['runtime']['podType'].startswith('gpu')
+    # a long video on the CPU takes hours (README "Video items"): above the platform's 1-hour default
+    assert computes['fasterrcnn-deploy']['executionTimeout'] >= 24 * 3600
     train = computes['fasterrcnn-train-evaluate']
     assert train['runtime']['podType'].startswith('gpu')
     assert train['executionTimeout'] >= 24 * 3600
