@@ -100,16 +100,35 @@ def _rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _current_rss_mb():
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('VmRSS:')) / 1024
+
+
 def one_video(args):
-    """Child process: predict one video, print peak RSS before (network loaded) and after."""
+    """Child process: predict one video, print peak RSS before (network loaded) and after, and the
+    highest RSS seen in each quarter of the run (sampled every 0.2 s): flat quarters mean no growth."""
+    import threading
     from utils.inference import video as video_inference
-    adapter = make_adapter(args.variant, args.batch, video_frame_stride=args.stride, max_detections=20)
+    adapter = make_adapter(args.variant, args.batch, video_frame_stride=args.stride, max_detections=20,
+                           conf_threshold=0.0)  # boxes on every frame: the tracks grow as they would
     before = _rss_mb()
+    samples, done = [], threading.Event()
+
+    def sample():
+        while not done.wait(0.2):
+            samples.append((time.perf_counter(), _current_rss_mb()))
+    sampler = threading.Thread(target=sample, daemon=True)
     start = time.perf_counter()
+    sampler.start()
     ((_, found),) = video_inference.detect_videos(adapter, [video_inference.open_video(args.path, 'memory.avi')])
     elapsed = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    quarters = [max([rss for t, rss in samples if q <= 4 * (t - start) / elapsed < q + 1] or [0]) for q in range(4)]
     boxes = sum(len(track.boxes) for track in found.tracks)
-    print(f'{before:.0f} {_rss_mb():.0f} {found.frames_predicted} {len(found.tracks)} {boxes} {elapsed:.1f}')
+    print(f'{before:.0f} {_rss_mb():.0f} {found.frames_predicted} {len(found.tracks)} {boxes} {elapsed:.1f} '
+          + '/'.join(f'{q:.0f}' for q in quarters))
 
 
 def memory(args):
@@ -120,10 +139,11 @@ def memory(args):
         run = subprocess.run([sys.executable, __file__, 'one', '--path', path, '--variant', args.variant,
                               '--stride', str(args.stride), '--batch', str(args.batch)],
                              capture_output=True, text=True, check=True)
-        before, after, predicted, tracks, boxes, elapsed = run.stdout.split()
+        before, after, predicted, tracks, boxes, elapsed, quarters = run.stdout.split()
         print(f'  {frames:6d} frames ({os.path.getsize(path) / 2 ** 20:6.1f} MB file): peak RSS {after} MB '
-              f'(network loaded: {before} MB, growth {float(after) - float(before):.0f} MB); {predicted} frames '
-              f'predicted in {elapsed} s, {tracks} tracks, {boxes} boxes')
+              f'(network loaded: {before} MB, growth {float(after) - float(before):.0f} MB; highest RSS per '
+              f'quarter of the run {quarters} MB); {predicted} frames predicted in {elapsed} s, {tracks} tracks, '
+              f'{boxes} boxes')
         os.remove(path)
 
 

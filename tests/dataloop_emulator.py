@@ -5,7 +5,9 @@ go through dtlpy's repositories, which speak HTTP. Mocking dtlpy would test our
 guesses about the SDK; answering its HTTP calls tests the SDK as it is. The
 emulator keeps just enough platform state (projects, datasets with recipe and
 ontology, items and their bytes, annotations, models, artifacts, metrics,
-feature sets and their vectors) to make those flows run, and answers 404 with
+feature sets and their vectors) to make those flows run (a video item, like the
+platform's, carries ``metadata.system.ffmpeg`` and ``metadata.fps`` read from
+its bytes), and answers 404 with
 the path for anything else, so a new SDK call shows up as a visible gap
 instead of a silent pass.
 

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import cv2
 import dtlpy as dl
@@ -103,6 +104,8 @@ def clips(dataloop_env, tmp_path, monkeypatch):
     emu = dataloop_env
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(service_defaults, 'DATALOOP_PATH', str(tmp_path / 'dataloop'))
+    (tmp_path / 'tmp').mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))  # where videos are downloaded to
     project = emu.seed_project('video-project')
     dataset = emu.seed_dataset(project['id'], 'clips', labels=LABELS)
 
@@ -116,6 +119,10 @@ def clips(dataloop_env, tmp_path, monkeypatch):
     def seed(name, data, **kwargs):
         return emu.seed_item(dataset['id'], name, data, dir='/clips', **kwargs)
     return dict(emu=emu, dataset=dataset, service=service, seed=seed, tmp=tmp_path)
+
+
+def downloads_left(clips):
+    return [name for name in os.listdir(clips['tmp'] / 'tmp') if name.startswith('fasterrcnn-video-')]
 
 
 def made_by(emu, item_id, model_name):
@@ -159,10 +166,11 @@ def test_video_item_tracks_land_on_true_frames_parse_back_and_are_replaced(clips
     assert len(parsed.annotations) == len(made)
     for annotation in parsed.annotations:
         assert sorted(annotation.frames.actual_keys()) == predicted
-        held = annotation.frames[4]
-        assert (held.left, held.top, held.right, held.bottom) == (annotation.frames[3].left, annotation.frames[3].top,
-                                                                  annotation.frames[3].right, annotation.frames[3].bottom)
+        held, snapshot = annotation.frames[4], annotation.frames[3]
+        assert (held.left, held.top, held.right, held.bottom) == (snapshot.left, snapshot.top, snapshot.right,
+                                                                  snapshot.bottom)
 
+    assert downloads_left(clips) == []
     # again: replaced, not doubled
     service.predict_items([item])
     again = made_by(emu, video['id'], 'tracker')
@@ -199,7 +207,7 @@ def test_a_mixed_call_and_a_broken_video_beside_good_items(clips):
     tracked = made_by(emu, good_video['id'], 'mixed')
     assert tracked and all(a['metadata']['system']['endFrame'] == 4 for a in tracked)
     assert made_by(emu, broken['id'], 'mixed') == []
-    assert not [name for name in os.listdir(clips['tmp']) if name.startswith('fasterrcnn-video-')]
+    assert downloads_left(clips) == []  # each video's download removed once predicted
     assert emu.missing == [] and emu.errors == []
 
 
@@ -255,7 +263,8 @@ def test_local_runner_predicts_on_a_video(tmp_path):
     inputs.mkdir()
     write_video(inputs / 'clip.avi')
     (inputs / 'still.png').write_bytes(png())
-    (tmp_path / 'config.json').write_text(json.dumps({'video_frame_stride': 3, **{k: TINY[k] for k in ('max_detections', 'video_track_threshold')}}))
+    overrides = {'video_frame_stride': 3, 'max_detections': 3, 'video_track_threshold': TINY['video_track_threshold']}
+    (tmp_path / 'config.json').write_text(json.dumps(overrides))
     run = subprocess.run([sys.executable, '-m', 'local_runner', 'predict', '--model', str(tmp_path / 'model'),
                           '--input', str(inputs), '--output', str(tmp_path / 'out'), '--conf', '0',
                           '--config', str(tmp_path / 'config.json')],

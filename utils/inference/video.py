@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -35,22 +36,25 @@ Detect = Callable[[List[np.ndarray]], List[list]]  # frames -> per frame, rows [
 @dataclasses.dataclass
 class VideoEntry:
     """Stands in a batch for a video: its file on disk, read when the batch runs; `item` is the
-    platform's item (None for a local file). `owned_dir`: a download folder removed by `discard`."""
+    platform's item (None for a local file). `owned_dir`: a download folder, removed by `discard`
+    or, when the entry is never used (a batch that failed, a download nobody took), once it is dropped."""
     path: str
     name: str
     item: Any = None
     info: Optional[VideoInfo] = None
     owned_dir: Optional[str] = None
 
+    def __post_init__(self):
+        self._remove = weakref.finalize(self, shutil.rmtree, self.owned_dir, True) if self.owned_dir else None
+
     @property
     def item_id(self) -> Optional[str]:
         return getattr(self.item, 'id', None)
 
     def discard(self) -> None:
-        """Remove the downloaded file (a local file is left alone)."""
-        if self.owned_dir:
-            shutil.rmtree(self.owned_dir, ignore_errors=True)
-            self.owned_dir = None
+        """Remove the downloaded file now (a local file is left alone)."""
+        if self._remove is not None:
+            self._remove()
 
 
 @dataclasses.dataclass
