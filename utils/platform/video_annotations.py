@@ -1,18 +1,19 @@
 """A video's tracks as the platform stores them: one box annotation per track, one box per predicted frame.
 
-Built with the SDK itself (`AnnotationCollection.add(..., object_id=, frame_num=, model_info=)` for a
-track's first box, `Annotation.add_frame` for each later one, which is what `add` does for a known
-object id without scanning the collection each time), so `to_json` writes what the platform keeps:
-`metadata.system.frame` (first frame), `endFrame` (last predicted frame), `objectId` and `snapshots_`,
-every snapshot `fixed`. The SDK needs the item entity here: its frames and the dataset's labels.
-Off the platform (the local runner) `tracks_to_json` writes the same JSON without the SDK.
+`tracks_to_collection` builds them with the SDK itself (`AnnotationCollection.add(..., object_id=,
+frame_num=, model_info=)` for a track's first box, `Annotation.add_frame` for each later one, which is
+what `add` does for a known object id without scanning the collection): what `predict` returns, and
+what the platform keeps: `metadata.system.frame` (first frame), `endFrame` (last predicted frame),
+`objectId` and `snapshots_`, every snapshot `fixed`. The SDK needs the item entity for that (its frames
+and the dataset's labels). `tracks_to_json` writes the same JSON directly, as `annotation_json` does for
+images: predict_items uploads it (`batch_payloads`), and the local runner writes it with no platform.
 
 Between two predicted frames (`video_frame_stride` > 1) the platform's video studio shows the box of
 the last snapshot before the frame, held, not interpolated. Where a track misses predicted frames
 (the object was not detected, and the tracker found it again later), a snapshot at the first missed
 frame marks the object not visible, so the studio does not hold a stale box over the gap.
 """
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import dtlpy as dl
 
@@ -62,8 +63,8 @@ def _coordinates(values: List[float]) -> List[Dict[str, float]]:
     return [{'x': left, 'y': top, 'z': 0}, {'x': right, 'y': bottom, 'z': 0}]
 
 
-def track_json(track: Track, label: str, stride: int, model: Dict, item_id: Optional[str] = None,
-               dataset_id: Optional[str] = None, fps: Optional[float] = None) -> Dict:
+def track_json(track: Track, label: str, stride: int, model: Dict, item: Any = None,
+               fps: Optional[float] = None) -> Dict:
     """One track as the JSON `item.annotations.upload` sends for `tracks_to_collection`'s annotation once
     predict_items has stamped it: `Annotation.to_json()`'s keys, with `model` in both metadata scopes."""
     snapshots = [{'frame': frame, 'fixed': True, 'label': label, 'type': 'box', 'objectVisible': visible,
@@ -74,8 +75,9 @@ def track_json(track: Track, label: str, stride: int, model: Dict, item_id: Opti
               'frame': first, 'startTime': first / fps if fps else 0, 'endTime': last / fps if fps else 0,
               'endFrame': last, 'snapshots_': snapshots}
     return {'id': None, 'url': None, 'creator': None, 'metadata': {'user': {'model': dict(model)}, 'system': system},
-            'hash': None, 'itemId': item_id, 'item': None, 'label': label, 'dataset': None, 'createdAt': None,
-            'updatedBy': None, 'updatedAt': None, 'source': 'sdk', 'datasetId': dataset_id, 'type': 'box',
+            'hash': None, 'itemId': getattr(item, 'id', None), 'item': None, 'label': label,
+            'dataset': getattr(item, 'dataset_url', None), 'createdAt': None, 'updatedBy': None, 'updatedAt': None,
+            'source': 'sdk', 'datasetId': getattr(item, 'dataset_id', None), 'type': 'box',
             'coordinates': _coordinates(track.boxes[0][1]), 'attributes': None}
 
 
@@ -86,10 +88,9 @@ def tracks_to_json(found: VideoDetections, labels: Dict[int, str], model_name: s
     the SDK cannot build frames without an item entity. tests/test_video_predict.py checks it equals the
     SDK's own."""
     item = found.entry.item
-    item_id, dataset_id = getattr(item, 'id', None), getattr(item, 'dataset_id', None)
     fps = getattr(item, 'fps', None) if item is not None else (found.entry.info.fps if found.entry.info else None)
     return [track_json(track, labels.get(track.label_id, str(track.label_id)), found.stride,
-                       _model_info(track, model_name, model_id), item_id, dataset_id, fps)
+                       _model_info(track, model_name, model_id), item, fps)
             for track in found.tracks]
 
 
