@@ -20,6 +20,7 @@ VARIANTS = (
     'fasterrcnn_mobilenet_v3_large_320_fpn',
 )
 DEVICES = ('auto', 'cpu', 'cuda')
+CPU_RUNTIMES = ('openvino', 'onnxruntime', 'torch')
 # Images over `max_image_pixels` are refused from their header, before decoding. The
 # network sees at most max_size x min_size (1333 x 800, about 1 MP): beyond that, pixels
 # only cost memory. 100 MP takes in every camera up to medium format and costs 300 MB
@@ -75,6 +76,8 @@ OPTIONS: Dict[str, Option] = {
     'max_image_pixels': Option(DEFAULT_MAX_IMAGE_PIXELS, (int,), minimum=1, maximum=MAX_IMAGE_PIXELS_CEILING),
     # CUDA graphs for the network's fixed-shape parts (utils/inference/cuda_graphs.py); off until measured on a GPU
     'cuda_graphs': Option(False, (bool,)),
+    # predict / embed on the CPU: a compiled runtime, torch as its fallback (utils/inference/cpu_runtime.py)
+    'cpu_runtime': Option('openvino', (str,), choices=CPU_RUNTIMES),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(AUTO, _NUM, minimum=0.0, training=True, auto=True),
