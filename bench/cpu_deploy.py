@@ -5,7 +5,7 @@
 Rows (median seconds per image, calls interleaved round by round so background load hits every row alike):
 plain torchvision eager fp32 at batch 1 (the reference), then `adapter.predict` end to end (decoded
 HxWx3 uint8 image -> AnnotationCollection) with `cpu_runtime` torch, onnxruntime and openvino at the
-CPU's default batch, and openvino at batch 2. Images alternate 640x480, 480x640 and 600x400, so the
+CPU's default batch (`batch_size` auto), torch and openvino also at the other of batch 1 and 2. Images alternate 640x480, 480x640 and 600x400, so the
 compiled graph meets several sizes. Then first-call latency (load + first predict of one image, in a
 fresh adapter): torch; openvino when the model folder holds no graph (export + compile); openvino and
 onnxruntime when it holds the graph written at save (what a deploy of a trained model downloads).
@@ -94,11 +94,9 @@ def speed_rows(args, folder: str, images):
     adapters = {runtime: make_adapter(args.variant, folder, runtime) for runtime in config_lib.CPU_RUNTIMES}
     plain = plain_torchvision(args.variant, adapters['torch'])
     rows = {'plain torchvision eager fp32, batch 1': (lambda batch: [plain(image) for image in batch], 1)}
-    for runtime in ('torch', 'onnxruntime', 'openvino'):
-        rows[f'adapter.predict, cpu_runtime {runtime}, batch {default_batch}'] = (adapters[runtime].predict,
-                                                                                  default_batch)
-    if default_batch != 2:
-        rows['adapter.predict, cpu_runtime openvino, batch 2'] = (adapters['openvino'].predict, 2)
+    for runtime in ('torch', 'onnxruntime', 'openvino'):  # the deploy defaults, then the other batch size
+        for batch in sorted({default_batch, 3 - default_batch} if runtime != 'onnxruntime' else {default_batch}):
+            rows[f'adapter.predict, cpu_runtime {runtime}, batch {batch}'] = (adapters[runtime].predict, batch)
     for fn, batch in rows.values():  # warm-up: exports and compiles the graphs (cached in the folder)
         fn(images[:batch])
     times = {name: [] for name in rows}

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.compiled_cpu_runtime
 LABELS = ['circle', 'square', 'triangle']
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
         'min_size': 128, 'max_size': 192, 'batch_size': 4, 'num_workers': 0, 'epochs': 2, 'learning_rate': 0.02,
-        'warmup_iters': 2, 'box_batch_size_per_image': 64, 'rpn_post_nms_top_n_train': 300, 'conf_threshold': 0.05}
+        'warmup_iters': 2, 'box_batch_size_per_image': 64, 'rpn_post_nms_top_n_train': 300, 'conf_threshold': 0.05,
+        # above the 150 proposals x 3 classes this variant can return: no cut among near-equal scores
+        'max_detections': 500}
 
 
 def make_adapter(artifacts, **configuration):
@@ -76,7 +78,10 @@ def assert_same_detections(expected, actual, threshold=TINY['conf_threshold']):
 @pytest.mark.parametrize('runtime', ['openvino', 'onnxruntime'])
 def test_compiled_runtime_predicts_pytorchs_boxes_on_a_mixed_size_batch(trained, runtime, caplog):
     images = shapes_images()
-    expected = [boxes_of(c) for c in make_adapter(trained, cpu_runtime='torch').predict(images)]
+    # each image alone: in a batch, torch pads the smaller images to the largest, which shifts their
+    # features a little (the FPN's upsampling meets other sizes); the compiled runtime runs each at its own size
+    reference = make_adapter(trained, cpu_runtime='torch')
+    expected = [boxes_of(reference.predict([image])[0]) for image in images]
     assert sum(map(len, expected)) >= 3  # the trained model finds shapes: the comparison has something to compare
     with caplog.at_level(logging.INFO, logger='utils'):
         actual = [boxes_of(c) for c in make_adapter(trained, cpu_runtime=runtime).predict(images)]
@@ -114,12 +119,12 @@ def predict_twice(adapter, images, caplog):
 
 
 def test_missing_runtime_falls_back_to_torch_with_one_warning(trained, monkeypatch, caplog):
-    monkeypatch.setitem(sys.modules, 'openvino', None)  # `import openvino` raises ImportError
+    monkeypatch.setitem(sys.modules, 'openvino', None)  # `import openvino` raises ModuleNotFoundError
     images = shapes_images()
     expected = [boxes_of(c) for c in make_adapter(trained, cpu_runtime='torch').predict(images)]
     results, warnings = predict_twice(make_adapter(trained, cpu_runtime='openvino'), images, caplog)
     assert results == [expected, expected]
-    assert len(warnings) == 1 and 'running on torch' in warnings[0] and 'ImportError' in warnings[0], warnings
+    assert len(warnings) == 1 and 'running on torch' in warnings[0] and 'ModuleNotFoundError' in warnings[0], warnings
 
 
 def test_a_graph_that_fails_to_compile_falls_back_to_torch(trained, tmp_path, caplog):

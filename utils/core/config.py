@@ -35,7 +35,7 @@ LR_PER_IMAGE = 0.02 / 16
 # 'auto' batch sizes (see README "Speed defaults" for the reasoning): training on a GPU with at least
 # LARGE_GPU_BYTES of memory, on a smaller one (the platform's 16 GB T4s), on the CPU; prediction on a GPU, on the CPU
 TRAIN_BATCH_LARGE_GPU, TRAIN_BATCH_GPU, TRAIN_BATCH_CPU = 8, 4, 2
-PREDICT_BATCH_GPU, PREDICT_BATCH_CPU = 16, 2
+PREDICT_BATCH_GPU, PREDICT_BATCH_CPU = 16, 1
 LARGE_GPU_BYTES = 24 * 2 ** 30
 MAX_AUTO_WORKERS = 4
 
