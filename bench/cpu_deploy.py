@@ -118,7 +118,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f'CPU: {cpu_name()}; torch {torch.__version__} with {torch.get_num_threads()} threads')
-    print(f'load average before: {load_average()}')
+    print(f'load average before: {load_average()}', flush=True)
     images = [photo_like(h, w, seed) for seed, (h, w) in enumerate(SIZES * 2)]
     with tempfile.TemporaryDirectory() as work:
         folder = os.path.join(work, 'model')
@@ -133,15 +133,15 @@ def main():
         first['openvino, graph and compiled cache in the folder'] = first_call(args.variant, folder, 'openvino',
                                                                                images[0])
         first['onnxruntime, graph in the artifacts'] = first_call(args.variant, folder, 'onnxruntime', images[0])
+        print('first call (load + first predict of one image, fresh adapter):')
+        for name, value in first.items():
+            print(f'  {name:55s} {value:7.2f} s', flush=True)
         medians = speed_rows(args, folder, images)
     reference = medians['plain torchvision eager fp32, batch 1']
     print(f'{args.variant}, images {", ".join(f"{w}x{h}" for h, w in SIZES)} (WxH), median of {args.rounds} '
           f'rounds, seconds per image and speed-up over plain torchvision:')
     for name, value in medians.items():
         print(f'  {name:55s} {value:7.3f} s  {reference / value:5.2f}x  ({1 / value:5.2f} images/s)')
-    print('first call (load + first predict of one image, fresh adapter):')
-    for name, value in first.items():
-        print(f'  {name:55s} {value:7.2f} s')
     print(f'load average after: {load_average()}')
 
 
