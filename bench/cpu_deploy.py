@@ -11,7 +11,8 @@ fresh adapter): torch; openvino when the model folder holds no graph (export + c
 onnxruntime when it holds the graph written at save (what a deploy of a trained model downloads).
 Random weights (no download here), the adapter's default thresholds on both sides. Names the CPU and
 prints `uptime`'s load before and after: on a loaded machine read the ratios, not the seconds.
-At its defaults it finishes in about 2-3 minutes on a quiet 2-core machine.
+Sized to finish in under 5 minutes on a quiet 2-core machine (not yet timed there: under load average
+8-16 it took 27 minutes, about 7 of them on its own CPU time).
 """
 import argparse
 import os
