@@ -12,7 +12,7 @@ onnxruntime when it holds the graph written at save (what a deploy of a trained 
 Random weights (no download here), the adapter's default thresholds on both sides. Names the CPU and
 prints `uptime`'s load before and after: on a loaded machine read the ratios, not the seconds.
 Sized to finish in under 5 minutes on a quiet 2-core machine (not yet timed there: under load average
-8-16 it took 27 minutes, about 7 of them on its own CPU time).
+8-16 it took 27 minutes of wall time and about 8 of its own CPU time).
 """
 import argparse
 import os
