@@ -25,7 +25,8 @@ from utils.core.frozen_heap import freeze_kept, frozen_heap
 from utils.core.label_map import configuration_entries, label_to_id, parse_id_to_label
 from utils.core.progress import route_sdk_bars
 from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
-from utils.inference import cuda_graphs, pipeline
+from utils.export import cpu_graphs
+from utils.inference import cpu_runtime, cuda_graphs, pipeline
 from utils.inference import prediction
 from utils.inference import video as video_inference
 from utils.inference.prediction import UnreadableItem
@@ -58,6 +59,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self._prefetchers: List[prediction.Prefetcher] = []  # one per predict_items call in flight
         self._decode_slots = threading.BoundedSemaphore(prediction.DECODE_THREADS)
         self._inference_networks = prediction.NetworkCache()
+        self._cpu_runtime = cpu_runtime.CpuRuntime()  # compiled graphs for the CPU forward
         self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
         super().__init__(model_entity)
 
@@ -118,6 +120,20 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             checkpoints.save_checkpoint(payload, target)
         self.model_entity.configuration['weights_filename'] = settings['weights_filename']
         logger.info('saved weights to %s', target)
+        if best and settings['cpu_runtime'] != 'torch':  # trained here: the deploy's CPU graph goes up with the weights
+            self._save_cpu_graph(target, local_path, settings)
+
+    def _save_cpu_graph(self, weights_path: str, local_path: str, settings: Dict[str, Any]) -> None:
+        """Export the CPU runtime's graph of the saved weights into the artifacts: a deploy's first call then
+        compiles it instead of exporting (tens of seconds on a 2-vCPU pod). A failure only costs that."""
+        try:
+            network = cpu_graphs.trained_network(self.model, weights_path)
+            prediction.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
+                                      settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
+            cpu_graphs.ensure_graph(network, cpu_graphs.DETECTOR, cpu_graphs.graph_folder(local_path, network))
+        except Exception as err:  # the deploy exports it itself
+            logger.warning('the CPU runtime\'s graph was not saved with the weights (%s: %s): a CPU deploy '
+                           'exports it on its first call', type(err).__name__, err)
 
     def save_to_model(self, local_path=None, cleanup=False, replace=True, **kwargs):
         """The SDK's save + upload of all of `local_path`, minus what must not become an artifact (a finished run's
@@ -210,7 +226,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         prediction.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
                                   settings['max_detections'], [settings[key] for key in network_loading.RPN_TEST_KEYS])
         images, positions = self._readable(batch)
-        rows = prediction.detection_rows(network, images, self.device, settings['cudnn_benchmark']) if images else []
+        rows = self._cpu_runtime.detection_rows(network, images, self.device, settings, self.artifacts_path) \
+            if images else []
         for position, found in video_inference.detect_videos(self, batch):  # their frames through this method
             positions.append(position)
             rows.append(found)
@@ -299,8 +316,9 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
             def vectors_of(entries):
                 images, positions = self._readable(entries)
-                found = prediction.image_vectors(network, images, self.device, self.settings['cudnn_benchmark'])
-                return list(zip(positions, found)) if images else []
+                found = self._cpu_runtime.image_vectors(network, images, self.device, self.settings,
+                                                        self.artifacts_path) if images else []
+                return list(zip(positions, found))
 
             vectors: List[Optional[List[float]]] = [None] * len(batch)
             for position, vector in vectors_of(batch) + video_inference.embed_videos(

@@ -16,6 +16,12 @@ torch runs one intra-op thread in the tests and in every process they start
 (``OMP_NUM_THREADS`` is inherited): at the tests' tiny sizes a second thread buys
 nothing, and two spinning OpenMP threads per process collapse on a shared or
 parallel (``pytest -n 2``) run. Set ``OMP_NUM_THREADS`` yourself to override.
+
+In-process tests predict on the CPU through torch whatever their model's ``cpu_runtime`` says
+(many compare with torchvision's forward exactly, and each new model would pay an export), and a
+trained model is saved without the runtime's graph; the
+tests of the compiled runtime (`tests/test_cpu_runtime.py`) are marked ``compiled_cpu_runtime``
+and run it.
 """
 import os
 import sys
@@ -32,6 +38,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dataloop_emulator import DataloopEmulator, NoExportWaitTime, connect_sdk  # noqa: E402
 
 EMULATOR_ALIAS = 'emulator'
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'compiled_cpu_runtime: predict / embed on the CPU run the configured '
+                                       'cpu_runtime (other tests run torch)')
+
+
+@pytest.fixture(autouse=True)
+def torch_cpu_forward(request, monkeypatch):
+    """The torch path on the CPU unless the test is marked ``compiled_cpu_runtime`` (see the module's docstring)."""
+    if request.node.get_closest_marker('compiled_cpu_runtime') is None:
+        from fasterrcnn_adapter import FasterRCNNAdapter
+        from utils.inference import cpu_runtime
+        monkeypatch.setattr(cpu_runtime.CpuRuntime, '_graph', lambda self, *args, **kwargs: None)
+        monkeypatch.setattr(FasterRCNNAdapter, '_save_cpu_graph', lambda self, *args, **kwargs: None)
 
 
 @pytest.fixture

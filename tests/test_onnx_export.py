@@ -10,7 +10,7 @@ from utils.modeling import checkpoints, model_factory
 from utils.export.onnx_export import ExportError, export_onnx, sidecar_path
 from utils.data.synthetic import render_item
 
-ort = pytest.importorskip('onnxruntime')  # a development requirement (requirements-dev.txt)
+ort = pytest.importorskip('onnxruntime')
 
 LABELS = {1: 'circle', 2: 'square', 3: 'triangle'}
 CONFIGURATION = {'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'pretrained': False,

@@ -11,7 +11,7 @@ def test_auto_values_on_the_cpu_keep_the_cpu_recipe():
     settings = config_lib.for_training(config_lib.resolve({}), torch.device('cpu'))
     assert (settings['batch_size'], settings['num_workers']) == (2, 0)
     assert settings['learning_rate'] == pytest.approx(0.0025)  # torchvision's 0.02 / 16 per image, x 2
-    assert config_lib.prediction_batch_size('auto', 'cpu') == 2
+    assert config_lib.prediction_batch_size('auto', 'cpu') == 1
 
 
 @pytest.mark.parametrize('gib, batch', [(15, 4), (80, 8)])

@@ -20,6 +20,7 @@ VARIANTS = (
     'fasterrcnn_mobilenet_v3_large_320_fpn',
 )
 DEVICES = ('auto', 'cpu', 'cuda')
+CPU_RUNTIMES = ('openvino', 'onnxruntime', 'torch')
 # Images over `max_image_pixels` are refused from their header, before decoding. The
 # network sees at most max_size x min_size (1333 x 800, about 1 MP): beyond that, pixels
 # only cost memory. 100 MP takes in every camera up to medium format and costs 300 MB
@@ -35,7 +36,7 @@ LR_PER_IMAGE = 0.02 / 16
 # 'auto' batch sizes (see README "Speed defaults" for the reasoning): training on a GPU with at least
 # LARGE_GPU_BYTES of memory, on a smaller one (the platform's 16 GB T4s), on the CPU; prediction on a GPU, on the CPU
 TRAIN_BATCH_LARGE_GPU, TRAIN_BATCH_GPU, TRAIN_BATCH_CPU = 8, 4, 2
-PREDICT_BATCH_GPU, PREDICT_BATCH_CPU = 16, 2
+PREDICT_BATCH_GPU, PREDICT_BATCH_CPU = 16, 1
 LARGE_GPU_BYTES = 24 * 2 ** 30
 MAX_AUTO_WORKERS = 4
 
@@ -81,6 +82,8 @@ OPTIONS: Dict[str, Option] = {
     'video_tracker': Option('bytetrack', (str,), choices=VIDEO_TRACKERS),
     'video_track_threshold': Option(0.5, _NUM, minimum=0.0, maximum=1.0),
     'video_track_buffer_s': Option(1.0, _NUM, minimum=0.0),
+    # predict / embed on the CPU: a compiled runtime, torch as its fallback (utils/inference/cpu_runtime.py)
+    'cpu_runtime': Option('openvino', (str,), choices=CPU_RUNTIMES),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(AUTO, _NUM, minimum=0.0, training=True, auto=True),

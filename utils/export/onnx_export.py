@@ -130,27 +130,40 @@ def describe(model: torch.nn.Module, settings: Dict[str, Any], id_to_label: Dict
     }
 
 
+def write_graph(model: torch.nn.Module, args: tuple, f, output_names: Sequence[str] = OUTPUT_NAMES,
+                dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None) -> None:
+    """Trace `model(*args)` into ONNX at `f` (a path or a binary file), input named `image`.
+
+    `dynamic_axes` (ONNX's): the axes left free; default only the detection count, so the input size
+    is fixed. The CPU runtime (`utils.export.cpu_graphs`) also frees the input's height and width:
+    torchvision's transform and postprocessing take their traceable path, and one file takes any size.
+    """
+    if dynamic_axes is None:
+        dynamic_axes = {name: {0: 'detections'} for name in output_names}
+    with warnings.catch_warnings():
+        # the tracer warns about every Python-side shape computation it freezes, and torchvision's
+        # box code about tensor copies: expected in a traced export, noise to a user
+        warnings.simplefilter('ignore', torch.jit.TracerWarning)
+        warnings.filterwarnings('ignore', message='To copy construct from a tensor', category=UserWarning)
+        warnings.filterwarnings('ignore', message='Exporting aten::index operator', category=UserWarning)
+        warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
+        torch.onnx.export(model, args, f, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
+                          output_names=list(output_names), dynamic_axes=dynamic_axes)
+
+
 def export_onnx(model_dir: str, output_path: str, size: Optional[Sequence[int]] = None) -> str:
     """Write `output_path` (ONNX, input `image` [3, H, W]) and `output_path + '.json'`; return `output_path`.
 
     `size` is (height, width); default: a `min_size` square. Raises ExportError for a bad
     model folder or size.
     """
-    if importlib.util.find_spec('onnx') is None:  # torch's exporter needs it; the runner image does not ship it
-        raise ExportError('ONNX export needs the onnx package: pip install -r requirements-dev.txt')
+    if importlib.util.find_spec('onnx') is None:  # torch's exporter needs it
+        raise ExportError('ONNX export needs the onnx package: pip install -r requirements.txt')
     model, settings, id_to_label = load_network(model_dir)
     height, width = _check_size(size, settings)
     example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(), atomic_write(output_path, 'wb') as f:
-        # the tracer warns about every Python-side shape computation it freezes at this size, and
-        # torchvision's box code about tensor copies: expected for a fixed-size export, noise to a user
-        warnings.simplefilter('ignore', torch.jit.TracerWarning)
-        warnings.filterwarnings('ignore', message='To copy construct from a tensor', category=UserWarning)
-        warnings.filterwarnings('ignore', message='Exporting aten::index operator', category=UserWarning)
-        warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
-        torch.onnx.export(model, ([example],), f, dynamo=False, opset_version=OPSET,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes={name: {0: 'detections'} for name in OUTPUT_NAMES})
+    with atomic_write(output_path, 'wb') as f:
+        write_graph(model, ([example],), f)
     write_json(sidecar_path(output_path), describe(model, settings, id_to_label, height, width), indent=2)
     logger.info('exported %s at %dx%d (HxW) to %s (+ %s)', settings['model_variant'], height, width,
                 output_path, os.path.basename(sidecar_path(output_path)))
