@@ -160,6 +160,23 @@ def test_a_result_name_too_long_for_the_file_system_is_shortened_and_the_rest_pr
     assert sorted(n + e for n in again for e in ('.json', '.png')) == names
 
 
+def test_a_result_that_cannot_be_written_is_skipped_with_a_warning_and_the_rest_predicted(model_dir, tmp_path):
+    from PIL import Image
+    folder = tmp_path / 'inputs'
+    (folder / 'sub').mkdir(parents=True)
+    for name in ('sub/blocked.png', 'free.png'):
+        Image.new('RGB', (80, 60), (10, 200, 30)).save(folder / name)
+    output = tmp_path / 'out'
+    output.mkdir()
+    (output / 'sub').write_text('a file where the results of sub/ need a folder')
+    result = run_cli('predict', '--model', model_dir, '--input', str(folder), '--output', str(output))
+    assert result.returncode == 0, result.stderr
+    assert 'Traceback' not in result.stderr
+    assert f'cannot write the results of {folder / "sub" / "blocked.png"}' in result.stderr
+    assert sorted(os.listdir(output)) == ['free.json', 'free.png', 'sub']
+    assert '1 result(s) not written' in result.stdout
+
+
 def test_fitted_names_stay_apart_and_cut_at_character_boundaries():
     a, b = 'dir/' + 'ü' * 130 + 'a', 'dir/' + 'ü' * 130 + 'b'
     fa, fb = fitted_name(a, 5), fitted_name(b, 5)
