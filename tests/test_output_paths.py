@@ -265,3 +265,22 @@ def test_a_killed_run_leaves_no_lock_behind(tmp_path, data_dir):
         except RunInUseError:
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+def test_a_lock_file_that_is_a_folder_is_one_error_and_a_file_system_without_locks_a_warning(tmp_path, monkeypatch,
+                                                                                             caplog):
+    import errno
+    import fcntl
+    from utils.core.errors import InputError
+    (tmp_path / 'odd' / LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(InputError, match='cannot create the run lock'):
+        with run_lock(str(tmp_path / 'odd'), '--output odd'):
+            pass
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, 'flock', no_locks)
+    ran = []
+    with run_lock(str(tmp_path), '--output here'):
+        ran.append(True)
+    assert ran and 'does not support locks' in caplog.text

@@ -10,12 +10,17 @@ with a whole-file POSIX lock, which the server arbitrates.
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 from typing import Iterator
 
 from utils.core.errors import InputError
 
 LOCK_NAME = '.run.lock'
+# what flock raises where the file system keeps no locks (some FUSE and network mounts): run unguarded
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+logger = logging.getLogger(__name__)
 
 
 class RunInUseError(InputError):
@@ -30,6 +35,22 @@ def _holder(fd: int) -> str:
     return f' (pid {text})' if text.isdigit() else ''
 
 
+def _lock(fd: int, path: str, what: str) -> bool:
+    """Take the lock without waiting; False where the file system keeps no locks (said in a warning)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError as err:
+        if err.errno in _NO_LOCKS:
+            logger.warning('%s: the file system does not support locks (%s): nothing keeps another run '
+                           'from using the folder at the same time', what, err.strerror or err)
+            return False
+        if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise InputError(f'{what}: cannot lock {path}: {err.strerror or err}') from None
+        raise RunInUseError(f'{what} is in use by another run{_holder(fd)}: wait for it to finish, or '
+                            f'choose another folder') from None
+
+
 @contextlib.contextmanager
 def run_lock(folder: str, what: str = 'folder') -> Iterator[str]:
     """Hold the run lock of `folder` (which must exist) for the block; `what` names it in the error
@@ -40,15 +61,9 @@ def run_lock(folder: str, what: str = 'folder') -> Iterator[str]:
     except OSError as err:
         raise InputError(f'{what}: cannot create the run lock {path}: {err.strerror or err}') from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise InputError(f'{what}: cannot lock {path}: {err.strerror or err}') from None
-            raise RunInUseError(f'{what} is in use by another run{_holder(fd)}: wait for it to finish, or '
-                                f'choose another folder') from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode('ascii'), 0)
+        if _lock(fd, path, what):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode('ascii'), 0)
         yield path
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
