@@ -357,6 +357,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
     def convert_from_dtlpy(self, data_path, **kwargs):
         """Read every subset's item JSONs once into box records; write the index `train` reads."""
         from utils.data.dataloop_reader import read_dataloop_export, require_training_subsets, save_index
+        from utils.data.label_check import check_label_names
         settings = self._resolve_settings()
         labels = [str(label) for label in (self.model_entity.labels or [])] or None
         export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'],
@@ -367,6 +368,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
                              f'{labels}: set the model\'s labels to the dataset\'s (model.labels = [...]; '
                              f'model.update()) or clone the model with labels=')
         require_training_subsets(export)
+        if labels:
+            check_label_names(labels, export)
         id_to_label_map = self._training_label_map(export.labels_found)
         if id_to_label_map != self.id_to_label_map():
             self._set_label_map(id_to_label_map)

@@ -16,11 +16,13 @@ from typing import Optional, Sequence
 from local_runner import demo
 from local_runner.inputs import check_data_dir, list_images, parse_labels, read_config_file
 from local_runner.logs import setup_logging
+from local_runner.output_paths import writable_file, writable_folder
 from local_runner.model_folder import check_train_output, find_model_files, load_model_dir, train_on_folder
 from local_runner.predict import predict_images
 from local_runner.report import evaluate_on_folder
 from utils.core import termination
 from utils.core.errors import InputError
+from utils.core.output_layout import SIDECAR_SUFFIX
 
 logger = logging.getLogger('local_runner')
 
@@ -32,6 +34,7 @@ def cmd_train(args) -> int:
     check_data_dir(args.data, ('train', 'validation'))
     configuration = read_config_file(args.config)
     labels = parse_labels(args.labels)
+    writable_folder(args.output, '--output')
     check_train_output(args.output)
     start = time.time()
     result = train_on_folder(args.data, args.output, configuration, labels)
@@ -50,6 +53,7 @@ def cmd_predict(args) -> int:
     if os.path.isdir(args.input) and os.path.realpath(args.output) == os.path.realpath(args.input):
         raise InputError(f'--output {args.output} is the --input folder: give a separate folder for the results')
     inputs = list_images(args.input, exclude=args.output)
+    writable_folder(args.output, '--output')
     overrides = read_config_file(args.config)
     overrides.update({'conf_threshold': args.conf} if args.conf is not None else {})
     adapter = load_model_dir(args.model, overrides)
@@ -59,13 +63,15 @@ def cmd_predict(args) -> int:
           + (f"{len(videos)} video(s) ({sum(v['tracks'] for v in videos)} track(s)), " if videos else '')
           + f"{result['boxes']} box(es) at conf >= {result['conf_threshold']:g} "
           f"-> {args.output} (<name>.json annotations, <name>.png pictures)"
-          + (f"; {len(result['unreadable'])} unreadable file(s) skipped" if result['unreadable'] else ''))
+          + (f"; {len(result['unreadable'])} unreadable file(s) skipped" if result['unreadable'] else '')
+          + (f"; {len(result['unwritable'])} result(s) not written" if result['unwritable'] else ''))
     return 0
 
 
 def cmd_evaluate(args) -> int:
     find_model_files(args.model)
     check_data_dir(args.data, (args.subset,))
+    writable_folder(args.output or args.model, '--output' if args.output else '--model (where the results go)')
     adapter = load_model_dir(args.model)
     result = evaluate_on_folder(adapter, args.data, args.subset, args.output or args.model)
     print(f"COCO bbox evaluation on {result['images']} {args.subset} image(s) of {args.data}\n")
@@ -76,6 +82,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_export(args) -> int:
     find_model_files(args.model)
+    writable_file(args.output, '--output', companions=(SIDECAR_SUFFIX,))
     from utils.export.onnx_export import export_onnx, sidecar_path  # imports torch: after the paths are checked
     output = export_onnx(args.model, args.output, size=tuple(args.size) if args.size else None)
     print(f'exported {output} and {sidecar_path(output)} (label map, input size, preprocessing, score threshold)')
@@ -175,7 +182,7 @@ def _add_export(commands, common) -> None:
     p.add_argument('--model', required=True, metavar='DIR', help='a folder written by `train`')
     p.add_argument('--output', required=True, metavar='FILE.onnx', help='the ONNX file to write')
     p.add_argument('--size', type=_positive_int, nargs=2, default=None, metavar=('H', 'W'),
-                   help="input height and width in pixels, each >= 32 (default: a min_size square)")
+                   help="input height and width in pixels, each from 32 to 8192 (default: a min_size square)")
     p.set_defaults(func=cmd_export)
 
 

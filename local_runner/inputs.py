@@ -10,6 +10,7 @@ import stat
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from local_runner.output_paths import DEFAULT_NAME_MAX, fitted_name
 from utils.core import config as config_lib
 from utils.core.config import ConfigError
 from utils.core.errors import InputError
@@ -125,7 +126,7 @@ def _file_kind(path: str) -> str:
     return next((kind for test, kind in kinds if test(mode)), 'a special file')
 
 
-def output_names(inputs: Sequence[Tuple[str, str]]) -> List[str]:
+def output_names(inputs: Sequence[Tuple[str, str]], name_limit: int = DEFAULT_NAME_MAX) -> List[str]:
     """Per input, a distinct output path stem (relative; results are `<stem>.json` and `<stem>.png`).
 
     The natural stem (`dir/c` for `dir/c.jpg`) where no other input claims it; inputs whose stems
@@ -133,7 +134,8 @@ def output_names(inputs: Sequence[Tuple[str, str]]) -> List[str]:
     `c.png` then clashes with `c.png`'s name, so it becomes `c.png.jpg`). Names are compared without
     case (the results may land on a case-insensitive disk); what still clashes after that (names that
     differ only in case, a result file where another result needs a folder) gets `~2`, `~3`, ... in
-    input order. Deterministic: the same inputs always give the same names.
+    input order. A name whose result file would pass `name_limit` bytes is shortened (`fitted_name`).
+    Deterministic: the same inputs always give the same names.
     """
     rels = [rel for _, rel in inputs]
     names = [os.path.splitext(rel)[0] for rel in rels]
@@ -154,7 +156,8 @@ def output_names(inputs: Sequence[Tuple[str, str]]) -> List[str]:
             final = f'{name}~{k}'
         taken.add(final.casefold())
         names[i] = final
-    return names
+    longest = max(len(ext) for ext in RESULT_EXTENSIONS)
+    return [fitted_name(name, longest, name_limit) for name in names]
 
 
 def _parents(folder: str) -> List[str]:

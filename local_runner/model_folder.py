@@ -18,6 +18,7 @@ from utils.core.errors import InputError
 from utils.core.label_map import configuration_entries, labels_in_id_order, parse_id_to_label
 from utils.core.metric_names import EVAL_KEYS
 from utils.core.output_layout import CURVES_PNG, MODEL_FILE, WEIGHTS_DIR
+from utils.core.run_lock import run_lock
 from utils.training.run_folder import RunFolder
 
 logger = logging.getLogger('local_runner')
@@ -127,7 +128,18 @@ def write_model_description(adapter, output_dir: str, data_dir: str, result) -> 
 
 def train_on_folder(data_dir: str, output_dir: str, configuration: Dict[str, Any],
                     labels: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """convert_from_dtlpy + train + save on a local export; returns paths and the best epoch's metrics."""
+    """convert_from_dtlpy + train + save on a local export; returns paths and the best epoch's metrics.
+
+    One run per folder (`utils.core.run_lock`): another run on it is refused; the folder is checked
+    again once locked, so a run that finished while this one waited to start is not done over."""
+    os.makedirs(output_dir, exist_ok=True)
+    with run_lock(output_dir, f'--output {output_dir}'):
+        check_train_output(output_dir)
+        return _train_locked(data_dir, output_dir, configuration, labels)
+
+
+def _train_locked(data_dir: str, output_dir: str, configuration: Dict[str, Any],
+                  labels: Optional[Sequence[str]]) -> Dict[str, Any]:
     if labels is None:
         from utils.data.dataloop_reader import read_dataloop_export
         resolved = config_lib.resolve(configuration)

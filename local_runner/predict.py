@@ -5,6 +5,7 @@ Per image: ``<name>.json`` (a Dataloop item JSON whose ``annotations`` are what
 and ``<name>.png`` (the image with boxes, labels and scores drawn). Videos among
 the inputs go to `local_runner.video` (tracks as JSON, a contact sheet as PNG).
 """
+import errno
 import logging
 import mimetypes
 import os
@@ -12,10 +13,10 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from local_runner.draw import detections_from_json, draw_detections
 from local_runner.inputs import RESULT_EXTENSIONS, output_names
-from local_runner.video import predict_videos
+from local_runner.output_paths import name_max
 from utils.core.atomic import write_json
 from utils.core.config import prediction_batch_size
-from utils.core.errors import InputError
+from utils.core.errors import DiskFullError, InputError
 from utils.core.progress import Progress
 from utils.core.label_map import label_to_id
 from utils.data.video import is_video
@@ -33,7 +34,7 @@ def _item_json(path: str, rel: str, image, annotations: List[Dict[str, Any]]) ->
 def _output_paths(inputs: Sequence[Tuple[str, str]], output_dir: str) -> List[Tuple[str, str]]:
     """(json, png) per input; an InputError when one would overwrite an input image."""
     targets = [tuple(os.path.join(output_dir, name + ext) for ext in RESULT_EXTENSIONS)
-               for name in output_names(inputs)]
+               for name in output_names(inputs, name_max(output_dir))]
     sources = {os.path.realpath(path) for path, _ in inputs}
     clash = [t for pair in targets for t in pair if os.path.realpath(t) in sources]
     if clash:
@@ -41,18 +42,32 @@ def _output_paths(inputs: Sequence[Tuple[str, str]], output_dir: str) -> List[Tu
     return targets
 
 
+def _write_results(json_path: str, png_path: str, item_json: Dict[str, Any], picture) -> None:
+    """One image's <name>.json and <name>.png; a full disk stops the run (`DiskFullError`), not this image."""
+    try:
+        os.makedirs(os.path.dirname(json_path), exist_ok=True)
+        write_json(json_path, item_json, indent=1)
+        picture.save(png_path, format='PNG')
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f'cannot write {png_path}: the disk is full: free some space or write to '
+                                f'another --output') from err
+        raise
+
+
 def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) -> Dict[str, Any]:
     """Per readable image: ``<stem>.json`` (Dataloop item JSON with the predicted annotations) and
     ``<stem>.png`` (the image with the boxes drawn). Unreadable images are logged and skipped."""
     from torchvision.transforms.functional import pil_to_tensor
 
+    from local_runner.video import predict_videos  # torch and dtlpy: after the path checks
     from utils.data.images import ImageDecodeError, load_image
 
     settings = adapter.settings
     class_ids = label_to_id(adapter.id_to_label_map())
     targets = _output_paths(inputs, output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    written, unreadable, n_boxes = [], [], 0
+    written, unreadable, unwritable, n_boxes = [], [], [], 0
     batch: List[Tuple[int, Any]] = []
 
     def flush():
@@ -63,11 +78,16 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
         for (index, image), collection in zip(batch, collections):
             path, rel = inputs[index]
             json_path, png_path = targets[index]
-            os.makedirs(os.path.dirname(json_path), exist_ok=True)
             annotations = collection.to_json()['annotations']
-            write_json(json_path, _item_json(path, rel, image, annotations), indent=1)
             detections = detections_from_json(annotations)
-            draw_detections(image, detections, class_ids).save(png_path, format='PNG')
+            try:
+                _write_results(json_path, png_path, _item_json(path, rel, image, annotations),
+                               draw_detections(image, detections, class_ids))
+            except OSError as err:  # this one result cannot be written there: the others can
+                logger.warning('cannot write the results of %s to %s: %s: skipped', path, json_path,
+                               err.strerror or err)
+                unwritable.append((path, str(err)))
+                continue
             n_boxes += len(detections)
             written.append({'image': path, 'json': json_path, 'png': png_path, 'boxes': len(detections)})
         bar.update(len(batch))
@@ -101,8 +121,10 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
                        ', '.join(path for path, _ in unreadable))
     if not written:
         kind = 'image or video' if videos else 'image'
-        raise InputError(f'none of the {len(inputs)} {kind} file(s) could be read (see the warnings above)')
+        written_too = ' and written' if unwritable else ''
+        raise InputError(f'none of the {len(inputs)} {kind} file(s) could be read{written_too} '
+                         f'(see the warnings above)')
     logger.info('predicted %d box(es) on %d file(s) at conf >= %g; results in %s', n_boxes, len(written),
                 settings['conf_threshold'], output_dir)
-    return {'output': output_dir, 'images': written, 'unreadable': unreadable, 'boxes': n_boxes,
-            'conf_threshold': settings['conf_threshold']}
+    return {'output': output_dir, 'images': written, 'unreadable': unreadable, 'unwritable': unwritable,
+            'boxes': n_boxes, 'conf_threshold': settings['conf_threshold']}

@@ -224,11 +224,17 @@ def worker_count(value: Any, device: Any) -> int:
     return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 1))
 
 
-def for_training(settings: Dict[str, Any], device: Any) -> Dict[str, Any]:
+def for_training(settings: Dict[str, Any], device: Any, n_images: Optional[int] = None,
+                 input_pixels: Optional[int] = None) -> Dict[str, Any]:
     """`settings` with the 'auto' training values chosen for `device`; an 'auto' learning_rate follows
-    the batch size linearly (`LR_PER_IMAGE` per image)."""
+    the batch size linearly (`LR_PER_IMAGE` per image). With `n_images` and `input_pixels` (the network's
+    largest input) the batch size is bounded by the data and the memory (`utils.training.batch_bound`)."""
     resolved = dict(settings)
     resolved['batch_size'] = training_batch_size(settings['batch_size'], device)
+    if n_images is not None and input_pixels is not None:
+        from utils.training.batch_bound import bounded_batch_size
+        resolved['batch_size'] = bounded_batch_size(resolved['batch_size'], n_images, device, input_pixels,
+                                                    '' if settings['batch_size'] == AUTO else 'batch_size')
     resolved['num_workers'] = worker_count(settings['num_workers'], device)
     if settings['learning_rate'] == AUTO:
         resolved['learning_rate'] = LR_PER_IMAGE * resolved['batch_size']

@@ -9,3 +9,4 @@ BEST_NAME = 'best.pth'   # the best epoch's weights: what the model ships
 CURVES_CSV = 'curves.csv'
 CURVES_PNG = 'curves.png'
 MODEL_FILE = 'model.json'  # the local runner's description of a trained model folder
+SIDECAR_SUFFIX = '.json'  # an ONNX export's description: model.onnx -> model.onnx.json

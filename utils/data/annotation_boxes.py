@@ -29,6 +29,9 @@ import numpy as np
 from PIL import Image
 
 MASK_THRESHOLD = 128  # alpha >= 128 is inside: more than half opaque
+# The largest coordinate taken, in pixels: far past any image the pixel limit allows (400 MP is at
+# most 400 million px along a side), yet small enough that squaring it (rotated ellipses) stays finite.
+MAX_COORDINATE = 1e9
 
 
 class Skip(Exception):
@@ -40,15 +43,18 @@ class Skip(Exception):
 
 
 def _num(v) -> float:
-    """A finite float from an int, float or numeric string; anything else is bad coordinates."""
+    """A finite float of sane size (at most `MAX_COORDINATE` either way) from an int, float or numeric
+    string; anything else (a bool, null, an object, a 400-digit integer, 1e999) is bad coordinates."""
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise Skip('bad coordinates', f'not a number: {v!r}')
+        raise Skip('bad coordinates', f'not a number: {v!r:.80}')
     try:
         f = float(v)
-    except ValueError:
-        raise Skip('bad coordinates', f'not a number: {v!r}') from None
+    except (ValueError, OverflowError):  # OverflowError: an integer past float's range
+        raise Skip('bad coordinates', f'not a number of sane size: {v!r:.80}') from None
     if not math.isfinite(f):
-        raise Skip('bad coordinates', f'not finite: {v!r}')
+        raise Skip('bad coordinates', f'not finite: {v!r:.80}')
+    if abs(f) > MAX_COORDINATE:
+        raise Skip('bad coordinates', f'{v!r:.80} is beyond {MAX_COORDINATE:.0e} px')
     return f
 
 
@@ -63,7 +69,8 @@ def _box_from_box(coords) -> List[Tuple[float, float, float, float]]:
         raise Skip('bad coordinates', 'box needs two corner points')
     (xa, ya), (xb, yb) = _xy(coords[0]), _xy(coords[1])
     x1, x2, y1, y2 = min(xa, xb), max(xa, xb), min(ya, yb), max(ya, yb)
-    angle = coords[2] if len(coords) > 2 and type(coords[2]) in (int, float) else 0.0  # as the SDK reads it
+    # as the SDK reads it: a number in third place is the angle, anything else none
+    angle = _num(coords[2]) if len(coords) > 2 and type(coords[2]) in (int, float) else 0.0
     if angle % 180.0:  # rotated box: tight box of the rectangle rotated about its centre
         cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
         c, s = abs(math.cos(math.radians(angle))), abs(math.sin(math.radians(angle)))
@@ -196,6 +203,8 @@ _CONVERTERS = {'box': _box_from_box, 'segment': _box_from_segment, 'ellipse': _b
 def annotation_boxes(annotation: dict, frame: Frame) -> List[Tuple[float, float, float, float]]:
     """Unclipped xyxy boxes of one annotation; raises Skip for types that are not boxes."""
     kind = annotation.get('type')
+    if kind is not None and not isinstance(kind, str):
+        raise Skip('bad annotation', f'type is not a string: {kind!r:.80}')
     coords = annotation['coordinates'] if 'coordinates' in annotation else annotation.get('data')
     if kind == 'binary':
         return _box_from_binary(coords, frame)

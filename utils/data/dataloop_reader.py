@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from PIL import Image
@@ -103,6 +104,12 @@ def _get(d, *keys):
     return d
 
 
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a named pipe (FIFO)'), (stat.S_ISSOCK, 'a socket'),
+             (stat.S_ISCHR, 'a character device'), (stat.S_ISBLK, 'a block device'))
+    return next((kind for test, kind in kinds if test(mode)), 'a special file')
+
+
 def _inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
@@ -121,7 +128,7 @@ def _is_video_item(metadata, annotations: list, path: str) -> bool:
 
 
 # Drops worth a line each (the data can be fixed); the others (types, duplicates, empty masks) are only counted.
-_WARNED_ANNOTATION_DROPS = ('bad coordinates', 'bad annotation', 'no label', 'mask too large',
+_WARNED_ANNOTATION_DROPS = ('bad coordinates', 'bad annotation', 'no label', 'bad label', 'mask too large',
                             'mask size differs from image')
 
 
@@ -130,14 +137,17 @@ def _labelled_boxes(annotation, frame: Frame, seen: set) -> Tuple[str, List[Tupl
     if not isinstance(annotation, dict):
         raise Skip('bad annotation', f'not an object: {annotation!r:.80}')
     label = annotation.get('label')
-    key = (label, annotation.get('type'),
-           json.dumps(annotation.get('coordinates', annotation.get('data')), sort_keys=True))
+    # as JSON text: any label, type or coordinates (objects included) make a key
+    key = json.dumps([label, annotation.get('type'), annotation.get('coordinates', annotation.get('data'))],
+                     sort_keys=True, default=repr)
     if key in seen:
         raise Skip('duplicate annotation')
     seen.add(key)
     raw = annotation_boxes(annotation, frame)
-    if not isinstance(label, str) or not label:
+    if label is None or label == '':
         raise Skip('no label', 'annotation without a label')
+    if not isinstance(label, str):
+        raise Skip('bad label', f'label is a {type(label).__name__}, not a string: {label!r:.80}')
     return label, raw
 
 
@@ -158,9 +168,17 @@ class _SubsetReader:
                                       video_frame_stride, include_background, limits, self._item_boxes)
 
     def _checked(self, path: str) -> str:
+        """The real path of a regular file inside data_path: opening a FIFO would block the reader
+        until someone writes to it, and a device can stream forever."""
         real = os.path.realpath(path)
         if not _inside(real, self.root):
             raise Skip('path outside data_path', f'{path} resolves to {real}')
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as err:
+            raise Skip('missing image', f'{path}: {err.strerror or err}') from None
+        if not stat.S_ISREG(mode):
+            raise Skip('not a regular file', f'{path} is {_file_kind(mode)}, not a regular file')
         return real
 
     def _by_stem(self, rel_json: str) -> Optional[str]:
@@ -234,8 +252,9 @@ class _SubsetReader:
         try:
             with open(json_path, 'rb') as f:
                 item = json.load(f)
-        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise Skip('unparseable json', str(err)) from None
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors; nesting thousands deep is a RecursionError
+        except (OSError, ValueError, RecursionError) as err:
+            raise Skip('unparseable json', str(err) or type(err).__name__) from None
         if isinstance(item, list):  # a bare list of annotations
             annotations, item = item, {}
         elif isinstance(item, dict):

@@ -47,9 +47,10 @@ class GroupedBatchSampler(Sampler[List[int]]):
     Indices are drawn in a seeded random order and collected per group; a group's
     buffer is yielded when it is full. At the end of the epoch each group's partial
     buffer is topped up with other indices of the same group (as the reference does),
-    so every batch has the same size (one input shape fewer for cuDNN's autotuner)
+    so batches have the same size (one input shape fewer for cuDNN's autotuner)
     and every index is seen at least once per epoch; unlike the reference, no
-    leftover is dropped, which matters on the small datasets this model is tuned on.
+    leftover is dropped, which matters on the small datasets this model is tuned on,
+    and no image is in one batch twice: a group smaller than the batch makes a smaller batch.
     `set_epoch` makes the order a function of (seed, epoch), so a resumed run replays it.
     """
 
@@ -83,8 +84,8 @@ class GroupedBatchSampler(Sampler[List[int]]):
             if len(buffers[group]) == self.batch_size:
                 yield buffers.pop(group)
         for group, buffer in sorted(buffers.items(), key=lambda entry: (-len(entry[1]), entry[0])):
-            members = seen[group]
-            filler = [members[i % len(members)] for i in range(self.batch_size - len(buffer))]
+            in_batch = set(buffer)
+            filler = [index for index in seen[group] if index not in in_batch][:self.batch_size - len(buffer)]
             yield buffer + filler
 
 

@@ -81,7 +81,7 @@ def network_limits(model, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageLi
     return ImageLimits(int(max_pixels), int(min(transform.min_size)), int(transform.max_size))
 
 
-def _to_rgb8(image: Image.Image) -> Image.Image:
+def to_rgb8(image: Image.Image) -> Image.Image:
     """Convert any PIL mode (1, L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB."""
     if image.mode == 'RGB':
         return image
@@ -123,7 +123,7 @@ def _displayed_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode == 'RGB':
         return image.copy()
-    return _to_rgb8(image)
+    return to_rgb8(image)
 
 
 def load_image_tensor(source: Union[str, os.PathLike, bytes, io.IOBase],

@@ -21,7 +21,7 @@ from utils.modeling import checkpoints, model_factory
 from utils.core.atomic import atomic_write, write_json
 from utils.core.errors import InputError
 from utils.core.label_map import configuration_entries, parse_id_to_label
-from utils.core.output_layout import MODEL_FILE
+from utils.core.output_layout import MODEL_FILE, SIDECAR_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ OPSET = 17  # >= 11 (what torchvision's detection export needs); 17 is well supp
 INPUT_NAME = 'image'
 OUTPUT_NAMES = ('boxes', 'labels', 'scores')
 SIDECAR_FORMAT = 'fasterrcnn-onnx/1'
+# Input sides taken: the graph resizes every input to min_size/max_size (at most 1333 px) first, so a
+# larger input only costs memory; tracing at 8192 x 8192 already holds a 0.8 GB example image.
+MIN_SIDE, MAX_SIDE = 32, 8192
 
 
 class ExportError(InputError):
@@ -38,7 +41,7 @@ class ExportError(InputError):
 
 def sidecar_path(output_path: str) -> str:
     """`model.onnx` -> `model.onnx.json`: never clashes with a model folder's own model.json."""
-    return output_path + '.json'
+    return output_path + SIDECAR_SUFFIX
 
 
 def _read_settings(model_dir: str) -> Tuple[Dict[str, Any], str]:
@@ -100,8 +103,10 @@ def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[
 def _check_size(size: Optional[Sequence[int]], settings: Dict[str, Any]) -> Tuple[int, int]:
     if size is None:
         return settings['min_size'], settings['min_size']
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 32 for v in size):
-        raise ExportError(f'size must be two integers (height, width), each >= 32, got {size!r}')
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and MIN_SIDE <= v <= MAX_SIDE
+                                 for v in size):
+        raise ExportError(f'size must be two integers (height, width), each from {MIN_SIDE} to {MAX_SIDE} '
+                          f'pixels (the network resizes its input to at most max_size anyway), got {size!r}')
     return int(size[0]), int(size[1])
 
 
@@ -159,6 +164,8 @@ def export_onnx(model_dir: str, output_path: str, size: Optional[Sequence[int]] 
     """
     if importlib.util.find_spec('onnx') is None:  # torch's exporter needs it
         raise ExportError('ONNX export needs the onnx package: pip install -r requirements.txt')
+    if size is not None:
+        _check_size(size, {})  # before the network is built
     model, settings, id_to_label = load_network(model_dir)
     height, width = _check_size(size, settings)
     example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))

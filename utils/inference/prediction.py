@@ -21,17 +21,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import dtlpy as dl
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops.misc import FrozenBatchNorm2d
-from torchvision.transforms.functional import pil_to_tensor
 
 from utils.modeling.embeddings import fpn_embedding
 from utils.training.engine import detections_to_host
 from utils.data.images import ImageLimits, ImageSizeError
+from utils.inference.array_images import UnsupportedImageError, to_uint8_rgb
 from utils.modeling.model_factory import cudnn_autotune
 from utils.platform.annotation_json import label_name, model_confidence
 
@@ -160,17 +158,9 @@ class UnreadableItem:
 
 
 def to_tensor(image) -> torch.Tensor:
-    """uint8 CHW tensor from what a batch may hold: a tensor, a PIL image or an HxW(xC) array."""
-    if isinstance(image, torch.Tensor):
-        return image
-    if isinstance(image, Image.Image):
-        return pil_to_tensor(image.convert('RGB'))
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.shape[2] == 4:
-        array = array[..., :3]
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    """uint8 RGB CHW tensor from what a batch may hold (`utils.inference.array_images`: tensors and
+    arrays in either layout, 1-4 channels, uint8 or float in [0, 1], PIL images)."""
+    return to_uint8_rgb(image)
 
 
 def split_readable(batch: Sequence[Any], limits: ImageLimits
@@ -185,13 +175,13 @@ def split_readable(batch: Sequence[Any], limits: ImageLimits
         if entry is None:
             continue
         if not isinstance(entry, UnreadableItem):
-            image = to_tensor(entry)
             try:
+                image = to_tensor(entry)
                 limits.check(image.shape[-1], image.shape[-2])
                 images.append(image)
                 positions.append(position)
                 continue
-            except ImageSizeError as err:
+            except (ImageSizeError, UnsupportedImageError) as err:  # this entry alone
                 logger.error('cannot read batch entry %d: %s', position, err)
                 entry = UnreadableItem(None, f'batch entry {position}', str(err))
         unreadable.append(entry)

@@ -182,7 +182,8 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     - `hooks`: more `HookBase`s (an upload of the checkpoints), placed by `build_hooks`.
     """
     device = torch.device(device)
-    settings = for_training({**DEFAULTS, **(settings or {})}, device)
+    settings = for_training({**DEFAULTS, **(settings or {})}, device, len(train_records),
+                            max(model.transform.min_size) * model.transform.max_size)
     folder = RunFolder(output_path)
     folder.prepare()
     limits = network_limits(model, settings['max_image_pixels'])  # the item is skipped, not the run
