@@ -270,7 +270,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
         Downloads wait on the network, not on Python, so they overlap the forward pass freely. Decoding
         stays in the loop, between forward passes: on an H100, decoding the next batch beside the forward
-        pass was slower in two sessions (its threads need the GIL back between images; bench/RESULTS.md).
+        pass was slower (its threads need the GIL back between images; bench/RESULTS.md).
         """
         self.unreadable_items = []
         size = self._prediction_batch(batch_size)

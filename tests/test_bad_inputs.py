@@ -1,4 +1,4 @@
-"""Issue 11: hostile inputs are refused per item, file or key, and nothing else is lost.
+"""Hostile inputs are refused per item, file or key, and nothing else is lost.
 
 Covered here: the image size guard (pixel limit, read from the header), images
 the network's resize would squash below one pixel, checkpoint validation,

@@ -30,9 +30,9 @@ def make_adapter(configuration, artifacts='/nonexistent'):
 
 
 def test_train_with_amp_on_cuda_then_fp16_predictions_match_fp32(tmp_path):
-    """Issue 8 item 5: at the default settings (conf_threshold 0.5) the GPU's fp16 copy of a model trained on
+    """At the default settings (conf_threshold 0.5) the GPU's fp16 copy of a model trained on
     the synthetic set (the demo's recipe, with AMP) finds what the fp32 network finds on the CPU: the same
-    labels, boxes within 1 px, scores within 0.01. (Trained less, as in an earlier version of this test, the
+    labels, boxes within 1 px, scores within 0.01. (Trained less, the
     fp32 network found no box above its threshold and the check compared nothing.)"""
     data = tmp_path / 'data'
     make_synthetic_export(str(data), **DEMO_DATA)

@@ -1,4 +1,4 @@
-"""Device resolution on a machine without a usable GPU (issue 11 item 8, issue 12 item 2), on CPU.
+"""Device resolution on a machine without a usable GPU, on CPU.
 
 What stands in for the GPU node: `torch.cuda.is_available` answers False, and a fake `nvidia-smi`
 script on PATH prints the header a real driver prints (or PATH holds none). The adapter's own code

@@ -1,4 +1,4 @@
-"""The speed pieces of issue 8 on CPU: grouped batches, padding buckets, the GPU inference copy, bulk boxes."""
+"""The speed pieces on CPU: grouped batches, padding buckets, the GPU inference copy, bulk boxes."""
 import collections
 import io
 import threading

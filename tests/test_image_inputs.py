@@ -1,4 +1,4 @@
-"""Issue 2: every image an item can hold reaches the network the way a viewer shows it.
+"""Every image an item can hold reaches the network the way a viewer shows it.
 
 Each case uploads one file to the emulator and decodes it through
 `FasterRCNNAdapter.prepare_item_func` (the real `dl.Item.download`): the

@@ -335,7 +335,7 @@ def wait_for_artifact(emu, model_id, remote, process, log_path, timeout_s=600):
 
 def test_killed_training_pod_is_rerun_and_resumes_from_checkpoints_uploaded_during_training(
         platform, pod, tmp_path, caplog):
-    """Issue 11.13: a pod reset (SIGKILL: no exception, no save-on-failure) loses at most the upload interval."""
+    """A pod reset (SIGKILL: no exception, no save-on-failure) loses at most the upload interval."""
     emu, project_id = platform['emu'], platform['project']['id']
     epochs = 3
     model_id = platform['add_model']('preempted', epochs=epochs, checkpoint_upload_interval_s=0)['id']
@@ -488,7 +488,7 @@ def _exif_jpeg(pixels, orientation):
 
 
 def bad_inputs():
-    """(name, bytes, displayed (width, height) or None when undecodable) for issue 2's list of odd files."""
+    """(name, bytes, displayed (width, height) or None when undecodable) for a list of odd files."""
     rng = np.random.default_rng(5)
     base = np.asarray(render_item(rng, (64, 48), LABELS, max_objects=2)[0])
     rgb = Image.fromarray(base)
@@ -546,7 +546,7 @@ def test_predict_items_on_odd_files(platform, pod):
 
 
 def test_predict_items_refuses_huge_and_thin_images_per_item(platform, pod):
-    """Issue 11: a 70-byte file claiming 200 MP, and an image the resize would make 0 px high, in the same
+    """A 70-byte file claiming 200 MP, and an image the resize would make 0 px high, in the same
     batch as good items: those two are named with their dimensions, the others are annotated."""
     from test_bad_inputs import png, png_header
     emu, dataset = platform['emu'], platform['dataset']

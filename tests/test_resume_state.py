@@ -1,5 +1,5 @@
 """Resume state and checkpoint files: what makes a run finished, a full disk, stale temporaries,
-and the background checkpoint writer's contract with `on_epoch_end` (issue 11 items 6-7, issue 8 item 3).
+and the background checkpoint writer's contract with `on_epoch_end`.
 
 Training is stubbed (the weights change each epoch, no network pass): these are the trainer's
 bookkeeping and the files it leaves, which is what the tests look at.

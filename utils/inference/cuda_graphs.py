@@ -22,7 +22,7 @@ Rules that keep a replay correct:
   eager for good;
 - weights are cast to fp16 inside the graph (autocast's cast cache off while capturing): a cast cached
   before the capture would be read from freed memory at every replay.
-Off unless the `cuda_graphs` setting is on (README: what a GPU session must show before it is the default).
+Off unless the `cuda_graphs` setting is on (README: what a run on a GPU must show before it is the default).
 """
 import collections
 import contextlib

@@ -13,16 +13,14 @@ no `dl.Annotation` between, `utils.platform.annotation_json`) and uploads it (th
 loop). Batch k is handed to the finishing thread once batch k+1 is decoded, so that it runs beside
 batch k+1's forward pass and not beside its decoding: the decoding threads need Python's GIL between
 their steps, and with the finishing thread's pure Python beside them each waited out a switch
-interval (5 ms) at every step (a host-only simulation on 2 cores: 54.5 -> 46.1 ms a batch of 16
-beside a 30 ms forward).
-Decoding batch k+1 in the pool while the network runs batch k was slower on an H100, in two
-sessions (122.5 against 137.3 images/s in the same run): decoding stays between forward passes.
+interval (5 ms) at every step (bench/RESULTS.md).
+Decoding batch k+1 in the pool while the network runs batch k was slower on an H100
+(bench/RESULTS.md): decoding stays between forward passes.
 What comes back, and the errors, are the SDK loop's: `(items, annotations)` in input order; a
 batch whose forward pass or upload fails is reported with its item ids at the end, after every
 other batch ran.
 
-On an H100 (bench/RESULTS.md, fourth session): 137 images/s end to end against 126 for the SDK's
-loop with instant uploads, 113 against 91 when an upload takes 50 ms.
+On an H100 it ran ahead of the SDK's loop, more so when uploads take time (bench/RESULTS.md).
 """
 import logging
 import traceback

@@ -92,7 +92,7 @@ class _Run:
     best_score: float = -math.inf
     best_epoch: int = -1
     stopped_early: bool = False
-    best_weights: Optional[Dict[str, torch.Tensor]] = None  # a device copy of this session's best epoch, if any
+    best_weights: Optional[Dict[str, torch.Tensor]] = None  # a device copy of this run's best epoch, if any
 
     @property
     def stale(self) -> int:
@@ -344,7 +344,7 @@ def _load_best(model: torch.nn.Module, best_path: str, best_epoch: int, last_epo
                last_checkpoint: Optional[Mapping[str, Any]],
                best_weights: Optional[Mapping[str, torch.Tensor]] = None) -> None:
     """Leave the best epoch's weights in `model` (the last ones when best.pth is missing); `best_weights`:
-    the copy of them this session kept on the device, which best.pth on disk holds too."""
+    the copy of them this run kept on the device, which best.pth on disk holds too."""
     if best_epoch != last_epoch and best_weights is not None:
         model.load_state_dict(best_weights)
         logger.info('the model now holds the weights of the best epoch (%d), as in %s', best_epoch + 1, best_path)
