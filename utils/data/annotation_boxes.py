@@ -198,6 +198,8 @@ def _box_from_binary(coords, frame: Frame) -> List[Tuple[float, float, float, fl
 
 
 _CONVERTERS = {'box': _box_from_box, 'segment': _box_from_segment, 'ellipse': _box_from_ellipse}
+#: Annotation types `annotation_boxes` turns into boxes (masks are decoded apart: they need the image's size).
+BOX_TYPES = ('box', 'segment', 'binary', 'ellipse')
 
 
 def annotation_boxes(annotation: dict, frame: Frame) -> List[Tuple[float, float, float, float]]:

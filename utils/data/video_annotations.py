@@ -23,10 +23,7 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
-from utils.data.annotation_boxes import Skip
-
-# the types `utils.data.annotation_boxes` turns into boxes: a track of any other type never yields one
-BOX_TYPES = frozenset({'box', 'segment', 'binary', 'ellipse'})
+from utils.data.annotation_boxes import BOX_TYPES, Skip
 
 
 @dataclasses.dataclass(frozen=True)

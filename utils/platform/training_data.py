@@ -9,7 +9,9 @@ from typing import Iterator, Sequence
 
 import dtlpy as dl
 
-ANNOTATION_TYPES_FOR_TRAINING = ['box', 'segment', 'binary', 'ellipse']
+from utils.data.annotation_boxes import BOX_TYPES
+
+ANNOTATION_TYPES_FOR_TRAINING = list(BOX_TYPES)
 
 
 @contextlib.contextmanager
