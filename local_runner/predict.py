@@ -96,11 +96,11 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
     limits = adapter.image_limits()
     batch_size = prediction_batch_size(settings['batch_size'], adapter.device)
     videos = [index for index, (path, _) in enumerate(inputs) if is_video(path)]
-    bar = Progress(total=len(inputs) - len(videos), desc='predict', unit='image', log=logger)
+    images = [index for index, (path, _) in enumerate(inputs) if not is_video(path)]
+    bar = Progress(total=len(images), desc='predict', unit='image', log=logger)
     try:
-        for index, (path, _) in enumerate(inputs):
-            if index in videos:
-                continue
+        for index in images:
+            path = inputs[index][0]
             try:
                 image = load_image(path, limits)
             except (ImageDecodeError, OSError) as err:  # ImageSizeError too: too large, too thin
@@ -115,16 +115,20 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
     finally:
         bar.close()
     found, unreadable_videos, video_boxes = predict_videos(adapter, [(inputs[i], targets[i]) for i in videos])
-    written, unreadable, n_boxes = written + found, unreadable + unreadable_videos, n_boxes + video_boxes
-    if unreadable:
-        logger.warning('%d of %d file(s) could not be read: %s', len(unreadable), len(inputs),
-                       ', '.join(path for path, _ in unreadable))
-    if not written:
-        kind = 'image or video' if videos else 'image'
-        written_too = ' and written' if unwritable else ''
-        raise InputError(f'none of the {len(inputs)} {kind} file(s) could be read{written_too} '
+    result = {'output': output_dir, 'images': written + found, 'unreadable': unreadable + unreadable_videos,
+              'unwritable': unwritable, 'boxes': n_boxes + video_boxes, 'conf_threshold': settings['conf_threshold']}
+    _report(result, len(inputs), 'image or video' if videos else 'image')
+    return result
+
+
+def _report(result: Dict[str, Any], n_inputs: int, kind: str) -> None:
+    """Log what was read and written; an InputError when nothing was."""
+    if result['unreadable']:
+        logger.warning('%d of %d file(s) could not be read: %s', len(result['unreadable']), n_inputs,
+                       ', '.join(path for path, _ in result['unreadable']))
+    if not result['images']:
+        written_too = ' and written' if result['unwritable'] else ''
+        raise InputError(f'none of the {n_inputs} {kind} file(s) could be read{written_too} '
                          f'(see the warnings above)')
-    logger.info('predicted %d box(es) on %d file(s) at conf >= %g; results in %s', n_boxes, len(written),
-                settings['conf_threshold'], output_dir)
-    return {'output': output_dir, 'images': written, 'unreadable': unreadable, 'unwritable': unwritable,
-            'boxes': n_boxes, 'conf_threshold': settings['conf_threshold']}
+    logger.info('predicted %d box(es) on %d file(s) at conf >= %g; results in %s', result['boxes'],
+                len(result['images']), result['conf_threshold'], result['output'])
