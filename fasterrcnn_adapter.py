@@ -25,7 +25,7 @@ from utils.core.frozen_heap import freeze_kept, frozen_heap
 from utils.core.label_map import configuration_entries, label_to_id, parse_id_to_label
 from utils.core.progress import route_sdk_bars
 from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
-from utils.export import cpu_graphs
+from utils.export import cpu_graphs, int8_graphs
 from utils.inference import cpu_runtime, cuda_graphs, pipeline
 from utils.inference import prediction
 from utils.inference import video as video_inference
@@ -61,6 +61,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self._inference_networks = prediction.NetworkCache()
         self._cpu_runtime = cpu_runtime.CpuRuntime()  # compiled graphs for the CPU forward
         self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
+        self._calibration_records: List[dict] = []  # the training images train() saw: save() calibrates int8 on them
         super().__init__(model_entity)
 
     # ------------------------------------------------------------------ entity
@@ -129,11 +130,20 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         try:
             network = cpu_graphs.trained_network(self.model, weights_path)
             prediction.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
-                                      settings['max_detections'], [settings[key] for key in RPN_TEST_KEYS])
-            cpu_graphs.ensure_graph(network, cpu_graphs.DETECTOR, cpu_graphs.graph_folder(local_path, network))
+                                      settings['max_detections'],
+                                      [settings[key] for key in network_loading.RPN_TEST_KEYS])
+            folder = cpu_graphs.graph_folder(local_path, network)
+            cpu_graphs.ensure_graph(network, cpu_graphs.DETECTOR, folder)
         except Exception as err:  # the deploy exports it itself
             logger.warning('the CPU runtime\'s graph was not saved with the weights (%s: %s): a CPU deploy '
                            'exports it on its first call', type(err).__name__, err)
+            return
+        if settings['cpu_precision'] == 'int8' and not self._training_failed:
+            try:  # calibrated on the training images, on disk now
+                int8_graphs.save_int8_graph(network, folder, self._calibration_records)
+            except Exception as err:
+                logger.warning('the int8 graph was not made (%s: %s): a deploy asking for int8 runs f32',
+                               type(err).__name__, err)
 
     def save_to_model(self, local_path=None, cleanup=False, replace=True, **kwargs):
         """The SDK's save + upload of all of `local_path`, minus what must not become an artifact (a finished run's
@@ -394,6 +404,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         from utils.training import trainer
         settings = self._resolve_settings()
         export = self._training_export(data_path)
+        self._calibration_records = export.subsets.get('train', [])
         id_to_label_map = self.id_to_label_map()
         # a label map rewritten by convert_from_dtlpy needs a new predictor
         with network_loading.seeded_init(settings['seed']):

@@ -5,7 +5,9 @@
 Rows (median seconds per image, calls interleaved round by round so background load hits every row alike):
 plain torchvision eager fp32 at batch 1 (the reference), then `adapter.predict` end to end (decoded
 HxWx3 uint8 image -> AnnotationCollection) with `cpu_runtime` torch, onnxruntime and openvino at the
-CPU's default batch (`batch_size` auto), torch and openvino also at the other of batch 1 and 2. Images alternate 640x480, 480x640 and 600x400, so the
+CPU's default batch (`batch_size` auto), torch and openvino also at the other of batch 1 and 2, and openvino with
+`cpu_precision` bf16 and int8 (calibrated on the run's six images, for speed only: with random weights the
+int8 ranges say nothing of accuracy; bench/cpu_int8.py measures that). Images alternate 640x480, 480x640 and 600x400, so the
 compiled graph meets several sizes. Then first-call latency (load + first predict of one image, in a
 fresh adapter): torch; openvino when the model folder holds no graph (export + compile); openvino and
 onnxruntime when it holds the graph written at save (what a deploy of a trained model downloads).
@@ -27,6 +29,7 @@ os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp())
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
 import torch  # noqa: E402
 from torchvision.models import detection  # noqa: E402
 
@@ -52,10 +55,10 @@ def load_average() -> str:
     return ' '.join(f'{value:.2f}' for value in os.getloadavg())
 
 
-def make_adapter(variant: str, folder: str, runtime: str) -> FasterRCNNAdapter:
+def make_adapter(variant: str, folder: str, runtime: str, precision: str = 'f32') -> FasterRCNNAdapter:
     adapter = FasterRCNNAdapter()
     adapter.model_entity = local_model({'pretrained': False, 'model_variant': variant, 'device': 'cpu',
-                                        'cpu_runtime': runtime})
+                                        'cpu_runtime': runtime, 'cpu_precision': precision})
     adapter.load(folder)
     return adapter
 
@@ -89,6 +92,21 @@ def first_call(variant: str, folder: str, runtime: str, image: np.ndarray) -> fl
     return time.perf_counter() - start
 
 
+def calibrate_int8(variant: str, folder: str, images, work: str) -> None:
+    """The int8 graph of the folder's (random) weights, as training makes it, calibrated on `images`: for its
+    speed only (its mAP change needs trained weights: bench/cpu_int8.py)."""
+    records = []
+    for index, image in enumerate(images):
+        path = os.path.join(work, f'calibration_{index}.png')
+        Image.fromarray(image).save(path)
+        records.append({'image_path': path, 'name': os.path.basename(path)})
+    adapter = make_adapter(variant, folder, 'openvino', 'int8')
+    adapter._calibration_records = records
+    started = time.perf_counter()
+    adapter._save_cpu_graph(os.path.join(folder, adapter.settings['weights_filename']), folder, adapter.settings)
+    print(f'int8 graph calibrated on {len(records)} images in {time.perf_counter() - started:.1f} s', flush=True)
+
+
 def speed_rows(args, folder: str, images):
     """Median seconds per image of each row, interleaved round by round."""
     default_batch = config_lib.prediction_batch_size(config_lib.AUTO, torch.device('cpu'))
@@ -98,6 +116,9 @@ def speed_rows(args, folder: str, images):
     for runtime in ('torch', 'onnxruntime', 'openvino'):  # the deploy defaults, then the other batch size
         for batch in sorted({default_batch, 3 - default_batch} if runtime != 'onnxruntime' else {default_batch}):
             rows[f'adapter.predict, cpu_runtime {runtime}, batch {batch}'] = (adapters[runtime].predict, batch)
+    for precision in ('bf16', 'int8'):  # cpu_precision on OpenVINO, at the CPU's default batch
+        predict = make_adapter(args.variant, folder, 'openvino', precision).predict
+        rows[f'adapter.predict, openvino {precision}, batch {default_batch}'] = (predict, default_batch)
     for fn, batch in rows.values():  # warm-up: exports and compiles the graphs (cached in the folder)
         fn(images[:batch])
     times = {name: [] for name in rows}
@@ -137,6 +158,7 @@ def main():
         print('first call (load + first predict of one image, fresh adapter):')
         for name, value in first.items():
             print(f'  {name:55s} {value:7.2f} s', flush=True)
+        calibrate_int8(args.variant, folder, images, work)
         medians = speed_rows(args, folder, images)
     reference = medians['plain torchvision eager fp32, batch 1']
     print(f'{args.variant}, images {", ".join(f"{w}x{h}" for h, w in SIZES)} (WxH), median of {args.rounds} '

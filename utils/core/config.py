@@ -21,6 +21,8 @@ VARIANTS = (
 )
 DEVICES = ('auto', 'cpu', 'cuda')
 CPU_RUNTIMES = ('openvino', 'onnxruntime', 'torch')
+# the arithmetic of the compiled CPU runtime (utils/inference/cpu_precision.py); 'auto': bf16 where the CPU has bf16 units
+CPU_PRECISIONS = ('f32', 'bf16', 'int8', 'auto')
 # Images over `max_image_pixels` are refused from their header, before decoding. The
 # network sees at most max_size x min_size (1333 x 800, about 1 MP): beyond that, pixels
 # only cost memory. 100 MP takes in every camera up to medium format and costs 300 MB
@@ -84,6 +86,8 @@ OPTIONS: Dict[str, Option] = {
     'video_track_buffer_s': Option(1.0, _NUM, minimum=0.0),
     # predict / embed on the CPU: a compiled runtime, torch as its fallback (utils/inference/cpu_runtime.py)
     'cpu_runtime': Option('openvino', (str,), choices=CPU_RUNTIMES),
+    # its precision: f32 keeps PyTorch's detections; bf16 / int8 trade a measured mAP change for speed (README)
+    'cpu_precision': Option('f32', (str,), choices=CPU_PRECISIONS),
     # training
     'epochs': Option(50, (int,), minimum=1, training=True),
     'learning_rate': Option(AUTO, _NUM, minimum=0.0, training=True, auto=True),

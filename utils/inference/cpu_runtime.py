@@ -4,7 +4,8 @@ On a 2-vCPU pod PyTorch's eager forward is what limits a deploy; OpenVINO, compi
 network exported to ONNX (`utils.export.cpu_graphs`), runs it several times faster (bench/cpu_deploy.py,
 bench/RESULTS.md), and ONNX Runtime is there for images where OpenVINO is not wanted. Detections are
 the PyTorch model's: the graph holds the network's own resize, NMS and box scaling, each image runs
-at its own size, and only the arithmetic's rounding differs (tests/test_cpu_runtime.py).
+at its own size, and only the arithmetic's rounding differs (tests/test_cpu_runtime.py). `cpu_precision`
+bf16 or int8 trades a measured change of the detections for speed (`utils.inference.cpu_precision`).
 
 Failure is a fallback, never an outage: a runtime that is not installed, a graph that fails to
 export or compile, or an input the graph cannot take sends the work to the torch path, with one
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from utils.export import cpu_graphs
-from utils.inference import prediction
+from utils.export import int8_graphs
+from utils.inference import cpu_precision, prediction
 from utils.modeling.embeddings import fpn_embedding
 
 logger = logging.getLogger(__name__)
@@ -35,14 +37,11 @@ class OpenVinoGraph:
     """An ONNX file compiled by OpenVINO for this CPU; the compiled blob is cached beside it, so the
     next process (a new replica's first call) loads it instead of compiling again."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, precision: str = cpu_precision.F32):
         import openvino as ov
         core = ov.Core()
         core.set_property({'CACHE_DIR': os.path.join(os.path.dirname(path), 'openvino_cache')})
-        # LATENCY: one request uses every core, as the adapter runs one image at a time; f32: on CPUs with
-        # bf16 units OpenVINO may otherwise compute in bf16, and the detections must stay PyTorch's
-        self._compiled = core.compile_model(path, 'CPU', {'PERFORMANCE_HINT': 'LATENCY',
-                                                          'INFERENCE_PRECISION_HINT': 'f32'})
+        self._compiled = core.compile_model(path, 'CPU', cpu_precision.openvino_config(precision))
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one request: concurrent callers take turns
 
@@ -55,7 +54,7 @@ class OpenVinoGraph:
 class OnnxRuntimeGraph:
     """An ONNX file run by ONNX Runtime's CPU provider."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, precision: str = cpu_precision.F32):  # f32 whatever is asked (cpu_precision)
         import onnxruntime
         self._session = onnxruntime.InferenceSession(path, providers=['CPUExecutionProvider'])
         self._input = self._session.get_inputs()[0].name
@@ -64,7 +63,7 @@ class OnnxRuntimeGraph:
         return self._session.run(None, {self._input: array})
 
 
-GRAPH_TYPES: Dict[str, Callable[[str], Callable[[np.ndarray], List[np.ndarray]]]] = {
+GRAPH_TYPES: Dict[str, Callable[[str, str], Callable[[np.ndarray], List[np.ndarray]]]] = {
     'openvino': OpenVinoGraph, 'onnxruntime': OnnxRuntimeGraph}
 
 
@@ -134,29 +133,50 @@ class CpuRuntime:
         if device.type != 'cpu' or runtime == 'torch':
             return None
         heads, rpn = network.roi_heads, network.rpn
-        key = (runtime, id(network), prediction.weights_version(network), cpu_graphs.graph_score_threshold(network),
+        key = (runtime, settings['cpu_precision'], id(network), prediction.weights_version(network),
+               cpu_graphs.graph_score_threshold(network),
                heads.nms_thresh, heads.detections_per_img, rpn._pre_nms_top_n['testing'],
                rpn._post_nms_top_n['testing'], folder)
         with self._lock:
             cached_key, graph = self._graphs.get(kind, (None, None))
             if cached_key != key:
-                graph = self._build(kind, network, runtime, folder)
+                graph = self._build(kind, network, runtime, settings['cpu_precision'], folder)
                 self._graphs[kind] = (key, graph)
         return None if isinstance(graph, str) else graph
 
-    def _build(self, kind: str, network: nn.Module, runtime: str, folder: Optional[str]):
+    def _build(self, kind: str, network: nn.Module, runtime: str, setting: str, folder: Optional[str]):
         """The graph, or the reason it could not be made (warned once; the same weights are not retried)."""
         root = folder if folder and os.path.isdir(folder) else FALLBACK_ROOT
         try:
             path = cpu_graphs.ensure_graph(network, kind, cpu_graphs.graph_folder(root, network))
-            graph = GRAPH_TYPES[runtime](path)
-            logger.info('%s runs on %s (%s)', 'predict' if kind == cpu_graphs.DETECTOR else 'embed', runtime, path)
+            path, precision = self._precision_graph(kind, runtime, setting, path)
+            graph = GRAPH_TYPES[runtime](path, precision)
+            logger.info('%s runs on %s in %s (%s)', 'predict' if kind == cpu_graphs.DETECTOR else 'embed', runtime,
+                        precision, path)
             return graph
         except Exception as err:  # not installed, failed export or compile: torch, said once
             reason = f'cpu_runtime {runtime!r} is not available for {kind} ({type(err).__name__}: {err}); ' \
                      f'running on torch'
             self._warn(reason)
             return reason
+
+    def _precision_graph(self, kind: str, runtime: str, setting: str, path: str) -> Tuple[str, str]:
+        """The graph file and precision for `setting`: int8 is the detector's int8 graph beside `path` (made when the
+        model was trained with it); anything that cannot be had runs f32, said once."""
+        precision, note = cpu_precision.choose(setting, runtime)
+        if precision == cpu_precision.INT8:
+            int8 = int8_graphs.int8_path(os.path.dirname(path))
+            if kind != cpu_graphs.DETECTOR:  # embed's backbone has no calibrated graph; its vectors stay f32
+                precision = cpu_precision.F32
+            elif os.path.isfile(int8):
+                path = int8
+            else:
+                precision, note = cpu_precision.F32, (
+                    f'cpu_precision \'int8\': the model has no int8 graph ({int8} is missing: it was trained with '
+                    f'another cpu_precision, or its calibration failed), so predict runs in f32')
+        if note:
+            self._warn(note)
+        return path, precision
 
     def _warn(self, message: str) -> None:
         if message not in self._warned:
