@@ -121,7 +121,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             checkpoints.save_checkpoint(payload, target)
         self.model_entity.configuration['weights_filename'] = settings['weights_filename']
         logger.info('saved weights to %s', target)
-        if best and settings['cpu_runtime'] != 'torch':  # trained here: the deploy's CPU graph goes up with the weights
+        if best and (settings['cpu_runtime'] != 'torch' or settings['cpu_precision'] == 'int8'):  # trained here: the
+            # deploy's CPU graphs go up with the weights
             self._save_cpu_graph(target, local_path, settings)
 
     def _save_cpu_graph(self, weights_path: str, local_path: str, settings: Dict[str, Any]) -> None:

@@ -13,8 +13,9 @@ fresh adapter): torch; openvino when the model folder holds no graph (export + c
 onnxruntime when it holds the graph written at save (what a deploy of a trained model downloads).
 Random weights (no download here), the adapter's default thresholds on both sides. Names the CPU and
 prints `uptime`'s load before and after: on a loaded machine read the ratios, not the seconds.
-Sized to finish in under 5 minutes on a quiet 2-core machine (not yet timed there: under load average
-8-16 it took 27 minutes of wall time and about 8 of its own CPU time).
+Without the bf16 and int8 rows it took 3 min 19 s on a quiet 2-core machine; they add the int8
+calibration (resnet50, six images: about 1-2 minutes quiet, judging from 3 under load 4-5) and their
+rounds, about 6 minutes in all (bench/RESULTS.md).
 """
 import argparse
 import os
@@ -74,7 +75,8 @@ def photo_like(height: int, width: int, seed: int) -> np.ndarray:
 def plain_torchvision(variant: str, adapter: FasterRCNNAdapter):
     """torchvision's own builder with the adapter's weights and input sizes: eager fp32, batch 1."""
     min_size, max_size = model_factory.input_sizes(adapter.model)
-    bare = getattr(detection, variant)(weights=None, weights_backbone=None, num_classes=91, min_size=min_size,
+    classes = adapter.model.roi_heads.box_predictor.cls_score.out_features  # 91 (COCO's) or a trained model's
+    bare = getattr(detection, variant)(weights=None, weights_backbone=None, num_classes=classes, min_size=min_size,
                                        max_size=max_size).eval()
     bare.load_state_dict(adapter.model.state_dict())
     bare.roi_heads.score_thresh = config_lib.DEFAULTS['conf_threshold']
