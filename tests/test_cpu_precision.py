@@ -1,6 +1,7 @@
 """`cpu_precision`: int8 is made at the end of training with the setting (NNCF, calibrated on the training
 images), lands in the artifacts, and a deploy predicts with it; a deploy asking for int8 without an int8 graph,
 or for a precision its runtime does not compute, runs f32 with one warning; bf16 compiles as bf16."""
+import json
 import logging
 import os
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 
 from test_cpu_runtime import boxes_of, make_adapter, predict_twice, shapes_images
+from test_local_runner import TINY as RUNNER_TINY, run_cli
 from utils.data.images import load_image_tensor
 from utils.data.synthetic import make_synthetic_export
 from utils.export import cpu_graphs
@@ -154,3 +156,17 @@ def test_without_bf16_units_bf16_and_auto_run_f32(monkeypatch):
     assert precision == 'f32' and 'no bf16 units' in note
     assert cpu_precision.openvino_config('bf16')['INFERENCE_PRECISION_HINT'] == 'bf16'
     assert cpu_precision.openvino_config('int8')['INFERENCE_PRECISION_HINT'] == 'f32'
+
+
+def test_the_local_runners_train_makes_the_int8_graph_and_its_predict_uses_it(tmp_path):
+    data, model = tmp_path / 'data', tmp_path / 'model'
+    make_synthetic_export(str(data), n_train=6, n_val=2, image_size=(96, 96), seed=3)
+    config = tmp_path / 'int8.json'
+    config.write_text(json.dumps({**RUNNER_TINY, 'cpu_precision': 'int8'}))
+    done = run_cli('train', '--data', str(data), '--output', str(model), '--config', str(config))
+    assert done.returncode == 0, done.stderr
+    assert 'int8 graph written' in done.stderr and list(model.glob('cpu_runtime/*/detector_int8.xml'))
+    done = run_cli('predict', '--model', str(model), '--input', str(data / 'validation' / 'items'),
+                   '--output', str(tmp_path / 'predictions'))
+    assert done.returncode == 0, done.stderr
+    assert 'predict runs on openvino in int8' in done.stderr
