@@ -13,9 +13,9 @@ fresh adapter): torch; openvino when the model folder holds no graph (export + c
 onnxruntime when it holds the graph written at save (what a deploy of a trained model downloads).
 Random weights (no download here), the adapter's default thresholds on both sides. Names the CPU and
 prints `uptime`'s load before and after: on a loaded machine read the ratios, not the seconds.
-Without the bf16 and int8 rows it took 3 min 19 s on a quiet 2-core machine; they add the int8
-calibration (resnet50, six images: about 1-2 minutes quiet, judging from 3 under load 4-5) and their
-rounds, about 6 minutes in all (bench/RESULTS.md).
+Without the bf16 and int8 rows it took 3 min 19 s on a quiet 2-core machine; with them (and the int8
+calibration: 158 s under load 3-4) 9.5 minutes at --rounds 3 under load 3-4, so about 5-6 quiet
+(bench/RESULTS.md).
 """
 import argparse
 import os
