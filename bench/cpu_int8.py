@@ -10,6 +10,9 @@ the int8 graph first if the folder has none. Then each precision predicts every 
 `adapter.predict`'s forward (COCO protocol: scores from 0.05, NMS 0.5, 100 boxes) for COCO mAP@.5 and
 mAP@[.5:.95], and the median seconds per image of `adapter.predict` end to end (interleaved, round by round)
 against plain torchvision eager fp32 at batch 1 in the same run. Names the CPU and the load average.
+Run time: the demo's training is 3 minutes on a quiet 2-core machine (bench/RESULTS.md), the calibration on its
+250 images took 68 s and the rest 2 minutes under load 3, so about 5-6 minutes quiet; under load 4-5 the
+training alone took 20 minutes.
 """
 import argparse
 import glob
