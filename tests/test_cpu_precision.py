@@ -155,7 +155,9 @@ def test_without_bf16_units_bf16_and_auto_run_f32(monkeypatch):
     precision, note = cpu_precision.choose('bf16', 'openvino')
     assert precision == 'f32' and 'no bf16 units' in note
     assert cpu_precision.openvino_config('bf16')['INFERENCE_PRECISION_HINT'] == 'bf16'
-    assert cpu_precision.openvino_config('int8')['INFERENCE_PRECISION_HINT'] == 'f32'
+    assert cpu_precision.openvino_config('int8')['INFERENCE_PRECISION_HINT'] == 'f32'  # its f32 remainder
+    monkeypatch.setattr(cpu_precision, 'cpu_has_bf16', lambda: True)
+    assert cpu_precision.openvino_config('int8')['INFERENCE_PRECISION_HINT'] == 'bf16'
 
 
 def test_the_local_runners_train_makes_the_int8_graph_and_its_predict_uses_it(tmp_path):
