@@ -4,7 +4,8 @@ calibrated on the model's own training images, written as OpenVINO IR beside the
 Made when a trained model is saved: calibration needs images like those the model will meet, and the training
 images are on disk then; a deploy downloads the result with the weights and only compiles it. NNCF (Intel's
 compression library, OpenVINO's own) picks each layer's int8 ranges from what the calibration images produce
-and corrects the biases the rounding shifts; the graph's f32 tail (box decoding, NMS, RoI pooling) stays f32.
+and corrects the biases the rounding shifts; what is not quantized (`F32_LAYERS`, `F32_TYPES`, the box decoding,
+NMS and RoI pooling) keeps its float arithmetic (`utils.inference.cpu_precision.openvino_config`).
 
 The calibration runs in a child process (`python -m utils.export.int8_graphs SPEC`): OpenVINO's CPU plugin
 was seen to crash the process (SIGSEGV) collecting statistics in a process that had just trained, while the same
