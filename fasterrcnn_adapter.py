@@ -9,29 +9,28 @@ and prediction (`utils.inference.prediction`, `utils.inference.pipeline`). Setti
 import logging
 import os
 import shutil
-import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import dtlpy as dl
-from dtlpy.ml import base_model_adapter as _sdk_adapter
 import torch
 
 from utils.core import config as config_lib
 from utils.core import device as device_lib
 from utils.core import termination
 from utils.core.atomic import copy_file
-from utils.core.errors import InputError
 from utils.core.frozen_heap import freeze_kept, frozen_heap
-from utils.core.label_map import configuration_entries, label_to_id, parse_id_to_label
-from utils.core.progress import route_sdk_bars
-from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, load_image_tensor, network_limits
+from utils.core.label_map import configuration_entries, label_to_id
+from utils.core import runtime_setup
+from utils.core.settings_cache import SettingsCache
+from utils.data.images import ImageLimits, network_limits
 from utils.export import cpu_graphs, int8_graphs
 from utils.inference import cpu_runtime, cuda_graphs, pipeline
 from utils.inference import prediction
 from utils.inference import video as video_inference
+from utils.inference.item_reading import ItemReader
 from utils.inference.prediction import UnreadableItem
 from utils.modeling import checkpoints, model_factory, network_loading
-from utils.platform import sdk_keys, training_data, training_run
+from utils.platform import model_labels, sdk_keys, training_data, training_run
 from utils.training.run_folder import RunFolder
 from utils.platform.video_annotations import batch_payloads, tracks_to_collection
 
@@ -40,24 +39,20 @@ logger = logging.getLogger('fasterrcnn.adapter')
 INDEX_FILENAME = 'fasterrcnn_index.json'
 
 
-# embed_items (and the SDK's own predict_items loop) draw a tqdm bar the SDK offers no switch for:
-# bounded log lines instead
-route_sdk_bars(_sdk_adapter)
-
-
 class FasterRCNNAdapter(dl.BaseModelAdapter):
     """load / save / train / predict / convert_from_dtlpy for `fasterrcnn_*` variants."""
 
     def __init__(self, model_entity: Optional[dl.Model] = None):
+        runtime_setup.configure()  # the SDK's bars as log lines, PIL's bomb limit: once per process
         self.device = torch.device('cpu')
-        self.settings: Dict[str, Any] = dict(config_lib.DEFAULTS)
+        self.settings: config_lib.Settings = config_lib.DEFAULT_SETTINGS
+        self._settings_cache = SettingsCache()  # validated once per configuration, not per call
         self.artifacts_path: Optional[str] = None
         self.best_checkpoint_path: Optional[str] = None  # set by train(): what save() ships
         self._training_failed = False  # train() raised: the SDK's save-on-failure uploads what is left
         self._upload_failed = False  # save_to_model's upload failed: the SDK's save-on-failure that follows skips it
         self.unreadable_items: List[UnreadableItem] = []
-        self._prefetchers: List[prediction.Prefetcher] = []  # one per predict_items call in flight
-        self._decode_slots = threading.BoundedSemaphore(prediction.DECODE_THREADS)
+        self._items = ItemReader(self.image_limits)
         self._inference_networks = prediction.NetworkCache()
         self._cpu_runtime = cpu_runtime.CpuRuntime()  # compiled graphs for the CPU forward
         self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
@@ -79,22 +74,14 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             sdk_keys.fill_sdk_keys(model_entity)
         return super().load_from_model(model_entity=model_entity, local_path=local_path, overwrite=overwrite, **kwargs)
 
-    def _resolve_settings(self) -> Dict[str, Any]:
-        self.settings = config_lib.resolve(self.model_entity.configuration)
+    def _resolve_settings(self) -> config_lib.Settings:
+        """The model's configuration as `Settings`: rebuilt only when the configuration changed."""
+        self.settings = self._settings_cache.get(self.model_entity.configuration)
         return self.settings
 
     def id_to_label_map(self) -> Dict[int, str]:
-        """The network's class ids (1..K; 0 is background) to label names."""
-        configuration = self.model_entity.configuration
-        stored = configuration.get('id_to_label_map')
-        if stored:
-            mapping = parse_id_to_label(stored)
-        else:
-            mapping = {i + 1: str(label) for i, label in enumerate(self.model_entity.labels or [])}
-        if 0 in mapping:
-            logger.warning('id_to_label_map uses id 0, which is the background class: shifting every id by one')
-            mapping = {k + 1: v for k, v in mapping.items()}
-        return mapping
+        """The network's class ids (1..K; 0 is background) to label names (`utils.platform.model_labels`)."""
+        return model_labels.id_to_label_map(self.model_entity)
 
     def _set_label_map(self, id_to_label_map: Dict[int, str]) -> None:
         self.model_entity.configuration.update(configuration_entries(id_to_label_map))
@@ -125,14 +112,12 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             # deploy's CPU graphs go up with the weights
             self._save_cpu_graph(target, local_path, settings)
 
-    def _save_cpu_graph(self, weights_path: str, local_path: str, settings: Dict[str, Any]) -> None:
+    def _save_cpu_graph(self, weights_path: str, local_path: str, settings: config_lib.Settings) -> None:
         """Export the CPU runtime's graph of the saved weights into the artifacts: a deploy's first call then
         compiles it instead of exporting (tens of seconds on a 2-vCPU pod). A failure only costs that."""
         try:
             network = cpu_graphs.trained_network(self.model, weights_path)
-            prediction.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
-                                      settings['max_detections'],
-                                      [settings[key] for key in network_loading.RPN_TEST_KEYS])
+            prediction.apply_settings(network, settings)
             folder = cpu_graphs.graph_folder(local_path, network)
             cpu_graphs.ensure_graph(network, cpu_graphs.DETECTOR, folder)
         except Exception as err:  # the deploy exports it itself
@@ -178,46 +163,18 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         return network_limits(self.model, self.settings['max_image_pixels'])
 
     def prepare_item_func(self, item: dl.Item):
-        """Download and decode one item; an unreadable one becomes an `UnreadableItem`, not an exception.
-        A video item is downloaded to disk and opened, not decoded: `video_inference.VideoEntry`.
-
-        Inside `predict_items` the item was usually downloaded already, while the previous batches ran.
-        """
-        for prefetcher in list(self._prefetchers):
-            downloaded = prefetcher.take(item)
-            if downloaded is not prediction.Prefetcher.MISSING:
-                return self._decode_item(item, downloaded)
-        return self._decode_item(item)
-
-    @staticmethod
-    def _download(item: dl.Item):
-        """The item's bytes in memory (a video's file on disk), or the exception that stopped the download."""
-        try:
-            if video_inference.is_video_item(item):
-                return video_inference.download(item)
-            return item.download(save_locally=False)
-        except Exception as err:  # reported per item by _decode_item, never failing the batch
-            return err
+        """Download and decode one item (`utils.inference.item_reading`); an unreadable one becomes an
+        `UnreadableItem`, not an exception; a video is downloaded and opened, not decoded. Inside
+        `predict_items` the item was usually downloaded already, while the previous batches ran."""
+        return self._items.read(item)
 
     def _decode_item(self, item: dl.Item, downloaded=None):
-        """`downloaded`: what `_download` gave (downloaded here when None)."""
-        name = getattr(item, 'filename', None) or getattr(item, 'name', '?')
-        try:
-            buffer = self._download(item) if downloaded is None else downloaded
-            if isinstance(buffer, Exception):
-                raise buffer
-            if isinstance(buffer, video_inference.VideoEntry):
-                return buffer
-            with self._decode_slots:  # few at a time: each takes the GIL back from the thread driving the GPU
-                return load_image_tensor(buffer, self.image_limits())
-        except ImageSizeError as err:
-            reason = str(err)
-        except ImageDecodeError as err:
-            reason = f'{err} (mimetype {getattr(item, "mimetype", None)})'
-        except Exception as err:  # download failures, odd item types: report, never fail the batch
-            reason = f'{type(err).__name__}: {err}'
-        logger.error('cannot read item %s (id %s): %s', name, item.id, reason)
-        return UnreadableItem(item.id, name, reason)
+        return self._items.decode(item, downloaded)
+
+    @property
+    def _prefetchers(self) -> List[prediction.Prefetcher]:
+        """The downloads running ahead, one per predict_items call in flight."""
+        return self._items.prefetchers
 
     def predict(self, batch, **kwargs):
         """One forward pass over the whole batch; one AnnotationCollection of boxes per input.
@@ -234,8 +191,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         settings = self._resolve_settings()
         network = self._inference_networks.get(self.model, self.device)
         cuda_graphs.use_graphs(network, settings['cuda_graphs'])  # only the CUDA copy takes them
-        prediction.set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'],
-                                  settings['max_detections'], [settings[key] for key in network_loading.RPN_TEST_KEYS])
+        prediction.apply_settings(network, settings)
         images, positions = self._readable(batch)
         rows = self._cpu_runtime.detection_rows(network, images, self.device, settings, self.artifacts_path) \
             if images else []
@@ -285,16 +241,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         """
         self.unreadable_items = []
         size = self._prediction_batch(batch_size)
-        # two batches ahead: the next one is ready when the GPU finishes this one, and one more is on its way
-        prefetcher = prediction.Prefetcher(self._download, items, lookahead=2 * size,
-                                          workers=prediction.DOWNLOAD_THREADS)
-        self._prefetchers.append(prefetcher)
-        try:
-            with frozen_heap():
-                result = pipeline.predict_items(self, items, size, **kwargs)
-        finally:
-            self._prefetchers.remove(prefetcher)
-            prefetcher.close()
+        with self._items.prefetching(items, size), frozen_heap():
+            result = pipeline.predict_items(self, items, size, **kwargs)
         self._raise_unreadable(len(items), 'got no annotations (the others were annotated)')
         return result
 
@@ -303,8 +251,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
         The SDK itself passes the configuration's value (possibly 'auto') from predict_dataset / embed_dataset.
         """
-        value = batch_size or self.model_entity.configuration.get('batch_size') or config_lib.DEFAULTS['batch_size']
-        return config_lib.prediction_batch_size(value, self.device)
+        return config_lib.prediction_batch_size(batch_size or self._resolve_settings().batch_size, self.device)
 
     def _raise_unreadable(self, total: int, consequence: str) -> None:
         """One error at the end of a run naming every item that could not be decoded."""
@@ -357,31 +304,18 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             return super().prepare_data(dataset, root_path=root_path, data_path=data_path,
                                         output_path=output_path, overwrite=overwrite, **kwargs)
 
-    def _training_label_map(self, labels_found: List[str]) -> Dict[int, str]:
-        """Keep the stored map when it covers exactly the model's labels, else ids 1..K in label order."""
-        labels = [str(label) for label in (self.model_entity.labels or [])] or sorted(labels_found)
-        stored = self.id_to_label_map()
-        if stored and set(stored.values()) == set(labels):
-            return stored
-        return {i + 1: label for i, label in enumerate(labels)}
-
     def convert_from_dtlpy(self, data_path, **kwargs):
         """Read every subset's item JSONs once into box records; write the index `train` reads."""
-        from utils.data.dataloop_reader import read_dataloop_export, require_training_subsets, save_index
-        from utils.data.label_check import check_label_names
+        from utils.data.data_index import save_index
+        from utils.data.dataloop_reader import read_dataloop_export
+        from utils.data.training_checks import check_training_data
         settings = self._resolve_settings()
-        labels = [str(label) for label in (self.model_entity.labels or [])] or None
+        labels = model_labels.model_labels(self.model_entity) or None
         export = read_dataloop_export(data_path, labels=labels, include_background=settings['include_background'],
                                       limits=self.image_limits(),
                                       video_frame_stride=settings['video_train_frame_stride'])
-        if labels and not set(labels) & set(export.labels_found):
-            raise InputError(f'none of the labels in the data {export.labels_found} is one of the model\'s labels '
-                             f'{labels}: set the model\'s labels to the dataset\'s (model.labels = [...]; '
-                             f'model.update()) or clone the model with labels=')
-        require_training_subsets(export)
-        if labels:
-            check_label_names(labels, export)
-        id_to_label_map = self._training_label_map(export.labels_found)
+        check_training_data(export, labels)
+        id_to_label_map = model_labels.training_label_map(self.model_entity, export.labels_found)
         if id_to_label_map != self.id_to_label_map():
             self._set_label_map(id_to_label_map)
             # persist now: a failed run uploads its checkpoint, and the retry must rebuild this many classes
@@ -435,7 +369,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
 
     def _training_export(self, data_path):
         """The records `convert_from_dtlpy` made: from this process when it converted `data_path`, else its index."""
-        from utils.data.dataloop_reader import load_index
+        from utils.data.data_index import load_index
         index_path = os.path.join(data_path, INDEX_FILENAME)
         converted_path, export = self._converted
         if converted_path != os.path.realpath(data_path):  # else converted in this process: fresher than any index

@@ -20,7 +20,7 @@ from local_runner.output_paths import writable_file, writable_folder
 from local_runner.model_folder import check_train_output, find_model_files, load_model_dir, train_on_folder
 from local_runner.predict import predict_images
 from local_runner.report import evaluate_on_folder
-from utils.core import termination
+from utils.core import runtime_setup, termination
 from utils.core.errors import InputError
 from utils.core.output_layout import SIDECAR_SUFFIX
 
@@ -224,6 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     restore_logging = setup_logging(quiet=args.quiet, verbose=args.verbose)
+    runtime_setup.configure()
     from tqdm.contrib.logging import logging_redirect_tqdm
     try:  # SIGTERM (a preemption, `kill`) stops a command as Ctrl-C does
         with termination.sigterm_raises(termination.Terminated), logging_redirect_tqdm():

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from utils.data.annotation_boxes import mask_blob_boxes
-from utils.data.dataloop_reader import DataloopExport, load_index, read_dataloop_export, require_training_subsets, save_index
+from utils.data.data_index import load_index, save_index
+from utils.data.dataloop_reader import DataloopExport, read_dataloop_export
+from utils.data.training_checks import require_training_subsets
 
 LABELS = ['car', 'person']
 W, H = 100, 80

@@ -30,7 +30,7 @@ from PIL import Image
 
 from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
 from utils.training import engine
-from utils.data.dataloop_reader import load_index
+from utils.data.data_index import load_index
 from utils.platform.local_model import manifest_model_block
 from utils.modeling.checkpoints import load_checkpoint
 from utils.data.synthetic import render_item

@@ -56,7 +56,8 @@ def test_the_sdks_predict_bar_becomes_log_lines(caplog, capsys):
     """dtlpy's predict_items/embed_items call ``tqdm.tqdm(range(0, n, batch), unit='bt', file=sys.stdout)``."""
     from dtlpy.ml import base_model_adapter as sdk
 
-    import fasterrcnn_adapter  # noqa: F401  (routes the SDK's bars on import)
+    from utils.core import runtime_setup
+    runtime_setup.configure()  # what the adapter's constructor and the local runner call
     route_sdk_bars(sdk)  # idempotent
     with caplog.at_level(logging.INFO, logger='dtlpy.progress'):
         for _ in sdk.tqdm.tqdm(range(0, 400, 4), desc='predicting', unit='bt', leave=None, file=sys.stdout):

@@ -15,7 +15,8 @@ from PIL import Image
 
 from utils.data import video_frames
 from utils.data.annotation_boxes import Frame, Skip, annotation_boxes, clip_box, mask_blob_boxes
-from utils.data.dataloop_reader import load_index, read_dataloop_export, save_index
+from utils.data.data_index import load_index, save_index
+from utils.data.dataloop_reader import read_dataloop_export
 from utils.data.video_annotations import BOX_TYPES, Track
 from video_items import FRAMES, HEIGHT, LABELS, TRACKS, WIDTH, box, video_annotation, write_video
 

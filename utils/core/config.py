@@ -3,13 +3,16 @@
 One table (`OPTIONS`) is the single source of truth: the adapter reads it, the
 manifest's model configuration must equal `DEFAULTS`, and README.md documents
 every key. Settings are read from the model's configuration (a plain dict) so
-that reading never writes back to the platform.
+that reading never writes back to the platform, and validated once into a
+`Settings`: read-only, typed (a number option holds a float, an int option an
+int), passed down as is, so nothing below casts or fills in defaults again.
 """
 import dataclasses
 import math
 import os
 import posixpath
-from typing import Any, Dict, Optional, Tuple
+import types
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 from utils.core.errors import InputError
 
@@ -174,12 +177,92 @@ def _check(key: str, value: Any) -> Any:
     return value
 
 
-def resolve(configuration: Optional[dict]) -> Dict[str, Any]:
-    """Defaults overlaid with the model's configuration, then with `yaml_config`; validated.
+class Settings(Mapping):
+    """The configuration validated once: every `OPTIONS` key with a typed value, read-only.
+
+    Read as `settings['key']` or `settings.key`; `replace(**changes)` gives a new, validated
+    object (the 'auto' values chosen for a device, a checkpoint's sizes). Lists are tuples and
+    dicts read-only, so nothing that receives it can change it under another reader.
+    """
+    __slots__ = ('_values',)
+
+    def __init__(self, values: Mapping[str, Any]):
+        object.__setattr__(self, '_values', types.MappingProxyType({k: _frozen(v) for k, v in values.items()}))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f'no configuration key {name!r}') from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f'settings are read-only: use settings.replace({name}=...)')
+
+    def __eq__(self, other: Any) -> bool:
+        """Equal to a mapping of the same values, lists or tuples alike (the manifest's JSON has lists)."""
+        return isinstance(other, Mapping) and self.to_dict() == _thawed(dict(other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f'Settings({self.to_dict()!r})'
+
+    def __reduce__(self):  # a DataLoader worker's copy: rebuilt from plain values
+        return Settings, (self.to_dict(),)
+
+    def replace(self, **changes: Any) -> 'Settings':
+        """A copy with `changes` applied, each validated as a configuration value."""
+        unknown = sorted(set(changes) - set(self._values))
+        if unknown:
+            raise ConfigError(f'unknown configuration key(s) {unknown}')
+        return Settings({**self._values, **{key: _typed(key, _check(key, value)) for key, value in changes.items()}})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain, mutable values (lists and dicts), as in a JSON configuration."""
+        return _thawed(dict(self._values))
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, Mapping):
+        return types.MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    return value
+
+
+def _thawed(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_thawed(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _thawed(v) for k, v in value.items()}
+    return value
+
+
+def _typed(key: str, value: Any) -> Any:
+    """A number option's value as a float (1 and 1.0 are the same setting); the others as given."""
+    if OPTIONS[key].types == _NUM and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def resolve(configuration: Optional[Mapping[str, Any]]) -> Settings:
+    """Defaults overlaid with the model's configuration, then with `yaml_config`; validated, typed.
 
     Unknown keys in the configuration are left alone (the platform and the SDK
     keep their own keys there); unknown keys in `yaml_config` are an error.
+    A `Settings` is returned as it is.
     """
+    if isinstance(configuration, Settings):
+        return configuration
     configuration = dict(configuration or {})
     settings = dict(DEFAULTS)
     for key in OPTIONS:
@@ -194,7 +277,10 @@ def resolve(configuration: Optional[dict]) -> Dict[str, Any]:
     if None not in (settings['min_size'], settings['max_size']) and settings['max_size'] < settings['min_size']:
         raise ConfigError(f"configuration key 'max_size' ({settings['max_size']}) must be >= "
                           f"'min_size' ({settings['min_size']})")
-    return settings
+    return Settings({key: _typed(key, value) for key, value in settings.items()})
+
+#: The defaults as `Settings`: what an adapter holds before it has a model
+DEFAULT_SETTINGS = resolve({})
 
 
 def _is_cuda(device: Any) -> bool:
@@ -204,7 +290,7 @@ def _is_cuda(device: Any) -> bool:
 def training_batch_size(value: Any, device: Any) -> int:
     """`batch_size` for training: 'auto' is 8 on a GPU of 24 GB or more, 4 on a smaller one (a T4), 2 on the CPU."""
     if value != AUTO:
-        return int(value)
+        return value
     if not _is_cuda(device):
         return TRAIN_BATCH_CPU
     import torch
@@ -213,7 +299,8 @@ def training_batch_size(value: Any, device: Any) -> int:
 
 
 def prediction_batch_size(value: Any, device: Any) -> int:
-    """`batch_size` for prediction and embedding: 'auto' is 16 on a GPU, 2 on the CPU."""
+    """`batch_size` for prediction and embedding (a call's argument, or the setting): 'auto' is 16 on a GPU,
+    1 on the CPU."""
     if value != AUTO:
         return int(value)
     return PREDICT_BATCH_GPU if _is_cuda(device) else PREDICT_BATCH_CPU
@@ -222,24 +309,23 @@ def prediction_batch_size(value: Any, device: Any) -> int:
 def worker_count(value: Any, device: Any) -> int:
     """`num_workers`: 'auto' is min(4, CPU cores - 1) (at least 1) on a GPU, 0 on the CPU."""
     if value != AUTO:
-        return int(value)
+        return value
     if not _is_cuda(device):
         return 0
     return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 1))
 
 
-def for_training(settings: Dict[str, Any], device: Any, n_images: Optional[int] = None,
-                 input_pixels: Optional[int] = None) -> Dict[str, Any]:
+def for_training(settings: Mapping[str, Any], device: Any, n_images: Optional[int] = None,
+                 input_pixels: Optional[int] = None) -> Settings:
     """`settings` with the 'auto' training values chosen for `device`; an 'auto' learning_rate follows
     the batch size linearly (`LR_PER_IMAGE` per image). With `n_images` and `input_pixels` (the network's
     largest input) the batch size is bounded by the data and the memory (`utils.training.batch_bound`)."""
-    resolved = dict(settings)
-    resolved['batch_size'] = training_batch_size(settings['batch_size'], device)
+    settings = resolve(settings)
+    batch_size = training_batch_size(settings.batch_size, device)
     if n_images is not None and input_pixels is not None:
         from utils.training.batch_bound import bounded_batch_size
-        resolved['batch_size'] = bounded_batch_size(resolved['batch_size'], n_images, device, input_pixels,
-                                                    '' if settings['batch_size'] == AUTO else 'batch_size')
-    resolved['num_workers'] = worker_count(settings['num_workers'], device)
-    if settings['learning_rate'] == AUTO:
-        resolved['learning_rate'] = LR_PER_IMAGE * resolved['batch_size']
-    return resolved
+        batch_size = bounded_batch_size(batch_size, n_images, device, input_pixels,
+                                        '' if settings.batch_size == AUTO else 'batch_size')
+    learning_rate = LR_PER_IMAGE * batch_size if settings.learning_rate == AUTO else settings.learning_rate
+    return settings.replace(batch_size=batch_size, num_workers=worker_count(settings.num_workers, device),
+                            learning_rate=learning_rate)

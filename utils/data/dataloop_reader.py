@@ -40,16 +40,13 @@ from typing import Dict, Iterable, List, Optional, Tuple
 from PIL import Image
 
 from utils.data.annotation_boxes import Frame, Skip, annotation_boxes, clip_box
-from utils.core.atomic import atomic_write
 from utils.core.config import DEFAULTS
-from utils.core.errors import InputError
 from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, image_extensions, image_size
 from utils.data.video import is_video
 from utils.data.video_frames import FRAMES_DIR, VideoCounts, VideoItemReader
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT = 'fasterrcnn-dataloop-index/1'
 PROGRESS_EVERY = 2000
 
 
@@ -110,7 +107,7 @@ def _file_kind(mode: int) -> str:
     return next((kind for test, kind in kinds if test(mode)), 'a special file')
 
 
-def _inside(path: str, root: str) -> bool:
+def is_inside(path: str, root: str) -> bool:
     return os.path.commonpath([path, root]) == root
 
 
@@ -171,7 +168,7 @@ class _SubsetReader:
         """The real path of a regular file inside data_path: opening a FIFO would block the reader
         until someone writes to it, and a device can stream forever."""
         real = os.path.realpath(path)
-        if not _inside(real, self.root):
+        if not is_inside(real, self.root):
             raise Skip('path outside data_path', f'{path} resolves to {real}')
         try:
             mode = os.stat(real).st_mode
@@ -203,7 +200,7 @@ class _SubsetReader:
         if isinstance(filename, str) and filename.strip('/'):
             # A remote path names a file inside items/: any '..' that leaves it is an attack or a bug.
             path = os.path.normpath(os.path.join(self.items_dir, filename.lstrip('/')))
-            if not _inside(path, self.items_dir):
+            if not is_inside(path, self.items_dir):
                 raise Skip('path outside data_path', f'filename {filename!r} leaves {self.items_dir}')
             if os.path.lexists(path):
                 return self._checked(path)
@@ -369,53 +366,3 @@ def read_dataloop_export(data_path, labels: Optional[Iterable[str]] = None, incl
     if not reports:
         logger.warning('no subset folder (<subset>/json, <subset>/items) under %s', root)
     return DataloopExport(subsets=subsets, reports=reports, labels_found=sorted(found))
-
-
-def require_training_subsets(export: DataloopExport) -> None:
-    """Fail before training, with what to fix, when there is nothing to train or validate on."""
-    fix = ("set the model's train/validation subsets (model.metadata['system']['subsets'], e.g. "
-           "with dl.Filters on a folder or tag) so that both select annotated image items")
-    found = sorted(export.subsets)
-    for subset in ('train', 'validation'):
-        if subset not in export.subsets:
-            raise InputError(f'no {subset!r} subset in the downloaded data (found {found}): {fix}')
-    train = export.reports['train']
-    if not any(record['boxes'] for record in export.subsets['train']):
-        raise InputError(
-            f"no box at all in the 'train' subset ({train.summary()}). Labels found in usable "
-            f'annotations: {export.labels_found or "none"}. Annotate objects as box, polygon, mask or '
-            f"ellipse, with labels in the model's label map; see the warnings above for skipped items")
-    if not export.subsets['validation']:
-        raise InputError(f"no usable item in the 'validation' subset ({export.reports['validation'].summary()}): "
-                         f'{fix}; see the warnings above for skipped items')
-
-
-# ----------------------------------------------------------------------------- index file
-
-def save_index(export: DataloopExport, path) -> None:
-    """Write the export as JSON; image paths under the index's folder are stored relative to it
-    so the folder can be moved. Written atomically: a reader never sees half a file."""
-    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-
-    def rel(p):
-        return os.path.relpath(p, base) if _inside(os.path.realpath(p), base) else p
-
-    doc = {'format': INDEX_FORMAT, 'labels_found': export.labels_found,
-           'subsets': {s: [dict(r, image_path=rel(r['image_path'])) for r in records]
-                       for s, records in export.subsets.items()},
-           'reports': {s: rep.to_json() for s, rep in export.reports.items()}}
-    with atomic_write(path, 'w') as f:
-        json.dump(doc, f)
-
-
-def load_index(path) -> DataloopExport:
-    """Read a file written by save_index; image paths come back absolute."""
-    with open(path) as f:
-        doc = json.load(f)
-    if not isinstance(doc, dict) or doc.get('format') != INDEX_FORMAT:
-        raise InputError(f'{path} is not a {INDEX_FORMAT} index: rerun convert_from_dtlpy')
-    base = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    subsets = {s: [dict(r, image_path=os.path.normpath(os.path.join(base, r['image_path'])))
-                   for r in records] for s, records in doc['subsets'].items()}
-    reports = {s: SubsetReport.from_json(r) for s, r in doc['reports'].items()}
-    return DataloopExport(subsets=subsets, reports=reports, labels_found=list(doc['labels_found']))

@@ -10,7 +10,6 @@ import functools
 import io
 import math
 import os
-import warnings
 from typing import Optional, Union
 
 import numpy as np
@@ -19,20 +18,17 @@ from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor
 
 
-from utils.core.config import DEFAULT_MAX_IMAGE_PIXELS, MAX_IMAGE_PIXELS_CEILING
+from utils.core.config import DEFAULT_MAX_IMAGE_PIXELS
 from utils.core.errors import InputError
 
-try:  # deprecated since torchvision 0.29 (TorchCodec takes over); without it PIL decodes every image
+try:  # deprecated since torchvision 0.29 (TorchCodec takes over; `utils.core.runtime_setup` quiets the warning);
+    # without it PIL decodes every image
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:  # pragma: no cover - a future torchvision
     decode_jpeg = None
-# that deprecation, said at every decode (dtlpy shows DeprecationWarnings), is ours to track, not the user's
-warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision are deprecated',
-                        category=DeprecationWarning)
 
-# PIL's own bomb check, a backstop at the largest `max_image_pixels` allowed; the
-# configured limit (`ImageLimits`, default in utils.core.config) is applied first, from the header.
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS_CEILING
+# PIL's own bomb check is raised to the largest `max_image_pixels` allowed by `utils.core.runtime_setup.configure`;
+# the configured limit (`ImageLimits`, default in utils.core.config) is applied first, from the header.
 
 
 class ImageDecodeError(InputError):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as F
 
-from utils.core.config import DEFAULTS
+from utils.core.config import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -165,11 +165,10 @@ class RandomPhotometricDistort:
 def get_transform(train: bool, settings: Optional[Mapping[str, Any]] = None) -> Compose:
     """The pipeline for training (`train=True`: augmentations as switched on) or evaluation.
 
-    `settings` is the adapter's resolved configuration (`utils.core.config.resolve`);
-    missing keys take the defaults (horizontal flip on, vertical flip and
-    photometric distortion off).
+    `settings`: the adapter's `Settings` (`utils.core.config.resolve`), or a dict of some keys over
+    the defaults (horizontal flip on, vertical flip and photometric distortion off).
     """
-    settings = {**DEFAULTS, **(settings or {})}
+    settings = resolve(settings)
     steps: List[Callable] = []
     if train:
         if settings['augment_photometric']:

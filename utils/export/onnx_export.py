@@ -18,6 +18,7 @@ import torch
 
 from utils.core import config as config_lib
 from utils.modeling import checkpoints, model_factory
+from utils.modeling.network_loading import RPN_TEST_KEYS
 from utils.core.atomic import atomic_write, write_json
 from utils.core.errors import InputError
 from utils.core.label_map import configuration_entries, parse_id_to_label
@@ -44,7 +45,7 @@ def sidecar_path(output_path: str) -> str:
     return output_path + SIDECAR_SUFFIX
 
 
-def _read_settings(model_dir: str) -> Tuple[Dict[str, Any], str]:
+def _read_settings(model_dir: str) -> Tuple[config_lib.Settings, str]:
     """(validated configuration, weights path) of a `local_runner train` folder."""
     if not os.path.isdir(model_dir):
         raise ExportError(f'model folder {model_dir!r} does not exist or is not a folder: give the folder '
@@ -67,7 +68,7 @@ def _read_settings(model_dir: str) -> Tuple[Dict[str, Any], str]:
     return settings, weights
 
 
-def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[int, str]]:
+def load_network(model_dir: str) -> Tuple[torch.nn.Module, config_lib.Settings, Dict[int, str]]:
     """(the trained network in eval mode on CPU, its settings, id -> label) from a model folder.
 
     The checkpoint describes itself (variant, label map, sizes); model.json adds the
@@ -81,18 +82,16 @@ def load_network(model_dir: str) -> Tuple[torch.nn.Module, Dict[str, Any], Dict[
     id_to_label = parse_id_to_label(checkpoint.get('id_to_label_map'))
     if not id_to_label:  # (load_checkpoint has checked the weights)
         raise ExportError(f'{weights} is not a checkpoint of this adapter (no label map in it)')
-    variant = checkpoint.get('model_variant', settings['model_variant'])
-    settings.update(model_variant=variant, min_size=int(checkpoint.get('min_size', settings['min_size'])),
-                    max_size=int(checkpoint.get('max_size', settings['max_size'])))
+    variant = checkpoint.get('model_variant', settings.model_variant)
     num_classes = model_factory.num_classes_for(id_to_label)
     checkpoints.check_compatible(checkpoint, weights, variant, num_classes)
-    model = model_factory.build_model(variant, num_classes, settings['min_size'], settings['max_size'],
-                                      box_score_thresh=float(settings['conf_threshold']),
-                                      box_nms_thresh=float(settings['nms_iou_threshold']),
-                                      box_detections_per_img=int(settings['max_detections']),
-                                      **{key: settings[key] for key in ('rpn_pre_nms_top_n_test',
-                                                                        'rpn_post_nms_top_n_test')
-                                         if settings[key] is not None})
+    settings = settings.replace(model_variant=variant, min_size=int(checkpoint.get('min_size', settings.min_size)),
+                                max_size=int(checkpoint.get('max_size', settings.max_size)))
+    model = model_factory.build_model(variant, num_classes, settings.min_size, settings.max_size,
+                                      box_score_thresh=settings.conf_threshold,
+                                      box_nms_thresh=settings.nms_iou_threshold,
+                                      box_detections_per_img=settings.max_detections,
+                                      **{key: settings[key] for key in RPN_TEST_KEYS if settings[key] is not None})
     try:
         checkpoints.load_state(model, checkpoint, weights)
     except ValueError as err:
@@ -125,9 +124,9 @@ def describe(model: torch.nn.Module, settings: Dict[str, Any], id_to_label: Dict
                           'std': [float(v) for v in transform.image_std], 'applied_in_graph': True},
         'network_resize': {'min_size': settings['min_size'], 'max_size': settings['max_size'],
                            'applied_in_graph': True},
-        'score_threshold': float(settings['conf_threshold']),
-        'nms_iou_threshold': float(settings['nms_iou_threshold']),
-        'max_detections': int(settings['max_detections']),
+        'score_threshold': settings['conf_threshold'],
+        'nms_iou_threshold': settings['nms_iou_threshold'],
+        'max_detections': settings['max_detections'],
         'outputs': {'boxes': '[N, 4] float32 x1, y1, x2, y2', 'labels': '[N] int64 class ids (id_to_label_map)',
                     'scores': '[N] float32, descending per class'},
         'id_to_label_map': configuration_entries(id_to_label)['id_to_label_map'],

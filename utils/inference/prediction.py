@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import dtlpy as dl
 import torch
@@ -31,6 +31,7 @@ from utils.training.engine import detections_to_host
 from utils.data.images import ImageLimits, ImageSizeError
 from utils.inference.array_images import UnsupportedImageError, to_uint8_rgb
 from utils.modeling.model_factory import cudnn_autotune
+from utils.modeling.network_loading import RPN_TEST_KEYS
 from utils.platform.annotation_json import label_name, model_confidence
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,12 @@ def set_postprocess(network: nn.Module, score_thresh: float, nms_thresh: float, 
     for count, counts in zip(rpn_test_counts, (network.rpn._pre_nms_top_n, network.rpn._post_nms_top_n)):
         if count is not None:
             counts['testing'] = int(count)
+
+
+def apply_settings(network: nn.Module, settings: Mapping[str, Any]) -> None:
+    """`set_postprocess` with the model's settings: score and NMS thresholds, detections and proposals kept."""
+    set_postprocess(network, settings['conf_threshold'], settings['nms_iou_threshold'], settings['max_detections'],
+                    [settings[key] for key in RPN_TEST_KEYS])
 
 
 def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch.device,

@@ -153,7 +153,7 @@ def build_hooks(folder: RunFolder, settings: Mapping[str, Any], epochs: int,
                 extra: Sequence[HookBase] = ()) -> List[HookBase]:
     """The run's hooks, in the order they act: metrics, checkpoints, curves, the caller's `extra` (an upload
     after each write), then progress (the platform's bar moves once the epoch's files are safe)."""
-    interval = min([float(settings['checkpoint_interval_s'])] + [hook.checkpoint_every_s for hook in extra])
+    interval = min([settings['checkpoint_interval_s']] + [hook.checkpoint_every_s for hook in extra])
     checkpoints = CheckpointHook(folder, interval, epochs)
     hooks: List[HookBase] = [MetricsHook(publish_metrics)] if publish_metrics is not None else []
     hooks += [checkpoints, CurvesHook(folder), *extra]

@@ -41,7 +41,7 @@ from utils.training import engine
 from utils.training.hooks import HookBase, build_hooks
 from utils.training.run_folder import RunFolder
 from utils.modeling.checkpoints import check_compatible, device_copy, load_checkpoint
-from utils.core.config import DEFAULTS, for_training
+from utils.core.config import for_training
 from utils.data.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.data.detection_dataset import DetectionDataset
 from utils.core.errors import InputError
@@ -138,9 +138,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, settings: Mapping[str, 
 
 def _loader(dataset, settings, device, generator: Optional[torch.Generator], batch_sampler=None):
     """A DataLoader over `dataset`: batches from `batch_sampler` when given, else in order."""
-    workers = int(settings['num_workers'])
+    workers = settings.num_workers
     batching = dict(batch_sampler=batch_sampler) if batch_sampler is not None else \
-        dict(batch_size=int(settings['batch_size']), shuffle=False)
+        dict(batch_size=settings.batch_size, shuffle=False)
     return torch.utils.data.DataLoader(
         dataset, num_workers=workers, collate_fn=collate_fn, pin_memory=device.type == 'cuda', generator=generator,
         worker_init_fn=seed_worker if workers > 0 else None, persistent_workers=workers > 0, **batching)
@@ -151,7 +151,7 @@ def _grouped_batches(records: Sequence[Mapping[str, Any]], settings) -> GroupedB
     in an order that depends on (seed, epoch) only: `set_epoch` before each epoch, and a resumed
     run replays the order the uninterrupted one would have seen."""
     sizes = [(int(record['height']), int(record['width'])) for record in records]
-    return build_grouped_batch_sampler(sizes, int(settings['batch_size']), seed=int(settings['seed']))
+    return build_grouped_batch_sampler(sizes, settings.batch_size, seed=settings.seed)
 
 
 def _summary_line(record: Mapping[str, Any], epochs: int, best_score: float, best_epoch: int) -> str:
@@ -165,14 +165,14 @@ def _summary_line(record: Mapping[str, Any], epochs: int, best_score: float, bes
 
 
 def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_records: Sequence[Mapping[str, Any]],
-        label_to_id: Dict[str, int], output_path: str, settings: dict, device: torch.device,
+        label_to_id: Dict[str, int], output_path: str, settings: Mapping[str, Any], device: torch.device,
         checkpoint_info: dict,
         on_epoch_end: Optional[Callable[[int, int], None]] = None,
         publish_metrics: Optional[Callable[[int, Dict[str, float]], None]] = None,
         resume_path: Optional[str] = None, hooks: Sequence[HookBase] = ()) -> FitResult:
     """Train `model` for ``settings['epochs']`` epochs (or until early stopping); see the module doc.
 
-    - `settings`: the resolved configuration (`utils.core.config.resolve`); missing keys take defaults.
+    - `settings`: the `Settings` (`utils.core.config.resolve`); a dict of some keys is resolved over the defaults.
     - `checkpoint_info`: `make_checkpoint` kwargs: variant, id_to_label_map (and optionally
       min_size, max_size; by default the network's own).
     - `on_epoch_end(epoch, epochs)`: called once per epoch, in order, as soon as the checkpoints
@@ -182,7 +182,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     - `hooks`: more `HookBase`s (an upload of the checkpoints), placed by `build_hooks`.
     """
     device = torch.device(device)
-    settings = for_training({**DEFAULTS, **(settings or {})}, device, len(train_records),
+    settings = for_training(settings, device, len(train_records),
                             max(model.transform.min_size) * model.transform.max_size)
     folder = RunFolder(output_path)
     folder.prepare()
@@ -237,17 +237,17 @@ def _data(train_records, val_records, label_to_id, settings, device, limits):
                          'and that the items have box/polygon/mask annotations with known labels)')
     if not val_records:
         logger.warning('no validation images: mAP is reported as 0.0, best.pth follows the latest epoch'
-                       + (' and early stopping is off' if int(settings['early_stopping_patience']) else ''))
-    seed_everything(int(settings['seed']))
+                       + (' and early stopping is off' if settings.early_stopping_patience else ''))
+    seed_everything(settings.seed)
     train_set = DetectionDataset(train_records, label_to_id, get_transform(True, settings), limits)
-    generator = make_generator(int(settings['seed']))
+    generator = make_generator(settings.seed)
     train_loader = _loader(train_set, settings, device, generator, _grouped_batches(train_records, settings))
     val_loader = None
     if val_records:
         val_set = DetectionDataset(val_records, label_to_id, get_transform(False, settings), limits)
         if sum(int(r['width']) * int(r['height']) for r in val_records) * 3 * 4 <= VALIDATION_CACHE_BYTES:
             val_set.keep_samples()  # decoded once; then no workers to wake and feed every epoch
-            settings = {**settings, 'num_workers': 0}
+            settings = settings.replace(num_workers=0)
         val_loader = _loader(val_set, settings, device, generator=None)
     return train_loader, val_loader, generator
 
@@ -267,7 +267,7 @@ def _new_run(model, settings, device, generator, checkpoint_info, has_val: bool)
     scaler = torch.amp.GradScaler('cuda') if settings['amp'] and device.type == 'cuda' else None
     return _Run(model=model, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, settings),
                 scaler=scaler, generator=generator, checkpoint_info=checkpoint_info,
-                epochs=int(settings['epochs']), patience=int(settings['early_stopping_patience']), has_val=has_val)
+                epochs=settings.epochs, patience=settings.early_stopping_patience, has_val=has_val)
 
 
 def _resume(run: _Run, source: str, folder: RunFolder) -> bool:
@@ -320,8 +320,8 @@ def _train_and_evaluate(run: _Run, train_loader, val_loader, device, epoch: int,
     train_loader.batch_sampler.set_epoch(epoch)
     with cudnn_autotune(device, settings['cudnn_benchmark']):
         losses = engine.train_one_epoch(run.model, run.optimizer, train_loader, device, epoch, scaler=run.scaler,
-                                        warmup_iters=int(settings['warmup_iters']),
-                                        max_grad_norm=float(settings['max_grad_norm']), total_epochs=run.epochs)
+                                        warmup_iters=settings.warmup_iters,
+                                        max_grad_norm=settings.max_grad_norm, total_epochs=run.epochs)
     train_time = time.time() - tic
     lr_used = float(losses.pop('lr'))
     engine.step_scheduler(run.lr_scheduler)  # (quiet if every step of the epoch was skipped)
