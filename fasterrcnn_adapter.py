@@ -34,7 +34,7 @@ from utils.platform import model_labels, sdk_keys, training_data, training_run
 from utils.training.run_folder import RunFolder
 from utils.platform.video_annotations import batch_payloads, tracks_to_collection
 
-logger = logging.getLogger('fasterrcnn.adapter')
+logger = logging.getLogger(__name__)
 
 INDEX_FILENAME = 'fasterrcnn_index.json'
 

@@ -24,7 +24,7 @@ from utils.core import runtime_setup, termination
 from utils.core.errors import InputError
 from utils.core.output_layout import SIDECAR_SUFFIX
 
-logger = logging.getLogger('local_runner')
+logger = logging.getLogger(__name__)
 
 EXIT_INPUT_ERROR = 2
 EXIT_INTERRUPTED = 130

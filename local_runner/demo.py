@@ -12,7 +12,7 @@ from local_runner.report import evaluate_on_folder
 from utils.core import config as config_lib
 from utils.core.errors import InputError
 
-logger = logging.getLogger('local_runner')
+logger = logging.getLogger(__name__)
 
 # `demo` trains from random weights on a synthetic set, on CPU, so a new user sees the
 # whole flow (data -> train -> evaluate -> predict) work on any laptop with no download.

@@ -15,12 +15,12 @@ from utils.core import config as config_lib
 from utils.core.config import ConfigError
 from utils.core.errors import InputError
 
-logger = logging.getLogger('local_runner')
+logger = logging.getLogger(__name__)
 
 RESULT_EXTENSIONS = ('.json', '.png')  # what `predict` writes per input: <name>.json, <name>.png
 
 
-def _listdir(path: str) -> List[str]:
+def _visible_names(path: str) -> List[str]:
     return sorted(name for name in os.listdir(path) if not name.startswith('.'))
 
 
@@ -30,7 +30,7 @@ def check_data_dir(path: str, subsets: Sequence[str], option: str = '--data') ->
         raise InputError(f'{option} {path}: no such folder')
     if not os.path.isdir(path):
         raise InputError(f'{option} {path} is a file, not a folder with {"/ and ".join(subsets)}/ inside')
-    found = _listdir(path)
+    found = _visible_names(path)
     layout = 'Dataloop download layout: <subset>/items/ images and <subset>/json/ item JSONs'
     if not found:
         raise InputError(f'{option} {path} is empty: expected {" and ".join(s + "/" for s in subsets)} ({layout})')

@@ -21,7 +21,7 @@ class _StderrHandler(logging.StreamHandler):
 class _ThirdPartyFilter(logging.Filter):
     """Records of other libraries' loggers (dtlpy logs its cookie file at DEBUG) pass from `level` up."""
 
-    OWN = ('local_runner', 'utils', 'fasterrcnn', '__main__')
+    OWN = ('local_runner', 'utils', 'fasterrcnn_adapter', '__main__')
     LEVELS = {'ModelAdapter': logging.ERROR}  # dtlpy's adapter base: platform-only notes at WARNING
 
     def __init__(self, level: int):

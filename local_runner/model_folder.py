@@ -21,7 +21,7 @@ from utils.core.output_layout import CURVES_PNG, MODEL_FILE, WEIGHTS_DIR
 from utils.core.run_lock import run_lock
 from utils.training.run_folder import RunFolder
 
-logger = logging.getLogger('local_runner')
+logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = 'fasterrcnn-local-model/1'
 DEFAULT_WEIGHTS = config_lib.DEFAULTS['weights_filename']

@@ -21,7 +21,7 @@ from utils.core.progress import Progress
 from utils.core.label_map import label_to_id
 from utils.data.video import is_video
 
-logger = logging.getLogger('local_runner')
+logger = logging.getLogger(__name__)
 
 
 def _item_json(path: str, rel: str, image, annotations: List[Dict[str, Any]]) -> Dict[str, Any]:

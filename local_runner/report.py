@@ -14,7 +14,7 @@ from utils.core.errors import InputError
 from utils.core.label_map import label_to_id
 from utils.core.metric_names import EVAL_KEYS, LEGENDS
 
-logger = logging.getLogger('local_runner')
+logger = logging.getLogger(__name__)
 
 
 def write_pr_plot(per_class: Dict[str, Dict[str, Any]], path: str, title: str) -> str:

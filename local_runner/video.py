@@ -17,7 +17,7 @@ from utils.data.video import VideoDecodeError, read_frames
 from utils.inference import video as video_inference
 from utils.platform.video_annotations import tracks_to_json
 
-logger = logging.getLogger('local_runner')
+logger = logging.getLogger(__name__)
 
 SHEET_FRAMES = 8
 SHEET_COLUMNS = 4

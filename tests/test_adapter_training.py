@@ -6,7 +6,7 @@ import torch
 
 from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
 from utils.platform.local_model import local_model
-from utils.modeling.checkpoints import marks_finished_run
+from utils.modeling.checkpoints import is_finished_run
 from utils.data.synthetic import make_synthetic_export
 
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
@@ -41,7 +41,7 @@ def test_adapter_trains_saves_and_reloads_the_best_epoch(export_dir, tmp_path, c
     assert result.epochs_run == 2
     assert (output / 'weights' / 'best.pth').is_file()
     # last.pth says the run finished (save_to_model ships the folder without it: test_platform_flows)
-    assert marks_finished_run(str(output / 'weights' / 'last.pth'))
+    assert is_finished_run(str(output / 'weights' / 'last.pth'))
     assert (output / 'curves.csv').is_file() and (output / 'curves.png').is_file()
     artifacts = tmp_path / 'artifacts'
     adapter.save(str(artifacts))

@@ -55,13 +55,13 @@ def load_adapter(device):
 
 
 def device_records(caplog, level):
-    return [r for r in caplog.records if r.name == 'fasterrcnn.device' and r.levelno == level]
+    return [r for r in caplog.records if r.name == 'utils.core.device' and r.levelno == level]
 
 
 def test_gpu_runner_without_usable_gpu_warns_once_with_torch_build_and_driver_view(no_gpu, monkeypatch, caplog):
     fake_nvidia_smi(no_gpu, OLD_DRIVER_SMI)
     monkeypatch.setenv(device_lib.EXPECT_GPU_ENV, '1')
-    with caplog.at_level(logging.INFO, logger='fasterrcnn.device'):
+    with caplog.at_level(logging.INFO, logger='utils.core.device'):
         adapter = load_adapter('auto')
     assert adapter.device.type == 'cpu' and next(adapter.model.parameters()).device.type == 'cpu'
     (warning,) = device_records(caplog, logging.WARNING)
@@ -76,7 +76,7 @@ def test_gpu_runner_without_usable_gpu_warns_once_with_torch_build_and_driver_vi
 
 def test_nvidia_devices_without_nvidia_smi_say_it_is_missing(no_gpu, monkeypatch, caplog):
     monkeypatch.setenv('NVIDIA_VISIBLE_DEVICES', 'all')  # what a GPU container's runtime sets
-    with caplog.at_level(logging.INFO, logger='fasterrcnn.device'):
+    with caplog.at_level(logging.INFO, logger='utils.core.device'):
         assert device_lib.resolve_device('auto') == torch.device('cpu')
     (warning,) = device_records(caplog, logging.WARNING)
     assert 'nvidia-smi is missing' in warning.getMessage()
@@ -84,14 +84,14 @@ def test_nvidia_devices_without_nvidia_smi_say_it_is_missing(no_gpu, monkeypatch
 
 def test_failing_nvidia_smi_is_quoted(no_gpu, caplog):
     fake_nvidia_smi(no_gpu, "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n", 9)
-    with caplog.at_level(logging.INFO, logger='fasterrcnn.device'):
+    with caplog.at_level(logging.INFO, logger='utils.core.device'):
         assert device_lib.resolve_device('auto') == torch.device('cpu')
     (warning,) = device_records(caplog, logging.WARNING)
     assert "nvidia-smi failed (exit 9): NVIDIA-SMI has failed because it couldn't communicate" in warning.getMessage()
 
 
 def test_auto_on_a_plain_cpu_machine_is_quiet(no_gpu, caplog):
-    with caplog.at_level(logging.INFO, logger='fasterrcnn.device'):
+    with caplog.at_level(logging.INFO, logger='utils.core.device'):
         assert load_adapter('auto').device.type == 'cpu'
     assert not device_records(caplog, logging.WARNING)
     assert device_records(caplog, logging.INFO)

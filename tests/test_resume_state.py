@@ -20,7 +20,7 @@ from utils.training import checkpoint_writer, curves, trainer
 from utils.training.run_folder import RunFolder
 from utils.modeling import checkpoints
 from utils.core.atomic import atomic_write, remove_stale_temporaries
-from utils.modeling.checkpoints import load_checkpoint, marks_finished_run, save_checkpoint
+from utils.modeling.checkpoints import load_checkpoint, is_finished_run, save_checkpoint
 from utils.core.errors import DiskFullError, InputError
 
 OLD = time.time() - 3600  # an mtime from before this test process started
@@ -126,7 +126,7 @@ def test_last_pth_on_a_full_disk_in_the_first_epoch_is_no_finished_run(tmp_path,
     stub_training(monkeypatch, calls)
     result = fit(records, output)
     assert calls == [0, 1] and result.epochs_run == 2
-    assert marks_finished_run(str(output / 'weights' / 'last.pth'))
+    assert is_finished_run(str(output / 'weights' / 'last.pth'))
 
 
 def test_a_full_disk_later_keeps_the_last_good_checkpoint_and_the_run_resumes(tmp_path, monkeypatch, records):
@@ -143,7 +143,7 @@ def test_a_full_disk_later_keeps_the_last_good_checkpoint_and_the_run_resumes(tm
         fit(records, output, epochs=3)
     last = load_checkpoint(str(output / 'weights' / 'last.pth'))
     assert last['epoch'] == 0 and not last['finished']
-    assert not marks_finished_run(str(output / 'weights' / 'last.pth'))
+    assert not is_finished_run(str(output / 'weights' / 'last.pth'))
 
     monkeypatch.undo()
     calls.clear()
@@ -158,7 +158,7 @@ def test_only_the_last_checkpoint_of_the_final_epoch_says_finished(tmp_path, mon
     stub_training(monkeypatch, calls)
     output = tmp_path / 'out'
     last_path = str(output / 'weights' / 'last.pth')
-    fit(records, output, epochs=3, on_epoch_end=lambda e, n: seen.append(marks_finished_run(last_path)))
+    fit(records, output, epochs=3, on_epoch_end=lambda e, n: seen.append(is_finished_run(last_path)))
     assert seen == [False, False, True]
     # a finished run is not trained again; the finished state is dropped only on request
     calls.clear()
@@ -173,10 +173,10 @@ def test_a_run_resumed_with_fewer_epochs_than_it_has_run_is_marked_finished(tmp_
     with pytest.raises(_Killed):
         fit(records, tmp_path / 'out', epochs=3, on_epoch_end=lambda e, n: e == 1 and (_ for _ in ()).throw(_Killed()))
     last_path = str(tmp_path / 'out' / 'weights' / 'last.pth')
-    assert load_checkpoint(last_path)['epoch'] == 1 and not marks_finished_run(last_path)
+    assert load_checkpoint(last_path)['epoch'] == 1 and not is_finished_run(last_path)
     calls.clear()
     assert fit(records, tmp_path / 'out', epochs=2).epochs_run == 2 and calls == []
-    assert marks_finished_run(last_path)
+    assert is_finished_run(last_path)
 
 
 def test_a_resumable_last_pth_is_never_discarded(tmp_path, monkeypatch, records):
@@ -190,9 +190,9 @@ def test_a_resumable_last_pth_is_never_discarded(tmp_path, monkeypatch, records)
     # an older last.pth without the flag: finished when its epoch was the last planned
     legacy = {k: v for k, v in checkpoint.items() if k != 'finished'}
     save_checkpoint({**legacy, 'epoch': 4, 'epochs': 5}, last_path)
-    assert marks_finished_run(last_path)
+    assert is_finished_run(last_path)
     save_checkpoint({**legacy, 'epoch': 3, 'epochs': 5}, last_path)
-    assert not marks_finished_run(last_path)
+    assert not is_finished_run(last_path)
 
 
 # ----------------------------------------------------------------------------- temporaries

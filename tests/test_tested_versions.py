@@ -24,7 +24,7 @@ def test_the_pinned_torch_and_torchvision_lie_in_the_tested_releases():
     assert tested_versions.within(pins()['torch'], tested_versions.TORCH_TESTED)
     assert tested_versions.release('2.14.1+cu130') == (2, 14)
     assert not tested_versions.within('0.30.0', ((0, 29), (0, 30)))
-    assert tested_versions.describe(((0, 29), (0, 30))) == '>=0.29, <0.30'
+    assert tested_versions.range_text(((0, 29), (0, 30))) == '>=0.29, <0.30'
 
 
 def steps(optimizer_step, parameter, flags):

@@ -561,7 +561,7 @@ def test_the_training_loader_groups_batches_by_aspect_ratio_and_replays_an_epoch
     sizes = [(48, 96), (96, 48), (64, 64)] * 5  # landscape, portrait, square: three groups
     records = _sized_records(tmp_path, sizes)
     config = settings(batch_size=2, seed=3)
-    loader, _, _ = trainer._data(records, [], LABEL_TO_ID, config, CPU, None)
+    loader, _, _ = trainer._build_loaders(records, [], LABEL_TO_ID, trainer.for_training(config, CPU), CPU, None)
 
     def epoch_batches(epoch):
         loader.batch_sampler.set_epoch(epoch)

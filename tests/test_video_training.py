@@ -14,14 +14,14 @@ import pytest
 from PIL import Image
 
 from utils.data import video_frames
-from utils.data.annotation_boxes import Frame, Skip, annotation_boxes, clip_box, mask_blob_boxes
+from utils.data.annotation_boxes import ImageCanvas, UnusableData, annotation_boxes, clip_box, mask_blob_boxes
 from utils.data.data_index import load_index, save_index
 from utils.data.dataloop_reader import read_dataloop_export
 from utils.data.video_annotations import BOX_TYPES, Track
 from video_items import FRAMES, HEIGHT, LABELS, TRACKS, WIDTH, box, video_annotation, write_video
 
 STRIDE = 3
-FRAME = Frame(WIDTH, HEIGHT, 10 ** 8)
+FRAME = ImageCanvas(WIDTH, HEIGHT, 10 ** 8)
 
 
 # ----------------------------------------------------------------------------- the SDK's reading
@@ -149,7 +149,7 @@ def test_a_snapshot_changes_the_label_and_bad_frame_numbers_are_refused():
     for number in range(6):
         assert track.annotation_at(number)['label'] == sdk_state(relabelled, number).label
     for first, end in ((-3, 5), (1.5, 5), (float('nan'), 5), ('2', 5), (0, float('inf'))):
-        with pytest.raises(Skip, match='bad frame number'):
+        with pytest.raises(UnusableData, match='bad frame number'):
             Track(video_annotation(9, 'car', 'box', first, box(1, 1, 9, 9), end))
     weird = dict(video_annotation(9, 'car', 'box', 0, box(1, 1, 9, 9), 5), metadata=['not', 'a', 'dict'])
     assert Track(weird).annotation_at(0)['label'] == 'car'  # no metadata: an image-like single frame

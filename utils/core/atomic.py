@@ -109,7 +109,7 @@ def remove_stale_temporaries(folder: str, recursive: bool = False) -> List[str]:
     never touched, nor is any other file.
     """
     removed, freed = [], 0
-    walk = os.walk(folder) if recursive else [(folder, [], _listdir(folder))]
+    walk = os.walk(folder) if recursive else [(folder, [], _names_or_empty(folder))]
     with _in_flight_lock:
         busy = set(_in_flight)
     for directory, _, names in walk:
@@ -133,7 +133,7 @@ def remove_stale_temporaries(folder: str, recursive: bool = False) -> List[str]:
     return removed
 
 
-def _listdir(folder: str) -> List[str]:
+def _names_or_empty(folder: str) -> List[str]:
     try:
         return os.listdir(folder)
     except OSError:  # no folder yet: nothing to clean

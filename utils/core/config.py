@@ -268,11 +268,11 @@ def resolve(configuration: Optional[Mapping[str, Any]]) -> Settings:
     for key in OPTIONS:
         if key in configuration:
             settings[key] = _check(key, configuration[key])
-    extra = settings['yaml_config'] or {}
-    unknown = sorted(set(extra) - set(TRAINING_KEYS))
+    training_overrides = settings['yaml_config'] or {}  # a dict (JSON object) of training keys, not YAML text
+    unknown = sorted(set(training_overrides) - set(TRAINING_KEYS))
     if unknown:
         raise ConfigError(f'yaml_config has unknown key(s) {unknown}; valid keys are {sorted(TRAINING_KEYS)}')
-    for key, value in extra.items():
+    for key, value in training_overrides.items():
         settings[key] = _check(key, value)
     if None not in (settings['min_size'], settings['max_size']) and settings['max_size'] < settings['min_size']:
         raise ConfigError(f"configuration key 'max_size' ({settings['max_size']}) must be >= "

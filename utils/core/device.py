@@ -17,7 +17,7 @@ import torch
 
 from utils.core.errors import InputError
 
-logger = logging.getLogger('fasterrcnn.device')
+logger = logging.getLogger(__name__)
 
 # The GPU runner image (the Dockerfile's gpu target) sets it: that image exists to run on a GPU.
 EXPECT_GPU_ENV = 'FASTERRCNN_EXPECT_GPU'

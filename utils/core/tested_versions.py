@@ -32,7 +32,7 @@ def within(version: str, tested: Tuple[Tuple[int, int], Tuple[int, int]]) -> boo
     return first <= release(version) < end
 
 
-def describe(tested: Tuple[Tuple[int, int], Tuple[int, int]]) -> str:
+def range_text(tested: Tuple[Tuple[int, int], Tuple[int, int]]) -> str:
     """'>=0.29, <0.30' for a warning."""
     (a, b), (c, d) = tested
     return f'>={a}.{b}, <{c}.{d}'

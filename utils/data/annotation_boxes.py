@@ -16,7 +16,7 @@ Types:
 Boxes are clipped to the image; those under 1 px wide or high after clipping are dropped.
 
 `annotation_boxes` gives an annotation's boxes unclipped, `clip_box` clips one to the image.
-Whatever cannot be used raises `Skip`, whose `reason` is the counter key a `SubsetReport`
+Whatever cannot be used raises `UnusableData`, whose `reason` is the counter key a `SubsetReport`
 counts it under (`utils.data.dataloop_reader`).
 """
 import base64
@@ -34,7 +34,7 @@ MASK_THRESHOLD = 128  # alpha >= 128 is inside: more than half opaque
 MAX_COORDINATE = 1e9
 
 
-class Skip(Exception):
+class UnusableData(Exception):
     """An item or annotation cannot be used; `reason` is the counter key."""
 
     def __init__(self, reason: str, detail: str = ''):
@@ -46,27 +46,27 @@ def _num(v) -> float:
     """A finite float of sane size (at most `MAX_COORDINATE` either way) from an int, float or numeric
     string; anything else (a bool, null, an object, a 400-digit integer, 1e999) is bad coordinates."""
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise Skip('bad coordinates', f'not a number: {v!r:.80}')
+        raise UnusableData('bad coordinates', f'not a number: {v!r:.80}')
     try:
         f = float(v)
     except (ValueError, OverflowError):  # OverflowError: an integer past float's range
-        raise Skip('bad coordinates', f'not a number of sane size: {v!r:.80}') from None
+        raise UnusableData('bad coordinates', f'not a number of sane size: {v!r:.80}') from None
     if not math.isfinite(f):
-        raise Skip('bad coordinates', f'not finite: {v!r:.80}')
+        raise UnusableData('bad coordinates', f'not finite: {v!r:.80}')
     if abs(f) > MAX_COORDINATE:
-        raise Skip('bad coordinates', f'{v!r:.80} is beyond {MAX_COORDINATE:.0e} px')
+        raise UnusableData('bad coordinates', f'{v!r:.80} is beyond {MAX_COORDINATE:.0e} px')
     return f
 
 
 def _xy(point) -> Tuple[float, float]:
     if not isinstance(point, dict) or 'x' not in point or 'y' not in point:
-        raise Skip('bad coordinates', f'not a point: {point!r:.80}')
+        raise UnusableData('bad coordinates', f'not a point: {point!r:.80}')
     return _num(point['x']), _num(point['y'])
 
 
 def _box_from_box(coords) -> List[Tuple[float, float, float, float]]:
     if not isinstance(coords, list) or len(coords) < 2:
-        raise Skip('bad coordinates', 'box needs two corner points')
+        raise UnusableData('bad coordinates', 'box needs two corner points')
     (xa, ya), (xb, yb) = _xy(coords[0]), _xy(coords[1])
     x1, x2, y1, y2 = min(xa, xb), max(xa, xb), min(ya, yb), max(ya, yb)
     # as the SDK reads it: a number in third place is the angle, anything else none
@@ -81,18 +81,18 @@ def _box_from_box(coords) -> List[Tuple[float, float, float, float]]:
 
 def _box_from_segment(coords) -> List[Tuple[float, float, float, float]]:
     if not isinstance(coords, list) or not coords:
-        raise Skip('bad coordinates', 'polygon without rings')
+        raise UnusableData('bad coordinates', 'polygon without rings')
     rings = [coords] if isinstance(coords[0], dict) else coords  # tolerate a single flat ring
     points = [_xy(p) for ring in rings if isinstance(ring, list) for p in ring]
     if len(points) < 2:
-        raise Skip('bad coordinates', 'polygon with fewer than 2 points')
+        raise UnusableData('bad coordinates', 'polygon with fewer than 2 points')
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     return [(min(xs), min(ys), max(xs), max(ys))]
 
 
 def _box_from_ellipse(coords) -> List[Tuple[float, float, float, float]]:
     if not isinstance(coords, dict):
-        raise Skip('bad coordinates', 'ellipse is not an object')
+        raise UnusableData('bad coordinates', 'ellipse is not an object')
     cx, cy = _xy(coords.get('center'))
     rx, ry = abs(_num(coords.get('rx'))), abs(_num(coords.get('ry')))
     theta = math.radians(_num(coords.get('angle', 0)))
@@ -101,7 +101,7 @@ def _box_from_ellipse(coords) -> List[Tuple[float, float, float, float]]:
     return [(cx - ex, cy - ey, cx + ex, cy + ey)]
 
 
-def _decode_mask(coords, frame: 'Frame') -> np.ndarray:
+def _decode_mask(coords, canvas: 'ImageCanvas') -> np.ndarray:
     """The mask's 'inside' pixels as a bool array: alpha (or grey level) >= MASK_THRESHOLD.
 
     Its size comes from the header and is checked before decoding: a few bytes of
@@ -109,27 +109,27 @@ def _decode_mask(coords, frame: 'Frame') -> np.ndarray:
     """
     data = coords.get('data') if isinstance(coords, dict) else coords
     if not isinstance(data, str):
-        raise Skip('bad coordinates', 'binary mask is not a string')
+        raise UnusableData('bad coordinates', 'binary mask is not a string')
     if data.startswith('data:'):
         data = data.partition(',')[2]
     try:
         with Image.open(io.BytesIO(base64.b64decode(data))) as mask:
             width, height = mask.size
-            if width * height > frame.max_pixels:
-                raise Skip('mask too large', f'mask is {width}x{height}, over the limit of {frame.max_pixels:,} '
-                                              f'pixels (max_image_pixels)')
-            if (width, height) != (frame.width, frame.height):
-                raise Skip('mask size differs from image',
-                            f'mask is {width}x{height}, the image {frame.width}x{frame.height}')
+            if width * height > canvas.max_pixels:
+                raise UnusableData('mask too large', f'mask is {width}x{height}, over the limit of '
+                                                     f'{canvas.max_pixels:,} pixels (max_image_pixels)')
+            if (width, height) != (canvas.width, canvas.height):
+                raise UnusableData('mask size differs from image',
+                            f'mask is {width}x{height}, the image {canvas.width}x{canvas.height}')
             mask.load()
             if mask.mode in ('RGBA', 'LA', 'PA') or 'transparency' in mask.info:
                 channel = mask.convert('RGBA').getchannel('A')
             else:
                 channel = mask.convert('L')
     except Image.DecompressionBombError as err:  # past PIL's own limit, refused while reading the header
-        raise Skip('mask too large', str(err)) from None
+        raise UnusableData('mask too large', str(err)) from None
     except (binascii.Error, OSError, ValueError, SyntaxError) as err:
-        raise Skip('bad coordinates', f'binary mask does not decode: {err}') from None
+        raise UnusableData('bad coordinates', f'binary mask does not decode: {err}') from None
     return np.asarray(channel) >= MASK_THRESHOLD
 
 
@@ -183,17 +183,18 @@ def mask_blob_boxes(mask: np.ndarray) -> List[Tuple[float, float, float, float]]
             for x1, y1, x2, y2 in sorted(blobs.values(), key=lambda b: (b[1], b[0]))]
 
 
-class Frame(NamedTuple):
-    """The image an annotation is drawn on, for the one type that brings its own pixels (masks)."""
+class ImageCanvas(NamedTuple):
+    """The image an annotation is drawn on: its size and the pixel limit a mask may claim (masks are the one
+    type that brings its own pixels). Not a video frame: those are `utils.data.video_frames`."""
     width: int
     height: int
     max_pixels: int
 
 
-def _box_from_binary(coords, frame: Frame) -> List[Tuple[float, float, float, float]]:
-    boxes = mask_blob_boxes(_decode_mask(coords, frame))
+def _box_from_binary(coords, canvas: ImageCanvas) -> List[Tuple[float, float, float, float]]:
+    boxes = mask_blob_boxes(_decode_mask(coords, canvas))
     if not boxes:
-        raise Skip('empty mask')
+        raise UnusableData('empty mask')
     return boxes
 
 
@@ -202,16 +203,16 @@ _CONVERTERS = {'box': _box_from_box, 'segment': _box_from_segment, 'ellipse': _b
 BOX_TYPES = ('box', 'segment', 'binary', 'ellipse')
 
 
-def annotation_boxes(annotation: dict, frame: Frame) -> List[Tuple[float, float, float, float]]:
-    """Unclipped xyxy boxes of one annotation; raises Skip for types that are not boxes."""
+def annotation_boxes(annotation: dict, canvas: ImageCanvas) -> List[Tuple[float, float, float, float]]:
+    """Unclipped xyxy boxes of one annotation; raises UnusableData for types that are not boxes."""
     kind = annotation.get('type')
     if kind is not None and not isinstance(kind, str):
-        raise Skip('bad annotation', f'type is not a string: {kind!r:.80}')
+        raise UnusableData('bad annotation', f'type is not a string: {kind!r:.80}')
     coords = annotation['coordinates'] if 'coordinates' in annotation else annotation.get('data')
     if kind == 'binary':
-        return _box_from_binary(coords, frame)
+        return _box_from_binary(coords, canvas)
     if kind not in _CONVERTERS:
-        raise Skip(f'type {kind}' if kind else 'type missing')
+        raise UnusableData(f'type {kind}' if kind else 'type missing')
     return _CONVERTERS[kind](coords)
 
 

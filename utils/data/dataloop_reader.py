@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from PIL import Image
 
-from utils.data.annotation_boxes import Frame, Skip, annotation_boxes, clip_box
+from utils.data.annotation_boxes import ImageCanvas, UnusableData, annotation_boxes, clip_box
 from utils.core.config import DEFAULTS
 from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, image_extensions, image_size
 from utils.data.video import is_video
@@ -129,22 +129,22 @@ _WARNED_ANNOTATION_DROPS = ('bad coordinates', 'bad annotation', 'no label', 'ba
                             'mask size differs from image')
 
 
-def _labelled_boxes(annotation, frame: Frame, seen: set) -> Tuple[str, List[Tuple[float, float, float, float]]]:
+def _labelled_boxes(annotation, canvas: ImageCanvas, seen: set) -> Tuple[str, List[Tuple[float, float, float, float]]]:
     """(label, unclipped boxes) of one annotation; `seen` keys catch exact duplicates within the item."""
     if not isinstance(annotation, dict):
-        raise Skip('bad annotation', f'not an object: {annotation!r:.80}')
+        raise UnusableData('bad annotation', f'not an object: {annotation!r:.80}')
     label = annotation.get('label')
     # as JSON text: any label, type or coordinates (objects included) make a key
     key = json.dumps([label, annotation.get('type'), annotation.get('coordinates', annotation.get('data'))],
                      sort_keys=True, default=repr)
     if key in seen:
-        raise Skip('duplicate annotation')
+        raise UnusableData('duplicate annotation')
     seen.add(key)
-    raw = annotation_boxes(annotation, frame)
+    raw = annotation_boxes(annotation, canvas)
     if label is None or label == '':
-        raise Skip('no label', 'annotation without a label')
+        raise UnusableData('no label', 'annotation without a label')
     if not isinstance(label, str):
-        raise Skip('bad label', f'label is a {type(label).__name__}, not a string: {label!r:.80}')
+        raise UnusableData('bad label', f'label is a {type(label).__name__}, not a string: {label!r:.80}')
     return label, raw
 
 
@@ -169,13 +169,13 @@ class _SubsetReader:
         until someone writes to it, and a device can stream forever."""
         real = os.path.realpath(path)
         if not is_inside(real, self.root):
-            raise Skip('path outside data_path', f'{path} resolves to {real}')
+            raise UnusableData('path outside data_path', f'{path} resolves to {real}')
         try:
             mode = os.stat(real).st_mode
         except OSError as err:
-            raise Skip('missing image', f'{path}: {err.strerror or err}') from None
+            raise UnusableData('missing image', f'{path}: {err.strerror or err}') from None
         if not stat.S_ISREG(mode):
-            raise Skip('not a regular file', f'{path} is {_file_kind(mode)}, not a regular file')
+            raise UnusableData('not a regular file', f'{path} is {_file_kind(mode)}, not a regular file')
         return real
 
     def _by_stem(self, rel_json: str) -> Optional[str]:
@@ -201,12 +201,12 @@ class _SubsetReader:
             # A remote path names a file inside items/: any '..' that leaves it is an attack or a bug.
             path = os.path.normpath(os.path.join(self.items_dir, filename.lstrip('/')))
             if not is_inside(path, self.items_dir):
-                raise Skip('path outside data_path', f'filename {filename!r} leaves {self.items_dir}')
+                raise UnusableData('path outside data_path', f'filename {filename!r} leaves {self.items_dir}')
             if os.path.lexists(path):
                 return self._checked(path)
         path = self._by_stem(rel_json)
         if path is None:
-            raise Skip('missing image', f'no file under {self.items_dir} for {filename or rel_json!r}')
+            raise UnusableData('missing image', f'no file under {self.items_dir} for {filename or rel_json!r}')
         return self._checked(path)
 
     def read_item(self, json_path: str):
@@ -226,11 +226,11 @@ class _SubsetReader:
             if _is_video_item(metadata, annotations, image_path):
                 return self.videos.read(name, _item_id(item, annotations), annotations, image_path)
             width, height = self._image_size(image_path)
-        except Skip as skip:
+        except UnusableData as skip:
             self._skip_item(name, skip)
             return None
         self._note_stale_size(name, metadata, width, height)
-        boxes, labels = self._item_boxes(name, annotations, Frame(width, height, self.limits.max_pixels))
+        boxes, labels = self._item_boxes(name, annotations, ImageCanvas(width, height, self.limits.max_pixels))
         if not boxes:
             if not self.include_background:
                 self.report.dropped['no usable boxes'] += 1
@@ -251,15 +251,15 @@ class _SubsetReader:
                 item = json.load(f)
         # JSONDecodeError and UnicodeDecodeError are ValueErrors; nesting thousands deep is a RecursionError
         except (OSError, ValueError, RecursionError) as err:
-            raise Skip('unparseable json', str(err) or type(err).__name__) from None
+            raise UnusableData('unparseable json', str(err) or type(err).__name__) from None
         if isinstance(item, list):  # a bare list of annotations
             annotations, item = item, {}
         elif isinstance(item, dict):
             annotations = item.get('annotations') or []
         else:
-            raise Skip('unparseable json', f'top level is a {type(item).__name__}')
+            raise UnusableData('unparseable json', f'top level is a {type(item).__name__}')
         if not isinstance(annotations, list):
-            raise Skip('unparseable json', '`annotations` is not a list')
+            raise UnusableData('unparseable json', '`annotations` is not a list')
         return item, annotations
 
     def _image_size(self, image_path: str) -> Tuple[int, int]:
@@ -267,11 +267,11 @@ class _SubsetReader:
         try:
             return image_size(image_path, self.limits)
         except ImageSizeError as err:
-            raise Skip(err.reason, str(err)) from None
+            raise UnusableData(err.reason, str(err)) from None
         except (ImageDecodeError, Image.DecompressionBombError) as err:
-            raise Skip('undecodable image', str(err)) from None
+            raise UnusableData('undecodable image', str(err)) from None
 
-    def _skip_item(self, name: str, skip: Skip) -> None:
+    def _skip_item(self, name: str, skip: UnusableData) -> None:
         self.report.dropped[skip.reason] += 1
         self.report.skipped_items.append((name, skip.reason))
         logger.warning('%s: skipping item %s (%s): %s', self.subset, name, skip.reason, skip.detail)
@@ -282,20 +282,20 @@ class _SubsetReader:
             logger.debug('%s: %s metadata says %sx%s, the image is %dx%d: using the image', self.subset, name,
                          meta_size[0], meta_size[1], width, height)
 
-    def _item_boxes(self, name: str, annotations: list, frame: Frame) -> Tuple[List[List[float]], List[str]]:
+    def _item_boxes(self, name: str, annotations: list, canvas: ImageCanvas) -> Tuple[List[List[float]], List[str]]:
         """Clipped boxes and their labels; every annotation or box left out is counted by reason."""
         boxes, labels, seen = [], [], set()
         for annotation in annotations:
             try:
-                label, raw = _labelled_boxes(annotation, frame, seen)
-            except Skip as skip:
+                label, raw = _labelled_boxes(annotation, canvas, seen)
+            except UnusableData as skip:
                 self.report.dropped[skip.reason] += 1
                 if skip.detail and skip.reason in _WARNED_ANNOTATION_DROPS:
                     logger.warning('%s: item %s: dropping annotation %s (%s): %s', self.subset, name,
                                    _get(annotation, 'id') or '?', skip.reason, skip.detail)
                 continue
             for box in raw:
-                clipped, reason = clip_box(box, frame.width, frame.height)
+                clipped, reason = clip_box(box, canvas.width, canvas.height)
                 if clipped is None:
                     self.report.dropped[reason] += 1
                     continue

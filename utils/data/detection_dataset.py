@@ -29,7 +29,7 @@ from utils.data.images import ImageDecodeError, ImageLimits, load_image
 logger = logging.getLogger(__name__)
 
 
-def describe(record: Mapping[str, Any]) -> str:
+def record_name(record: Mapping[str, Any]) -> str:
     """How log lines name a record: its item name and id."""
     frame = f" frame {record['frame']}" if 'frame' in record else ''  # a video's sampled frame
     return f"item {record.get('name') or record.get('image_path')!r}{frame} (id {record.get('item_id')})"
@@ -59,16 +59,16 @@ class DetectionDataset(torch.utils.data.Dataset):
             boxes = np.asarray(record.get('boxes') or [], dtype=np.float32).reshape(-1, 4)
             names = [str(name) for name in (record.get('labels') or [])]
             if len(names) != len(boxes):
-                raise InputError(f'{describe(record)} has {len(boxes)} boxes but {len(names)} labels')
+                raise InputError(f'{record_name(record)} has {len(boxes)} boxes but {len(names)} labels')
             for name in names:
                 if name not in self.label_to_id:
-                    unknown.setdefault(name, []).append(describe(record))
+                    unknown.setdefault(name, []).append(record_name(record))
             ids = np.asarray([self.label_to_id.get(name, -1) for name in names], dtype=np.int64)
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(boxes).all(axis=1)
             if not keep.all():
                 dropped += int((~keep).sum())
                 logger.warning('%s: dropping %d box(es) without positive width and height: %s',
-                               describe(record), int((~keep).sum()), boxes[~keep].tolist())
+                               record_name(record), int((~keep).sum()), boxes[~keep].tolist())
             self._boxes.append(boxes[keep])
             self._labels.append(ids[keep])
         if unknown:
@@ -106,7 +106,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         try:
             image = load_image(record['image_path'], self.limits)
         except (ImageDecodeError, OSError) as err:
-            logger.warning('skipping %s: cannot read image %r: %s', describe(record), record.get('image_path'), err)
+            logger.warning('skipping %s: cannot read image %r: %s', record_name(record), record.get('image_path'), err)
             return None
         boxes = torch.from_numpy(self._boxes[index].copy())
         target = {

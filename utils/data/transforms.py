@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 Target = Dict[str, Any]
 
 
-def image_size(image) -> Tuple[int, int]:
+def loaded_size(image) -> Tuple[int, int]:
     """(width, height) of a PIL image or a ``[..., H, W]`` tensor."""
     if isinstance(image, Image.Image):
         return image.size
@@ -90,7 +90,7 @@ class _RandomFlip:
     def __call__(self, image, target: Optional[Target] = None):
         if torch.rand(1).item() >= self.p:
             return image, target
-        side = image_size(image)[self.size_index]
+        side = loaded_size(image)[self.size_index]
         image = self.flip(image)
         target = _copy_target(target)
         if target is not None and 'boxes' in target:

@@ -23,7 +23,7 @@ import dataclasses
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
-from utils.data.annotation_boxes import BOX_TYPES, Skip
+from utils.data.annotation_boxes import BOX_TYPES, UnusableData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class State:
 def _frame_number(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value != int(value) or value < 0:
-        raise Skip('bad frame number', f'{what} is {value!r}, not a frame number')
+        raise UnusableData('bad frame number', f'{what} is {value!r}, not a frame number')
     return int(value)
 
 
@@ -48,22 +48,22 @@ class Track:
 
     def __init__(self, annotation: dict):
         if not isinstance(annotation, dict):
-            raise Skip('bad annotation', f'not an object: {annotation!r:.80}')
+            raise UnusableData('bad annotation', f'not an object: {annotation!r:.80}')
         self.id = annotation.get('id') or annotation.get('_id') or '?'
         self.type = annotation.get('type')
         metadata = annotation.get('metadata') or {}
         system = (metadata.get('system') if isinstance(metadata, dict) else None) or {}
         if not isinstance(system, dict):
-            raise Skip('bad annotation', '`metadata.system` is not an object')
+            raise UnusableData('bad annotation', '`metadata.system` is not an object')
         states: Dict[int, State] = {}
         first = _frame_number(system.get('frame', 0), 'metadata.system.frame')
         states[first] = State(first, annotation.get('label'), annotation.get('coordinates'), True, True)
         snapshots = system.get('snapshots_') or []
         if not isinstance(snapshots, list):
-            raise Skip('bad annotation', '`snapshots_` is not a list')
+            raise UnusableData('bad annotation', '`snapshots_` is not a list')
         for k, snapshot in enumerate(snapshots):
             if not isinstance(snapshot, dict):
-                raise Skip('bad annotation', f'snapshot {k} is not an object')
+                raise UnusableData('bad annotation', f'snapshot {k} is not an object')
             number = _frame_number(snapshot['frame'], f'snapshot {k} frame') if 'frame' in snapshot \
                 else max(states) + 1
             geometry = snapshot['coordinates'] if 'coordinates' in snapshot else snapshot.get('data')
@@ -97,15 +97,16 @@ class Track:
         return {'id': self.id, 'type': self.type, 'label': state.label, 'coordinates': state.coordinates}
 
 
-def read_tracks(annotations: list) -> Tuple[List[Track], List[Tuple[Any, Skip]]]:
-    """The tracks of a video item's annotations that can yield boxes, and (annotation id, Skip) for the others."""
+def read_tracks(annotations: list) -> Tuple[List[Track], List[Tuple[Any, UnusableData]]]:
+    """The tracks of a video item's annotations that can yield boxes, and (annotation id, UnusableData) for the
+    others."""
     tracks, skipped = [], []
     for annotation in annotations:
         try:
             track = Track(annotation)
             if track.type not in BOX_TYPES:
-                raise Skip(f'type {track.type}' if track.type else 'type missing')
-        except Skip as skip:
+                raise UnusableData(f'type {track.type}' if track.type else 'type missing')
+        except UnusableData as skip:
             skipped.append((annotation.get('id', '?') if isinstance(annotation, dict) else '?', skip))
             continue
         tracks.append(track)

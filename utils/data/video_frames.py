@@ -30,7 +30,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from utils.core.atomic import atomic_write
-from utils.data.annotation_boxes import Frame, Skip
+from utils.data.annotation_boxes import ImageCanvas, UnusableData
 from utils.data.images import ImageLimits, ImageSizeError
 from utils.data.video import VideoDecodeError, read_frames
 from utils.data.video_annotations import Track, read_tracks
@@ -126,7 +126,7 @@ def extract_frames(video_path: str, plan: FramePlan, folder: str,
     """Decode the plan's frames once into `folder`: ([[frame, width, height], ...], last frame number reached).
 
     A video that cannot be read, whose frames the `limits` refuse, or whose frames cannot be
-    written (a read-only data folder) raises Skip.
+    written (a read-only data folder) raises UnusableData.
     """
     stamp, signature = _source_stamp(video_path), plan.signature()
     if plan.last < 0:  # no annotated span: nothing to decode
@@ -154,11 +154,11 @@ def extract_frames(video_path: str, plan: FramePlan, folder: str,
                 Image.fromarray(rgb).save(f, format='JPEG', quality=JPEG_QUALITY)
             written.append([number, width, height])
     except VideoDecodeError as err:
-        raise Skip('unreadable video', str(err)) from None
+        raise UnusableData('unreadable video', str(err)) from None
     except ImageSizeError as err:
-        raise Skip(err.reason, str(err)) from None
+        raise UnusableData(err.reason, str(err)) from None
     except OSError as err:  # the folder, not the video: a full disk is a DiskFullError and ends the run
-        raise Skip('frames not writable', f'{folder}: {err.strerror or err}') from None
+        raise UnusableData('frames not writable', f'{folder}: {err.strerror or err}') from None
     try:
         with atomic_write(os.path.join(folder, MEMO_FILE), 'w') as f:
             json.dump({'format': MEMO_FORMAT, 'source': stamp, 'plan': signature, 'frames': written,
@@ -168,7 +168,7 @@ def extract_frames(video_path: str, plan: FramePlan, folder: str,
     return written, reached
 
 
-BoxesOf = Callable[[str, list, Frame], Tuple[List[List[float]], List[str]]]
+BoxesOf = Callable[[str, list, ImageCanvas], Tuple[List[List[float]], List[str]]]
 
 
 class VideoItemReader:
@@ -190,7 +190,7 @@ class VideoItemReader:
         return os.path.join(self.frames_root, key)
 
     def read(self, name: str, item_id: str, annotations: list, video_path: str) -> List[dict]:
-        """The video's training frames as records; Skip when the video itself cannot be used."""
+        """The video's training frames as records; UnusableData when the video itself cannot be used."""
         self.counts.videos += 1
         tracks, skipped = read_tracks(annotations)
         plan = FramePlan(tracks, self.stride, self.include_background)
@@ -220,7 +220,8 @@ class VideoItemReader:
                 folder: str) -> Optional[dict]:
         number, width, height = frame
         objects = [a for a in (track.annotation_at(number) for track in tracks) if a is not None]
-        boxes, labels = self.boxes_of(f'{name} frame {number}', objects, Frame(width, height, self.limits.max_pixels))
+        canvas = ImageCanvas(width, height, self.limits.max_pixels)
+        boxes, labels = self.boxes_of(f'{name} frame {number}', objects, canvas)
         if not boxes:
             if not self.include_background:
                 self.report.dropped['frame without usable boxes'] += 1

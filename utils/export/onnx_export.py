@@ -109,7 +109,7 @@ def _check_size(size: Optional[Sequence[int]], settings: Dict[str, Any]) -> Tupl
     return int(size[0]), int(size[1])
 
 
-def describe(model: torch.nn.Module, settings: Dict[str, Any], id_to_label: Dict[int, str],
+def sidecar_document(model: torch.nn.Module, settings: Dict[str, Any], id_to_label: Dict[int, str],
              height: int, width: int) -> Dict[str, Any]:
     """The sidecar JSON: what a caller needs to feed the graph and read its outputs."""
     transform = model.transform
@@ -170,7 +170,7 @@ def export_onnx(model_dir: str, output_path: str, size: Optional[Sequence[int]] 
     example = torch.rand(3, height, width, generator=torch.Generator().manual_seed(0))
     with atomic_write(output_path, 'wb') as f:
         write_graph(model, ([example],), f)
-    write_json(sidecar_path(output_path), describe(model, settings, id_to_label, height, width), indent=2)
+    write_json(sidecar_path(output_path), sidecar_document(model, settings, id_to_label, height, width), indent=2)
     logger.info('exported %s at %dx%d (HxW) to %s (+ %s)', settings['model_variant'], height, width,
                 output_path, os.path.basename(sidecar_path(output_path)))
     return output_path

@@ -234,7 +234,7 @@ def load_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path: str)
                               f"{' '.join(str(err).split())}") from err
 
 
-def marks_finished_run(path: str) -> bool:
+def is_finished_run(path: str) -> bool:
     """True when `path` is the last.pth of a run that finished: written after its final epoch (or its
     early stop), it says ``finished`` (checkpoints from before that flag: its epoch is the last planned).
 

@@ -14,19 +14,16 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from utils.core import tested_versions
+from utils.core.config import VARIANTS
 from utils.core.errors import InputError
 from utils.modeling.batched_postprocess import BatchedRoIHeads, BatchedRPN, host_table
 
 logger = logging.getLogger(__name__)
 
-BUILDERS = {
-    'fasterrcnn_resnet50_fpn': (detection.fasterrcnn_resnet50_fpn, detection.FasterRCNN_ResNet50_FPN_Weights),
-    'fasterrcnn_resnet50_fpn_v2': (detection.fasterrcnn_resnet50_fpn_v2, detection.FasterRCNN_ResNet50_FPN_V2_Weights),
-    'fasterrcnn_mobilenet_v3_large_fpn': (detection.fasterrcnn_mobilenet_v3_large_fpn,
-                                          detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights),
-    'fasterrcnn_mobilenet_v3_large_320_fpn': (detection.fasterrcnn_mobilenet_v3_large_320_fpn,
-                                              detection.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights),
-}
+# the variants the configuration offers (`utils.core.config.VARIANTS`: their one list), each as torchvision's
+# builder and its weights enum, looked up in torchvision's model registry by the builder's name
+BUILDERS = {variant: (torchvision.models.get_model_builder(variant), torchvision.models.get_model_weights(variant))
+            for variant in VARIANTS}
 
 
 def coco_id_to_label_map() -> Dict[int, str]:
@@ -82,7 +79,7 @@ def batched_heads_tested() -> bool:
         return True
     logger.warning('torchvision %s is outside the releases the batched post-processing was tested on (%s): '
                    'the network keeps torchvision\'s own RPN and RoI heads (same results, more host syncs on a GPU)',
-                   version, tested_versions.describe(tested_versions.TORCHVISION_TESTED))
+                   version, tested_versions.range_text(tested_versions.TORCHVISION_TESTED))
     return False
 
 

@@ -38,7 +38,7 @@ class OptimizerStep:
             return True
         logger.warning('torch %s is outside the releases the on-device skipped step was tested on (%s): '
                        'each training step waits for the GPU once to decide whether to step', torch.__version__,
-                       tested_versions.describe(tested_versions.TORCH_TESTED))
+                       tested_versions.range_text(tested_versions.TORCH_TESTED))
         return False
 
     def _zero_missing_momentum(self) -> None:

@@ -8,7 +8,7 @@ has_checkpoint / resume_or_load / tag_last_checkpoint).
 The states, in the order a run goes through them:
 
 - *resumable*: last.pth exists and does not say finished; the trainer continues after its epoch.
-- *finished*: last.pth says finished (`utils.modeling.checkpoints.marks_finished_run`): nothing is
+- *finished*: last.pth says finished (`utils.modeling.checkpoints.is_finished_run`): nothing is
   trained again; the run's own settings can finish it early (`tag_finished`).
 - *uploaded* (platform): a copy of the checkpoints among the model's artifacts; `restore_from`
   brings it back on a fresh pod when the folder has no last.pth of its own.
@@ -66,8 +66,8 @@ class RunFolder:
         return None
 
     def is_finished(self) -> bool:
-        from utils.modeling.checkpoints import marks_finished_run  # torch: only when a folder is really read
-        return marks_finished_run(self.last_path)
+        from utils.modeling.checkpoints import is_finished_run  # torch: only when a folder is really read
+        return is_finished_run(self.last_path)
 
     def tag_finished(self, checkpoint: Mapping[str, Any], source: str) -> None:
         """Say ``finished`` in last.pth when this folder's `checkpoint` (read from `source`) ended by the settings

@@ -187,7 +187,8 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     folder = RunFolder(output_path)
     folder.prepare()
     limits = network_limits(model, settings['max_image_pixels'])  # the item is skipped, not the run
-    train_loader, val_loader, generator = _data(train_records, val_records, label_to_id, settings, device, limits)
+    train_loader, val_loader, generator = _build_loaders(train_records, val_records, label_to_id, settings, device,
+                                                         limits)
     run = _new_run(model, settings, device, generator, checkpoint_info, has_val=val_loader is not None)
     source = folder.resume_source(resume_path)
     if source and _resume(run, source, folder):
@@ -198,7 +199,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     hooks = build_hooks(folder, settings, run.epochs, on_epoch_end, publish_metrics, hooks)
     try:
         with frozen_heap():  # the collector walks each step's objects, not the process's heap (utils.core.frozen_heap)
-            _epochs(run, (train_loader, val_loader), device, settings, hooks)
+            _run_epochs(run, (train_loader, val_loader), device, settings, hooks)
         for hook in hooks:
             hook.after_train(run)
     except BaseException:
@@ -212,7 +213,7 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     return run.result()
 
 
-def _epochs(run: _Run, loaders, device, settings, hooks: Sequence[HookBase]) -> None:
+def _run_epochs(run: _Run, loaders, device, settings, hooks: Sequence[HookBase]) -> None:
     """The epochs left: each trains and evaluates; the hooks do the rest."""
     train_loader, val_loader = loaders
     for epoch in range(run.last_epoch + 1, run.epochs):
@@ -230,7 +231,7 @@ def _epochs(run: _Run, loaders, device, settings, hooks: Sequence[HookBase]) -> 
             break
 
 
-def _data(train_records, val_records, label_to_id, settings, device, limits):
+def _build_loaders(train_records, val_records, label_to_id, settings, device, limits):
     """(train loader, validation loader or None, the seeded generator that shuffles the training set)."""
     if not train_records:
         raise InputError('no training images: the train subset is empty (check the dataset filters '
