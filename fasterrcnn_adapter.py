@@ -269,12 +269,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         A video's vector is the mean of its sampled frames' (`video_inference.embed_videos`).
         """
         with frozen_heap():
+            settings = self._resolve_settings()
             network = self._inference_networks.get(self.model, self.device)
-            cuda_graphs.use_graphs(network, self.settings['cuda_graphs'])
+            cuda_graphs.use_graphs(network, settings['cuda_graphs'])
 
             def vectors_of(entries):
                 images, positions = self._readable(entries)
-                found = self._cpu_runtime.image_vectors(network, images, self.device, self.settings,
+                found = self._cpu_runtime.image_vectors(network, images, self.device, settings,
                                                         self.artifacts_path) if images else []
                 return list(zip(positions, found))
 
