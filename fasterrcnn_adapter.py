@@ -3,8 +3,9 @@
 Thin by design: it reads the model's configuration, builds the network
 (`utils.modeling.model_factory`) and its checkpoint files (`utils.modeling.checkpoints`), and delegates
 data reading (`utils.data.dataloop_reader`), training (`utils.training.trainer`, `utils.platform.training_run`)
-and prediction (`utils.inference.prediction`, `utils.inference.pipeline`). Settings are read from
-`model_entity.configuration` as a plain dict, so reading never PATCHes the model.
+and prediction (`utils.inference.item_reading`, `utils.inference.prediction`, `utils.inference.pipeline`).
+Settings are read from `model_entity.configuration` as a plain dict, so reading never PATCHes the model, and
+validated once per configuration into the `Settings` passed down (`utils.core.settings_cache`).
 """
 import logging
 import os
