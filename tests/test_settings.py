@@ -59,6 +59,9 @@ def test_replace_validates_and_leaves_the_original():
         settings.replace(epochs=0)
     with pytest.raises(config_lib.ConfigError, match="unknown configuration key"):
         settings.replace(epoch=3)
+    with pytest.raises(config_lib.ConfigError, match="'max_size' \\(320\\) must be >= 'min_size' \\(640\\)"):
+        changed.replace(min_size=640, max_size=320)
+    assert settings.replace(lr_steps=settings.lr_steps).lr_steps == (0.62, 0.85)  # a frozen value goes back in
 
 
 def test_settings_compare_with_plain_configurations_and_survive_pickling():

@@ -224,7 +224,8 @@ class Settings(Mapping):
         unknown = sorted(set(changes) - set(self._values))
         if unknown:
             raise ConfigError(f'unknown configuration key(s) {unknown}')
-        return Settings({**self._values, **{key: _typed(key, _check(key, value)) for key, value in changes.items()}})
+        changed = {key: _typed(key, _check(key, _thawed(value))) for key, value in changes.items()}
+        return Settings(_check_sizes({**self._values, **changed}))
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain, mutable values (lists and dicts), as in a JSON configuration."""
@@ -274,10 +275,16 @@ def resolve(configuration: Optional[Mapping[str, Any]]) -> Settings:
         raise ConfigError(f'yaml_config has unknown key(s) {unknown}; valid keys are {sorted(TRAINING_KEYS)}')
     for key, value in training_overrides.items():
         settings[key] = _check(key, value)
+    return Settings(_check_sizes({key: _typed(key, value) for key, value in settings.items()}))
+
+
+def _check_sizes(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The one check across keys: the network's resize needs max_size >= min_size."""
     if None not in (settings['min_size'], settings['max_size']) and settings['max_size'] < settings['min_size']:
         raise ConfigError(f"configuration key 'max_size' ({settings['max_size']}) must be >= "
                           f"'min_size' ({settings['min_size']})")
-    return Settings({key: _typed(key, value) for key, value in settings.items()})
+    return settings
+
 
 #: The defaults as `Settings`: what an adapter holds before it has a model
 DEFAULT_SETTINGS = resolve({})
