@@ -5,7 +5,6 @@ SDK's own loop, decoding as the SDK does, a shorter GIL switch interval, decodin
 import contextlib
 import os
 import sys
-import threading
 import time
 
 import dtlpy as dl
@@ -17,6 +16,7 @@ from bench.speed.common import (bare_forward, bare_network, collector_seconds, f
                                 make_adapter, median_seconds, row)
 from fasterrcnn_adapter import FasterRCNNAdapter
 from utils.data.images import load_image
+from utils.inference.item_reading import ItemReader
 from utils.inference.prediction import DECODE_THREADS
 
 
@@ -151,7 +151,7 @@ def rows(cfg, device, cuda, items, adapter):
             ("batch 16, the SDK's loop, GIL switch interval 0.5 ms", sdk_loop, 0.0005)):
         row(name, n / predict_items_seconds(predictor, items, device, runs, interval), plain16)
     wide, cores = sibling(adapter, FasterRCNNAdapter), min(16, os.cpu_count() or 1)
-    wide._decode_slots = threading.BoundedSemaphore(cores)
+    wide._items = ItemReader(wide.image_limits, decode_threads=cores)
     row(f'batch 16, decoding in the loop on {cores} threads (default {DECODE_THREADS}; A/B)',
         n / predict_items_seconds(wide, items, device, runs), plain16)
     if cuda:

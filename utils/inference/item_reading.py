@@ -30,10 +30,10 @@ def download(item) -> Any:
 class ItemReader:
     """`read(item)` for `prepare_item_func`; `prefetching(items, size)` downloads ahead while a run lasts."""
 
-    def __init__(self, limits: Callable[[], ImageLimits]):
+    def __init__(self, limits: Callable[[], ImageLimits], decode_threads: int = prediction.DECODE_THREADS):
         self._limits = limits  # the network's image limits, read when an image is decoded
         self.prefetchers: List[prediction.Prefetcher] = []  # one per predict_items call in flight
-        self._decode_slots = threading.BoundedSemaphore(prediction.DECODE_THREADS)
+        self._decode_slots = threading.BoundedSemaphore(decode_threads)
 
     def read(self, item) -> Any:
         """The item decoded, from a download already made by a prefetcher when there is one."""
