@@ -5,7 +5,7 @@
     OUT/curves.csv/.png    the trainer's curves
 
 The adapter is the platform's `FasterRCNNAdapter` on a `dl.Model` built offline;
-its `settings` are the resolved configuration every step here reads.
+its `settings` (the validated `Settings`) are what every step here reads.
 """
 import json
 import logging
