@@ -1,5 +1,5 @@
 """The validated settings object (`utils.core.config.Settings`), how often it is built, and the explicit
-process set-up (`utils.core.runtime_setup`) that importing the package no longer does."""
+process set-up (`utils.core.runtime_setup`), which importing the package leaves undone."""
 import io
 import json
 import os
