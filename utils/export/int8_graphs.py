@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from utils.data.detection_dataset import describe
+from utils.data.detection_dataset import record_name
 from utils.data.images import load_image_tensor
 from utils.export import cpu_graphs
 from utils.inference import prediction
@@ -121,7 +121,7 @@ def quantize_in_child(onnx_path: str, network: nn.Module, records: Sequence[Mapp
         spec = os.path.join(work, 'spec.json')
         with open(spec, 'w') as f:
             json.dump({'onnx': onnx_path, 'target': target, 'transform': transform_spec(network),
-                       'records': [{'image_path': r['image_path'], 'name': describe(r)} for r in records]}, f)
+                       'records': [{'image_path': r['image_path'], 'name': record_name(r)} for r in records]}, f)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
         done = subprocess.run([sys.executable, '-m', 'utils.export.int8_graphs', spec], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors='replace')
