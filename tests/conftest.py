@@ -36,6 +36,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dataloop_emulator import DataloopEmulator, NoExportWaitTime, connect_sdk  # noqa: E402
+import sdk_frames  # noqa: E402
 
 EMULATOR_ALIAS = 'emulator'
 
@@ -43,6 +44,12 @@ EMULATOR_ALIAS = 'emulator'
 def pytest_configure(config):
     config.addinivalue_line('markers', 'compiled_cpu_runtime: predict / embed on the CPU run the configured '
                                        'cpu_runtime (other tests run torch)')
+
+
+@pytest.fixture(autouse=True, scope='session')
+def sdk_frames_without_source():
+    """dtlpy's per-request caller record without reading source files (see tests/sdk_frames.py)."""
+    sdk_frames.install()
 
 
 @pytest.fixture(autouse=True)
