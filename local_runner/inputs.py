@@ -14,6 +14,7 @@ from local_runner.output_paths import DEFAULT_NAME_MAX, fitted_name
 from utils.core import config as config_lib
 from utils.core.config import ConfigError
 from utils.core.errors import InputError
+from utils.data.image_files import image_extensions
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ def list_images(path: str, exclude: Optional[str] = None) -> List[Tuple[str, str
         return [(path, os.path.basename(path))]
     if not os.path.isdir(path):
         raise InputError(f'--input {path} is {_file_kind(path)}, not an image file or a folder')
-    from utils.data.images import image_extensions  # here: that module brings torch, which a path check must not wait for
     from utils.data.video import VIDEO_EXTENSIONS
     extensions = image_extensions() | VIDEO_EXTENSIONS
     excluded = os.path.realpath(exclude) if exclude else None

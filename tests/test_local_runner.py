@@ -23,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = ['circle', 'square', 'triangle']
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
         'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 1,
-        'learning_rate': 0.01, 'warmup_iters': 2}
+        'learning_rate': 0.01, 'warmup_iters': 2, 'cpu_runtime': 'torch'}  # subprocesses too: see conftest.py
 
 
 def run_cli(*args, timeout=300):
@@ -332,6 +332,18 @@ def test_a_wrong_path_fails_before_torch_or_dtlpy_is_imported(tmp_path):
                                 timeout=60)
         assert result.stdout.split() == ['2', '[]'], (args, result.stdout, result.stderr)
         assert_one_line_error(result.stderr, 'no such folder')
+    # predict's inputs are listed (image extensions) and its output checked before torch too
+    (tmp_path / 'model' / 'weights').mkdir(parents=True)
+    (tmp_path / 'model' / 'weights' / 'best.pth').write_bytes(b'not read before the paths are checked')
+    (tmp_path / 'images').mkdir()
+    Image.new('RGB', (8, 8)).save(tmp_path / 'images' / 'a.png')
+    (tmp_path / 'a_file').write_text('x')
+    args = ['predict', '--model', str(tmp_path / 'model'), '--input', str(tmp_path / 'images'),
+            '--output', str(tmp_path / 'a_file')]
+    result = subprocess.run([sys.executable, '-c', script, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.split() == ['2', '[]'], (args, result.stdout, result.stderr)
+    assert_one_line_error(result.stderr, '--output', 'is a file, not a folder')
 
 
 def test_model_folder_problems_exit_2_with_one_line(tmp_path, export_dir):

@@ -41,7 +41,8 @@ from PIL import Image
 
 from utils.data.annotation_boxes import ImageCanvas, UnusableData, annotation_boxes, clip_box
 from utils.core.config import DEFAULTS
-from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, image_extensions, image_size
+from utils.data.image_files import image_extensions
+from utils.data.images import ImageDecodeError, ImageLimits, ImageSizeError, image_size
 from utils.data.video import is_video
 from utils.data.video_frames import FRAMES_DIR, VideoCounts, VideoItemReader
 

@@ -6,7 +6,6 @@ is refused with its dimensions, so one bad file never costs the batch.
 """
 import contextlib
 import dataclasses
-import functools
 import io
 import math
 import os
@@ -177,10 +176,3 @@ def image_size(path: Union[str, os.PathLike], limits: Optional[ImageLimits] = No
         if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 or 270 degrees
             width, height = height, width
         return width, height
-
-
-@functools.lru_cache(maxsize=1)
-def image_extensions() -> frozenset:
-    """Lower-case file extensions (with the dot) that PIL can open: what counts as an image file."""
-    Image.init()
-    return frozenset(ext.lower() for ext in Image.registered_extensions())
