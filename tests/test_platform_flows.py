@@ -40,7 +40,7 @@ SHAPE_MAP = {1: 'circle', 2: 'square', 3: 'triangle'}
 SIZE = 128
 TINY = {'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'pretrained': False, 'device': 'cpu',
         'min_size': SIZE, 'max_size': SIZE, 'epochs': 2, 'batch_size': 2, 'num_workers': 0,
-        'learning_rate': 0.01, 'warmup_iters': 2}
+        'learning_rate': 0.01, 'warmup_iters': 2, 'cpu_runtime': 'torch'}  # subprocesses too: see conftest.py
 LOSS_LEGENDS = {'loss', 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'}
 VALIDATION_LEGENDS = {'mAP@[.5:.95]', 'mAP@.5', 'mAP@.75', 'AR@100'}
 

@@ -259,7 +259,8 @@ def test_local_runner_predicts_on_a_video(tmp_path):
     inputs.mkdir()
     write_video(inputs / 'clip.avi')
     (inputs / 'still.png').write_bytes(png())
-    overrides = {'video_frame_stride': 3, 'max_detections': 3, 'video_track_threshold': TINY['video_track_threshold']}
+    overrides = {'video_frame_stride': 3, 'max_detections': 3, 'video_track_threshold': TINY['video_track_threshold'],
+                 'cpu_runtime': 'torch'}  # subprocesses too: see conftest.py
     (tmp_path / 'config.json').write_text(json.dumps(overrides))
     run = subprocess.run([sys.executable, '-m', 'local_runner', 'predict', '--model', str(tmp_path / 'model'),
                           '--input', str(inputs), '--output', str(tmp_path / 'out'), '--conf', '0',
