@@ -14,12 +14,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-# Two workers (pytest-xdist). `--dist loadgroup`: the tests sharing a file's trained model run on one worker,
-# the others one by one, longest files first (tests/conftest.py); `make test TEST_WORKERS=0` runs in one process.
+# Two workers (pytest-xdist), whole test files each so a file's shared trained model is built once;
+# `make test TEST_WORKERS=0` runs in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=10
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 demo: $(STAMP)
 	$(BIN)/python -m local_runner demo --output demo_output

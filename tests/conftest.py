@@ -43,40 +43,9 @@ import sdk_frames  # noqa: E402
 EMULATOR_ALIAS = 'emulator'
 
 
-# The files holding the longest tests (bench/RESULTS.md, "Test suite"), longest first: a parallel run starts
-# them first, so that no long test is left for the end while the other worker idles.
-LONGEST_FIRST = ('test_local_runner.py', 'test_preemption.py', 'test_platform_flows.py', 'test_upload_faults.py',
-                 'test_training.py', 'test_output_paths.py', 'test_adapter_training.py', 'test_resume_state.py',
-                 'test_hostile_data.py', 'test_video_training.py', 'test_cpu_runtime.py', 'test_onnx_export.py')
-
-
 def pytest_configure(config):
     config.addinivalue_line('markers', 'compiled_cpu_runtime: predict / embed on the CPU run the configured '
                                        'cpu_runtime (other tests run torch)')
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """For `--dist loadgroup` (`make test`): tests sharing module-scoped fixtures (a model trained once for
-    the file) stay on one worker, one group per set of such fixtures; every other test is scheduled on its
-    own, so one file's long tests run side by side. The files in LONGEST_FIRST go first."""
-    if config.getoption('dist', 'no') != 'loadgroup':
-        return
-    for item in items:
-        shared = _module_fixtures(item)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group('{}::{}'.format(item.path.name, '+'.join(shared))))
-    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
-
-
-def _module_fixtures(item):
-    """The names of the module-, class- or package-scoped fixtures `item` uses, sorted."""
-    info = getattr(item, '_fixtureinfo', None)  # pytest's record of the test's fixture closure
-    if info is None:
-        return []
-    return sorted(name for name, definitions in info.name2fixturedefs.items()
-                  if definitions and definitions[-1].scope in ('module', 'class', 'package'))
 
 
 @pytest.fixture(autouse=True, scope='session')

@@ -100,7 +100,7 @@ class _Stop(Exception):
     pass
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope='module')
 def one_thread():
     """One intra-op thread: at these tiny sizes it is as fast as two, and it does not collapse when
     the machine is shared (two spinning OpenMP threads on a busy 2-core box ran 10-20x slower)."""
