@@ -4,8 +4,8 @@ dtlpy's `token_expired_decorator` (dtlpy/services/api_client.py) wraps every `ge
 `inspect.stack()[1]` to pass the caller's frame on as a `stack` keyword, which the SDK then leaves
 unused (its event tracker is commented out). `inspect.stack()` reads the source line of every frame
 and, for each frame of a file that is not on disk (`<frozen runpy>`, execnet's `<string>` in a
-pytest-xdist worker), scans all of `sys.modules` (about 3,600 in a test process) without caching the
-miss: tens of milliseconds per request, several seconds per platform flow. `install()` gives the SDK
+pytest-xdist worker), scans all of `sys.modules` without caching the miss: in a test process, with
+thousands of modules loaded, a cost on every request (measured in bench/RESULTS.md). `install()` gives the SDK
 the same frame records (frame, file name, line, function) without the source lines, so the requests,
 the token check and what the SDK does with the answers are unchanged.
 """
