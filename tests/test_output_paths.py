@@ -139,6 +139,14 @@ def test_read_only_outputs_are_one_line_naming_them(read_only, tmp_path, model_d
 
 # ----------------------------------------------------------------------------- result names
 
+def torch_runtime(folder):
+    """A `--config` file under `folder`: the subprocess predicts through torch (see conftest.py)."""
+    path = os.path.join(str(folder), 'torch.json')
+    with open(path, 'w') as f:
+        json.dump({'cpu_runtime': 'torch'}, f)
+    return path
+
+
 def test_a_result_name_too_long_for_the_file_system_is_shortened_and_the_rest_predicted(model_dir, sandbox,
                                                                                        tmp_path):
     from PIL import Image
@@ -148,7 +156,8 @@ def test_a_result_name_too_long_for_the_file_system_is_shortened_and_the_rest_pr
     for name in (long_stem + '.png', 'short.png', 'x' * 251 + '.jpg'):
         Image.new('RGB', (80, 60), (10, 200, 30)).save(folder / name)
     output = tmp_path / 'out'
-    result = run_cli('predict', '--model', model_dir, '--input', str(folder), '--output', str(output))
+    result = run_cli('predict', '--model', model_dir, '--input', str(folder), '--output', str(output),
+                     '--config', torch_runtime(tmp_path))
     assert result.returncode == 0, result.stderr
     names = sorted(os.listdir(output))
     assert len(names) == 6 and 'short.json' in names and 'short.png' in names
@@ -169,7 +178,8 @@ def test_a_result_that_cannot_be_written_is_skipped_with_a_warning_and_the_rest_
     output = tmp_path / 'out'
     output.mkdir()
     (output / 'sub').write_text('a file where the results of sub/ need a folder')
-    result = run_cli('predict', '--model', model_dir, '--input', str(folder), '--output', str(output))
+    result = run_cli('predict', '--model', model_dir, '--input', str(folder), '--output', str(output),
+                     '--config', torch_runtime(tmp_path))
     assert result.returncode == 0, result.stderr
     assert 'Traceback' not in result.stderr
     assert f'cannot write the results of {folder / "sub" / "blocked.png"}' in result.stderr
