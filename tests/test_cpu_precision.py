@@ -164,7 +164,7 @@ def test_the_local_runners_train_makes_the_int8_graph_and_its_predict_uses_it(tm
     data, model = tmp_path / 'data', tmp_path / 'model'
     make_synthetic_export(str(data), n_train=6, n_val=2, image_size=(96, 96), seed=3)
     config = tmp_path / 'int8.json'
-    config.write_text(json.dumps({**RUNNER_TINY, 'cpu_precision': 'int8'}))
+    config.write_text(json.dumps({**RUNNER_TINY, 'cpu_runtime': 'openvino', 'cpu_precision': 'int8'}))  # not torch
     done = run_cli('train', '--data', str(data), '--output', str(model), '--config', str(config))
     assert done.returncode == 0, done.stderr
     assert 'int8 graph written' in done.stderr and list(model.glob('cpu_runtime/*/detector_int8.xml'))
