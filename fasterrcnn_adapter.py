@@ -33,6 +33,7 @@ from utils.inference.prediction import UnreadableItem
 from utils.modeling import checkpoints, model_factory, network_loading
 from utils.platform import model_labels, sdk_keys, training_data, training_run
 from utils.training.run_folder import RunFolder
+from utils.platform.box_collection import boxes_to_collection
 from utils.platform.video_annotations import batch_payloads, tracks_to_collection
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             if isinstance(image_rows, video_inference.VideoDetections):  # one annotation per track
                 collections[position] = tracks_to_collection(image_rows, labels, model_name, model_id)
                 continue
-            collections[position] = prediction.boxes_to_collection(image_rows, labels, model_name, model_id)
+            collections[position] = boxes_to_collection(image_rows, labels, model_name, model_id)
         return collections
 
     def _upload_payloads(self, batch_items, detections: Tuple[List[int], List[list]]) -> List[List[dict]]:

@@ -5,7 +5,7 @@
 
 Both sides end where `item.annotations.upload` hands the batch to HTTP: its serialisation
 (`_create_batches_for_upload`) and the request body (`json.dumps`), on real `dl.Item` entities built offline.
-  SDK path:  prediction.boxes_to_collection (dl.Box + dl.Annotation per box), the SDK's stamp
+  SDK path:  box_collection.boxes_to_collection (dl.Box + dl.Annotation per box), the SDK's stamp
              (`_update_predictions_metadata`), `Annotation.to_json` inside the upload's serialisation;
   bulk:      annotation_json.batch_box_annotations, the same serialisation (dicts pass through).
 Also printed: what both still pay after the upload, the SDK reading the platform's answer back into its
@@ -27,7 +27,7 @@ import dtlpy as dl  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
-from utils.inference.prediction import boxes_to_collection  # noqa: E402
+from utils.platform.box_collection import boxes_to_collection  # noqa: E402
 from utils.platform.annotation_json import batch_box_annotations  # noqa: E402
 from utils.platform.local_model import local_model  # noqa: E402
 

@@ -39,6 +39,13 @@ import pytest  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dataloop_emulator import DataloopEmulator, NoExportWaitTime, connect_sdk  # noqa: E402
 import sdk_frames  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.core import runtime_setup  # noqa: E402
+
+# The test process is an application like the adapter's service and the local runner: it does their set-up once
+# (PIL's bomb limit, the warnings filter), so what a test sees does not hang on whether an earlier test in the same
+# worker happened to build an adapter. tests/test_settings.py checks, in a fresh process, that imports set up nothing.
+runtime_setup.configure()
 
 EMULATOR_ALIAS = 'emulator'
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from fasterrcnn_adapter import FasterRCNNAdapter
-from utils.inference.prediction import boxes_to_collection
+from utils.platform.box_collection import boxes_to_collection
 from utils.platform.annotation_json import batch_box_annotations, box_annotations
 from utils.platform.local_model import local_model, manifest_model_block
 

@@ -13,7 +13,8 @@ from PIL import Image
 from torchvision.models.detection._utils import BoxCoder
 
 from utils.data.group_by_aspect_ratio import aspect_ratio_groups, build_grouped_batch_sampler
-from utils.inference.prediction import NetworkCache, Prefetcher, boxes_to_collection, fold_batch_norms, inference_network
+from utils.inference.prediction import NetworkCache, Prefetcher, fold_batch_norms, inference_network
+from utils.platform.box_collection import boxes_to_collection
 from utils.modeling.model_factory import BucketedTransform, build_model
 
 VARIANT = 'fasterrcnn_mobilenet_v3_large_320_fpn'

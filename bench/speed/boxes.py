@@ -5,7 +5,7 @@ import torch
 
 from bench.speed.common import row
 from bench.timing import seconds
-from utils.inference.prediction import boxes_to_collection
+from utils.platform.box_collection import boxes_to_collection
 
 
 def rows():

@@ -12,7 +12,7 @@ import math
 import os
 import posixpath
 import types
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 from utils.core.errors import InputError
 
@@ -322,17 +322,16 @@ def worker_count(value: Any, device: Any) -> int:
     return max(1, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 1))
 
 
-def for_training(settings: Mapping[str, Any], device: Any, n_images: Optional[int] = None,
-                 input_pixels: Optional[int] = None) -> Settings:
+def for_training(settings: Mapping[str, Any], device: Any,
+                 bound: Optional[Callable[[int, str], int]] = None) -> Settings:
     """`settings` with the 'auto' training values chosen for `device`; an 'auto' learning_rate follows
-    the batch size linearly (`LR_PER_IMAGE` per image). With `n_images` and `input_pixels` (the network's
-    largest input) the batch size is bounded by the data and the memory (`utils.training.batch_bound`)."""
+    the batch size linearly (`LR_PER_IMAGE` per image). `bound(batch_size, key)` may lower the batch size
+    before the learning rate follows it (the trainer's bound by the data and the memory,
+    `utils.training.batch_bound`); `key` is 'batch_size' when the user set it, '' for 'auto'."""
     settings = resolve(settings)
     batch_size = training_batch_size(settings.batch_size, device)
-    if n_images is not None and input_pixels is not None:
-        from utils.training.batch_bound import bounded_batch_size
-        batch_size = bounded_batch_size(batch_size, n_images, device, input_pixels,
-                                        '' if settings.batch_size == AUTO else 'batch_size')
+    if bound is not None:
+        batch_size = bound(batch_size, '' if settings.batch_size == AUTO else 'batch_size')
     learning_rate = LR_PER_IMAGE * batch_size if settings.learning_rate == AUTO else settings.learning_rate
     return settings.replace(batch_size=batch_size, num_workers=worker_count(settings.num_workers, device),
                             learning_rate=learning_rate)

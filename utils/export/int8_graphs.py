@@ -29,7 +29,6 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from utils.data.detection_dataset import record_name
 from utils.data.images import load_image_tensor
 from utils.export import cpu_graphs
-from utils.inference import prediction
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class CalibrationInputs:
                 self.unreadable[index] = f'{type(err).__name__}: {err}'
                 continue
             with torch.inference_mode():
-                inputs = prediction.device_inputs([image], torch.device('cpu'))[0]
+                inputs = image.float() / 255  # as prediction.device_inputs on the CPU
                 yield cpu_graphs.prepared_image(self.network, inputs).numpy()
 
 

@@ -1,9 +1,9 @@
-"""The prediction path: batch entries to network inputs, the forward pass, its rows as Dataloop boxes.
+"""The prediction path: batch entries to network inputs, the forward pass, its rows on the host.
 
 The adapter's predict / embed / predict_items are short calls into this module:
 `split_readable` turns a batch into images (and the entries that cannot run),
 `detection_rows` / `image_vectors` run them under `inference_context`, and
-`boxes_to_collection` turns one image's rows into annotations. Two pieces are
+`utils.platform.box_collection` turns one image's rows into annotations. Two pieces are
 about speed: on CUDA the adapter predicts with `inference_network(model)`
 (cached by `NetworkCache`): batch norms folded into the convolutions,
 channels_last, run under fp16 autocast, with anchors and box decoding kept in
@@ -20,19 +20,17 @@ from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import dtlpy as dl
 import torch
 from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from utils.modeling.detection_outputs import detections_to_host
 from utils.modeling.embeddings import fpn_embedding
-from utils.training.engine import detections_to_host
 from utils.data.images import ImageLimits, ImageSizeError
 from utils.inference.array_images import UnsupportedImageError, to_uint8_rgb
 from utils.modeling.model_factory import cudnn_autotune
 from utils.modeling.network_loading import RPN_TEST_KEYS
-from utils.platform.annotation_json import label_name, model_confidence
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +236,7 @@ def detection_rows(network: nn.Module, images: List[torch.Tensor], device: torch
     """Per image, rows [left, top, right, bottom, score, label id] clipped to the image (the network's
     `roi_heads.score_thresh`, set by `set_postprocess`, has already dropped the low scores).
 
-    The rows of the whole batch come back to the host in one copy (`engine.detections_to_host`).
+    The rows of the whole batch come back to the host in one copy (`detection_outputs.detections_to_host`).
     """
     inputs = device_inputs(images, device)
     with inference_context(device, autotune):
@@ -260,30 +258,6 @@ def image_vectors(network: nn.Module, images: List[torch.Tensor], device: torch.
         features = network.backbone(image_list.tensors)
     pooled = fpn_embedding(features, image_list.image_sizes, tuple(image_list.tensors.shape[-2:]))
     return pooled.cpu().tolist()
-
-
-def boxes_to_collection(rows: List[list], labels: Dict[int, str], model_name: str,
-                        model_id: Optional[str]) -> dl.AnnotationCollection:
-    """One image's rows [left, top, right, bottom, score, label id] as an AnnotationCollection of boxes.
-
-    Same annotations as `collection.add(annotation_definition=dl.Box(...), model_info=...)` per box,
-    built with `dl.Annotation.new` directly: `add`'s per-call checks (video frames, object ids,
-    model_info validation) do not apply to image boxes whose confidences are already in [0, 1].
-    The box's reference back to its annotation, which `Annotation.new` writes and nothing in dtlpy
-    reads, is cleared: with it each annotation is a reference cycle, freed only by a full collection
-    of the process's heap once the caller drops it (`utils.core.frozen_heap`); without it, at once.
-    """
-    collection = dl.AnnotationCollection()
-    new, box, append = dl.Annotation.new, dl.Box, collection.annotations.append
-    for left, top, right, bottom, score, label_id in rows:
-        confidence = model_confidence(score)
-        metadata = {'user': {'model': {'confidence': confidence, 'name': model_name, 'model_id': model_id}}}
-        annotation = new(annotation_definition=box(left=left, top=top, right=right, bottom=bottom,
-                                                    label=label_name(labels, label_id)),
-                         automated=True, metadata=metadata)
-        annotation.annotation_definition._annotation = None
-        append(annotation)
-    return collection
 
 
 class Prefetcher:

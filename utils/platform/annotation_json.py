@@ -26,7 +26,7 @@ def box_annotations(rows: Sequence[Sequence[float]], labels: Dict[int, str], mod
                     dataset_id: Optional[str] = None) -> List[dict]:
     """One image's rows [left, top, right, bottom, score, label id] as the upload's annotation dicts.
 
-    Equal to `Annotation.to_json()` of `prediction.boxes_to_collection`'s annotations once the SDK's
+    Equal to `Annotation.to_json()` of `box_collection.boxes_to_collection`'s annotations once the SDK's
     predict_items has stamped them (`_update_predictions_metadata`) and `item.annotations.upload` has
     given them their item: model info in `metadata.user.model` and `metadata.system.model`, `itemId`,
     `datasetId`. Each dict is new (nothing shared between annotations).

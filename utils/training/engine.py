@@ -22,6 +22,7 @@ from utils.evaluation.coco_utils import get_coco_api_from_dataset
 from utils.core.frozen_heap import frozen_heap
 from utils.core.metric_names import LOSS_KEYS
 from utils.core.progress import Progress
+from utils.modeling.detection_outputs import detections_to_host
 from utils.training.optimizer_step import OptimizerStep
 
 logger = logging.getLogger(__name__)
@@ -201,16 +202,6 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
     result = guard.means()
     result['lr'] = float(optimizer.param_groups[0]['lr'])
     return result
-
-
-def detections_to_host(outputs: List[Dict[str, torch.Tensor]]) -> List[torch.Tensor]:
-    """Per image, the detector's output as float rows [left, top, right, bottom, score, label id] on the
-    CPU, the whole batch in one copy: one host sync, not three per image (used by prediction too)."""
-    if not outputs:
-        return []
-    rows = [torch.cat([o['boxes'].float(), o['scores'].float()[:, None], o['labels'].float()[:, None]], dim=1)
-            for o in outputs]
-    return list(torch.cat(rows).cpu().split([len(r) for r in rows]))
 
 
 def step_scheduler(scheduler) -> None:

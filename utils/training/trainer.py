@@ -42,6 +42,7 @@ from utils.training.hooks import HookBase, build_hooks
 from utils.training.run_folder import RunFolder
 from utils.modeling.checkpoints import check_compatible, device_copy, load_checkpoint
 from utils.core.config import for_training
+from utils.training.batch_bound import bounded_batch_size
 from utils.data.data_loading import collate_fn, make_generator, seed_everything, seed_worker
 from utils.data.detection_dataset import DetectionDataset
 from utils.core.errors import InputError
@@ -182,8 +183,9 @@ def fit(model: torch.nn.Module, train_records: Sequence[Mapping[str, Any]], val_
     - `hooks`: more `HookBase`s (an upload of the checkpoints), placed by `build_hooks`.
     """
     device = torch.device(device)
-    settings = for_training(settings, device, len(train_records),
-                            max(model.transform.min_size) * model.transform.max_size)
+    input_pixels = max(model.transform.min_size) * model.transform.max_size
+    settings = for_training(settings, device, lambda batch_size, key: bounded_batch_size(
+        batch_size, len(train_records), device, input_pixels, key))
     folder = RunFolder(output_path)
     folder.prepare()
     limits = network_limits(model, settings['max_image_pixels'])  # the item is skipped, not the run
