@@ -119,7 +119,6 @@ def ensure_graph(network: nn.Module, kind: str, folder: str) -> str:
     return path
 
 
-
 def trained_network(model: nn.Module, weights_path: str) -> nn.Module:
     """A CPU copy of `model` holding the checkpoint at `weights_path`: the network a deploy of those weights
     builds, so its `digest` is the one the deploy computes (once the same prediction settings are applied)."""
