@@ -23,6 +23,7 @@ from utils.core.atomic import atomic_write, write_json
 from utils.core.errors import InputError
 from utils.core.label_map import configuration_entries, parse_id_to_label
 from utils.core.output_layout import MODEL_FILE, SIDECAR_SUFFIX
+from utils.export import traced_ops
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +152,9 @@ def write_graph(model: torch.nn.Module, args: tuple, f, output_names: Sequence[s
         warnings.filterwarnings('ignore', message='To copy construct from a tensor', category=UserWarning)
         warnings.filterwarnings('ignore', message='Exporting aten::index operator', category=UserWarning)
         warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
-        torch.onnx.export(model, args, f, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
-                          output_names=list(output_names), dynamic_axes=dynamic_axes)
+        with traced_ops.lean_detector_ops():
+            torch.onnx.export(model, args, f, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
+                              output_names=list(output_names), dynamic_axes=dynamic_axes)
 
 
 def export_onnx(model_dir: str, output_path: str, size: Optional[Sequence[int]] = None) -> str:
