@@ -4,6 +4,7 @@ or for a precision its runtime does not compute, runs f32 with one warning; bf16
 import json
 import logging
 import os
+import shutil
 import sys
 
 import pytest
@@ -25,14 +26,14 @@ CLEAR = 0.15
 
 def train_and_save(root, **configuration):
     """Train on the synthetic shapes and save the artifacts as the platform's train_model does: returns the
-    artifacts folder and the adapter's log."""
+    artifacts folder and the trained adapter."""
     data = root / 'data'
     make_synthetic_export(str(data), n_train=8, n_val=2, image_size=(128, 128), seed=4)
     adapter = make_adapter(root / 'none', **configuration)
     adapter.convert_from_dtlpy(str(data))
     adapter.train(str(data), str(root / 'output'))
     adapter.save(str(root / 'artifacts'))
-    return root / 'artifacts'
+    return root / 'artifacts', adapter
 
 
 class Lines(logging.Handler):
@@ -46,18 +47,20 @@ class Lines(logging.Handler):
 
 @pytest.fixture(scope='module')
 def int8_training(tmp_path_factory):
-    """A model trained with cpu_precision int8 and saved: its artifacts folder, and what `utils` logged meanwhile."""
+    """A model trained with cpu_precision int8 and saved: its artifacts folder, what `utils` logged meanwhile, and
+    the trained adapter. One epoch: the saved weights are the best epoch's, and a few epochs' validation mAP on two
+    images stays 0, so the first epoch is the one kept either way."""
     root = tmp_path_factory.mktemp('int8')
     handler, log = Lines(), logging.getLogger('utils')
     level = log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        artifacts = train_and_save(root, cpu_precision='int8', epochs=3)
+        artifacts, adapter = train_and_save(root, cpu_precision='int8', epochs=1)
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    return artifacts, handler.lines
+    return artifacts, handler.lines, adapter
 
 
 @pytest.fixture(scope='module')
@@ -111,6 +114,9 @@ def test_int8_without_an_int8_graph_runs_f32_with_one_warning(tmp_path, int8_tra
     artifacts = tmp_path / 'artifacts'
     os.makedirs(artifacts)
     os.symlink(int8_trained / 'weights', artifacts / 'weights')
+    for graph in (int8_trained / cpu_graphs.GRAPHS_DIR).glob('*/detector.onnx'):  # the f32 graph, not the int8 one
+        (artifacts / graph.relative_to(int8_trained)).parent.mkdir(parents=True)
+        shutil.copy(graph, artifacts / graph.relative_to(int8_trained))
     images = shapes_images()
     expected = [boxes_of(c) for c in make_adapter(artifacts, cpu_precision='f32').predict(images)]
     results, warnings = predict_twice(make_adapter(artifacts, cpu_precision='int8'), images, caplog)
@@ -118,14 +124,16 @@ def test_int8_without_an_int8_graph_runs_f32_with_one_warning(tmp_path, int8_tra
     assert len(warnings) == 1 and 'no int8 graph' in warnings[0] and 'f32' in warnings[0], warnings
 
 
-def test_a_crashed_calibration_leaves_f32_and_says_so(tmp_path, monkeypatch, caplog):
-    """Calibration runs in a child process: one that dies of a signal costs the int8 graph, not the run."""
+def test_a_crashed_calibration_leaves_f32_and_says_so(int8_training, tmp_path, monkeypatch, caplog):
+    """Calibration runs in a child process: one that dies of a signal costs the int8 graph, not the run (the
+    trained adapter saves its artifacts again, as train_model's save does after training)."""
     crashing = tmp_path / 'crashing-python'
     crashing.write_text('#!/bin/sh\nkill -SEGV $$\n')
     crashing.chmod(0o755)
     monkeypatch.setattr(sys, 'executable', str(crashing))
+    artifacts = tmp_path / 'artifacts'
     with caplog.at_level(logging.WARNING, logger='fasterrcnn'):
-        artifacts = train_and_save(tmp_path, cpu_precision='int8', epochs=1)
+        int8_training[2].save(str(artifacts))
     assert 'the int8 graph was not made (RuntimeError: the calibration process ended with signal SIGSEGV' \
         in caplog.text
     assert int8_files(artifacts) == [] and list((artifacts / cpu_graphs.GRAPHS_DIR).glob('*/detector.onnx'))
