@@ -38,7 +38,8 @@ def choose(setting: str, runtime: str) -> Tuple[str, Optional[str]]:
 def openvino_config(precision: str) -> Dict[str, str]:
     """OpenVINO's compile settings for `precision`. LATENCY: one request uses every core, as the adapter runs one
     image at a time. The hint is explicit: on CPUs with bf16 units OpenVINO would otherwise pick bf16 itself. An
-    int8 graph computes its quantized layers in int8 and the rest (heads, element-wise operations) in bf16 where
-    the CPU has the units (resnet50's graph 4.2x eager against 3.0x with that rest in f32: bench/RESULTS.md), else f32."""
+    int8 graph computes its quantized layers in int8 and the rest (`int8_graphs.F32_LAYERS`, `F32_TYPES`) in bf16
+    where the CPU has the units (resnet50's graph 4.2x eager against 3.0x with that rest in f32, when the rest was
+    larger: bench/RESULTS.md), else f32."""
     remainder = BF16 if precision == BF16 or (precision == INT8 and cpu_has_bf16()) else F32
     return {'PERFORMANCE_HINT': 'LATENCY', 'INFERENCE_PRECISION_HINT': remainder}
