@@ -376,6 +376,22 @@ def test_checkpoint_writer_refuses_non_finite_weights_and_keeps_the_previous_fil
     assert os.listdir(tmp_path / 'weights') == ['best.pth']  # no temporary file left behind
 
 
+def test_finite_weights_whose_sum_overflows_are_written_and_loaded(small_checkpoint, tmp_path):
+    """The check sums each tensor first; a sum that overflows is no NaN: the values themselves decide."""
+    _, checkpoint = small_checkpoint
+    path = str(tmp_path / 'weights' / 'best.pth')
+    huge = _corrupt(checkpoint)
+    name = 'rpn.head.conv.0.0.weight'
+    huge['state_dict'][name] = torch.full_like(huge['state_dict'][name], 3e38)  # finite; the sum is inf
+    checkpoints.save_checkpoint(huge, path)
+    assert torch.equal(checkpoints.load_checkpoint(path)['state_dict'][name], huge['state_dict'][name])
+    huge['state_dict']['half'] = torch.full((4,), 60000.0, dtype=torch.float16)  # finite; the sum is inf
+    checkpoints.save_checkpoint(huge, path)
+    huge['state_dict']['half'][1] = -math.inf
+    with pytest.raises(checkpoints.CheckpointError, match=r"Infinity \(first: 'half'\)"):
+        checkpoints.save_checkpoint(huge, path)
+
+
 def test_adapter_save_never_ships_non_finite_weights(tmp_path):
     adapter = make_adapter()
     adapter.save(str(tmp_path))
