@@ -12,10 +12,6 @@ import os
 import time
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-# The Agg canvas directly (no pyplot): no global backend switch, no GUI, safe in any thread.
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from utils.core.atomic import atomic_write
 from utils.core.metric_names import EVAL_KEYS, LEGENDS, LOSS_KEYS
 from utils.core.output_layout import CURVES_CSV, CURVES_PNG
@@ -48,6 +44,12 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> Tuple[List[float]
 
 
 def write_png(history: Sequence[Mapping[str, Any]], path: str) -> str:
+    # Imported here: matplotlib costs about half a second of every process that imports the adapter (a
+    # deployed model, each local-runner command) and only training draws. The Agg canvas directly (no
+    # pyplot): no global backend switch, no GUI, safe in any thread.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(12, 4.8), dpi=100, layout='constrained')
     FigureCanvasAgg(figure)
     loss_ax, map_ax = figure.subplots(1, 2)
