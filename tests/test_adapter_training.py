@@ -11,7 +11,8 @@ from utils.data.synthetic import make_synthetic_export
 
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
         'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 2,
-        'learning_rate': 0.01, 'warmup_iters': 5}
+        'learning_rate': 0.01, 'warmup_iters': 5,
+        'box_batch_size_per_image': 64, 'rpn_post_nms_top_n_train': 150}  # the box head's cost: README's CPU advice
 
 
 def make_adapter(configuration, labels, artifacts='/nonexistent'):
@@ -25,6 +26,14 @@ def make_adapter(configuration, labels, artifacts='/nonexistent'):
 def export_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp('export')
     make_synthetic_export(str(root), n_train=6, n_val=4, image_size=(128, 128), seed=3)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def small_export_dir(tmp_path_factory):
+    """Two batches to order and shuffle, one validation image: what a run's seed governs, at the least cost."""
+    root = tmp_path_factory.mktemp('small_export')
+    make_synthetic_export(str(root), n_train=4, n_val=1, image_size=(128, 128), seed=3)
     return str(root)
 
 
@@ -66,13 +75,13 @@ def _trained_state(export_dir, output, **configuration):
     return adapter.model.state_dict()
 
 
-def test_same_seed_trains_the_same_weights_another_seed_other_weights(export_dir, tmp_path):
+def test_same_seed_trains_the_same_weights_another_seed_other_weights(small_export_dir, tmp_path):
     """Random init, data order and augmentation (hflip is on) all follow `seed`, not the process's RNG history."""
     torch.manual_seed(123)
-    first = _trained_state(export_dir, tmp_path / 'a', seed=7, num_workers=1)
+    first = _trained_state(small_export_dir, tmp_path / 'a', seed=7, num_workers=1)
     torch.rand(100)  # whatever ran before must not matter
-    second = _trained_state(export_dir, tmp_path / 'b', seed=7, num_workers=1)
-    other = _trained_state(export_dir, tmp_path / 'c', seed=8, num_workers=1)
+    second = _trained_state(small_export_dir, tmp_path / 'b', seed=7, num_workers=1)
+    other = _trained_state(small_export_dir, tmp_path / 'c', seed=8, num_workers=1)
     assert first.keys() == second.keys() == other.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     float_keys = [k for k in first if first[k].is_floating_point()]

@@ -24,6 +24,8 @@ LABELS = ['circle', 'square', 'triangle']
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
         'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 1,
         'learning_rate': 0.01, 'warmup_iters': 2, 'cpu_runtime': 'torch'}  # subprocesses too: see conftest.py
+# Fewer proposals through the box head (README's advice for CPU training): its 12.8M-weight layer is most of a step.
+LIGHT_TRAINING = {'box_batch_size_per_image': 64, 'rpn_post_nms_top_n_train': 150}
 
 
 def run_cli(*args, timeout=300):
@@ -49,9 +51,17 @@ def export_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def small_export_dir(tmp_path_factory):
+    """The fewest images a run trains and validates on: for the tests of how a run ends, not of what it learns."""
+    root = tmp_path_factory.mktemp('small_export')
+    make_synthetic_export(str(root), n_train=2, n_val=1, image_size=(96, 96), seed=3)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
 def config_file(tmp_path_factory):
     path = tmp_path_factory.mktemp('config') / 'tiny.json'
-    path.write_text(json.dumps(TINY))
+    path.write_text(json.dumps({**TINY, **LIGHT_TRAINING}))
     return str(path)
 
 
@@ -89,7 +99,7 @@ def test_train_writes_weights_curves_and_a_model_description(trained, export_dir
     configuration = description['configuration']
     assert configuration['id_to_label_map'] == {'1': 'circle', '2': 'square', '3': 'triangle'}
     assert configuration['label_to_id_map'] == {'circle': 1, 'square': 2, 'triangle': 3}
-    for key, value in TINY.items():
+    for key, value in {**TINY, **LIGHT_TRAINING}.items():
         assert configuration[key] == value, key
     assert description['training']['epochs_run'] == 1
     checkpoint = torch.load(os.path.join(trained, 'weights', 'best.pth'), weights_only=True)
@@ -105,14 +115,14 @@ def test_train_refuses_to_overwrite_a_finished_run(trained, export_dir, config_f
     assert os.path.getmtime(os.path.join(trained, 'weights', 'best.pth')) == before
 
 
-def test_a_full_disk_before_the_first_last_pth_is_one_line_and_no_finished_run(export_dir, config_file, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_a_full_disk_before_the_first_last_pth_is_one_line_and_no_finished_run(small_export_dir, config_file,
+                                                                               tmp_path, monkeypatch, capsys):
     """best.pth written, last.pth not (its write met a full disk; a kill there leaves the same files):
     exit 2 with one line, and the same command then trains instead of calling the run finished."""
     from tests.test_resume_state import fail_writes_of
     output = str(tmp_path / 'model')
     fail_writes_of(monkeypatch, lambda path: path.endswith('last.pth'))
-    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) == 2
+    assert main(['train', '--data', small_export_dir, '--output', output, '--config', config_file]) == 2
     stderr = capsys.readouterr().err  # the training log, then the error in one line
     assert 'Traceback' not in stderr
     last_line = stderr.strip().splitlines()[-1]
@@ -120,13 +130,13 @@ def test_a_full_disk_before_the_first_last_pth_is_one_line_and_no_finished_run(e
     assert os.path.join('weights', 'last.pth') in last_line
     assert sorted(os.listdir(os.path.join(output, 'weights'))) == ['best.pth']
     monkeypatch.undo()
-    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) == 0
+    assert main(['train', '--data', small_export_dir, '--output', output, '--config', config_file]) == 0
     assert os.path.isfile(os.path.join(output, 'model.json'))
     assert sorted(os.listdir(os.path.join(output, 'weights'))) == ['best.pth']
 
 
-def test_train_completes_a_finished_run_killed_before_its_model_json(export_dir, config_file, tmp_path, monkeypatch,
-                                                                      caplog):
+def test_train_completes_a_finished_run_killed_before_its_model_json(small_export_dir, config_file, tmp_path,
+                                                                      monkeypatch, caplog):
     from local_runner import model_folder
 
     def killed(*args, **kwargs):
@@ -134,12 +144,12 @@ def test_train_completes_a_finished_run_killed_before_its_model_json(export_dir,
 
     output = str(tmp_path / 'model')
     monkeypatch.setattr(model_folder, 'write_model_description', killed)
-    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) != 0
+    assert main(['train', '--data', small_export_dir, '--output', output, '--config', config_file]) != 0
     assert not os.path.exists(os.path.join(output, 'model.json'))
     assert os.path.isfile(os.path.join(output, 'weights', 'last.pth'))  # it says the run finished
     monkeypatch.undo()
     caplog.set_level('INFO')
-    assert main(['train', '--data', export_dir, '--output', output, '--config', config_file]) == 0
+    assert main(['train', '--data', small_export_dir, '--output', output, '--config', config_file]) == 0
     assert 'training already finished' in caplog.text  # nothing trained again
     with open(os.path.join(output, 'model.json')) as f:
         assert json.load(f)['training']['epochs_run'] == 1

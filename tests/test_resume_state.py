@@ -2,7 +2,9 @@
 and the background checkpoint writer's contract with `on_epoch_end`.
 
 Training is stubbed (the weights change each epoch, no network pass): these are the trainer's
-bookkeeping and the files it leaves, which is what the tests look at.
+bookkeeping and the files it leaves, which is what the tests look at. curves.png is rendered only by
+the test of when it is drawn: the others skip matplotlib's quarter of a second a draw, two a run
+(tests/test_training.py checks the picture).
 """
 import contextlib
 import errno
@@ -68,6 +70,13 @@ def stub_training(monkeypatch, calls):
                     loss_rpn_box_reg=0.4, lr=0.01)
 
     monkeypatch.setattr(trainer.engine, 'train_one_epoch', fake_train)
+
+
+@pytest.fixture(autouse=True)
+def curves_recorded_not_drawn(request, monkeypatch):
+    """curves.png is not rendered but in its own test (see the module's docstring)."""
+    if request.function is not test_curves_png_is_drawn_at_most_every_interval_and_at_the_end:
+        monkeypatch.setattr(curves, 'write_png', lambda history, path: path)
 
 
 @pytest.fixture
