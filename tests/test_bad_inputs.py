@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import os
+import shutil
 import struct
 import zlib
 
@@ -208,14 +209,23 @@ def test_training_skips_thin_and_huge_images_naming_them_and_finishes(tmp_path, 
 
 # ----------------------------------------------------------------------------- 1 + 2 in the local runner
 
-@pytest.fixture
-def weights_only_model(tmp_path):
-    """A model folder holding only weights/best.pth (the runner rebuilds the model from the checkpoint)."""
+@pytest.fixture(scope='module')
+def weights_only_checkpoint(tmp_path_factory):
+    """The best.pth of `weights_only_model`, written once for the module."""
     torch.manual_seed(0)
     model = model_factory.build_model(SMALL['model_variant'], 3, 128, 128)
+    path = str(tmp_path_factory.mktemp('weights_only') / 'best.pth')
+    return checkpoints.save_checkpoint(checkpoints.make_checkpoint(
+        model, SMALL['model_variant'], {1: 'a', 2: 'b'}, 128, 128), path)
+
+
+@pytest.fixture
+def weights_only_model(weights_only_checkpoint, tmp_path):
+    """A model folder holding only weights/best.pth (the runner rebuilds the model from the checkpoint); the
+    test's own copy (some write into it)."""
     folder = tmp_path / 'model'
-    checkpoints.save_checkpoint(checkpoints.make_checkpoint(
-        model, SMALL['model_variant'], {1: 'a', 2: 'b'}, 128, 128), str(folder / 'weights' / 'best.pth'))
+    (folder / 'weights').mkdir(parents=True)
+    shutil.copyfile(weights_only_checkpoint, folder / 'weights' / 'best.pth')
     return str(folder)
 
 
@@ -236,9 +246,10 @@ def test_local_runner_predict_warns_per_refused_image_and_goes_on(weights_only_m
 
 # ----------------------------------------------------------------------------- 3. checkpoint validation
 
-@pytest.fixture
+@pytest.fixture(scope='module')
 def small_checkpoint():
-    """A valid checkpoint of the adapter's SMALL configuration (labels cat, dog, bird: 4 classes)."""
+    """A valid checkpoint of the adapter's SMALL configuration (labels cat, dog, bird: 4 classes); shared by the
+    module's tests, which corrupt copies of it (`_corrupt`), never it."""
     torch.manual_seed(1)
     model = model_factory.build_model(SMALL['model_variant'], 4, SMALL['min_size'], SMALL['max_size'])
     return model, checkpoints.make_checkpoint(model, SMALL['model_variant'], {1: 'cat', 2: 'dog', 3: 'bird'},
@@ -648,12 +659,12 @@ def read_only(monkeypatch):
 
 
 def test_train_on_a_read_only_data_folder_skips_the_index_and_finishes(read_only, tmp_path, caplog):
-    from test_local_runner import TINY
+    from test_local_runner import LIGHT_TRAINING, TINY
     from utils.data.synthetic import make_synthetic_export
     data = tmp_path / 'data'
     make_synthetic_export(str(data), n_train=2, n_val=1, image_size=(64, 64), seed=5)
     config = tmp_path / 'config.json'
-    config.write_text(json.dumps(dict(TINY, min_size=64, max_size=64)))
+    config.write_text(json.dumps(dict(TINY, **LIGHT_TRAINING, min_size=64, max_size=64)))
     before = read_only(data)
     with caplog.at_level(logging.INFO):
         code = local_runner_main(['train', '--data', str(data), '--output', str(tmp_path / 'model'),

@@ -38,6 +38,13 @@ def write_model_folder(folder):
     return model
 
 
+@pytest.fixture(scope='module')
+def model_folder(tmp_path_factory):
+    """One model folder for the module's exports (nothing writes into it): (folder, the PyTorch reference)."""
+    folder = tmp_path_factory.mktemp('onnx') / 'model'
+    return folder, write_model_folder(folder)
+
+
 def same_detections(expected, actual):
     """Every PyTorch detection has an onnxruntime one of the same label, box within 1 px, score within 0.01."""
     boxes, labels, scores = actual
@@ -50,9 +57,8 @@ def same_detections(expected, actual):
         unused.remove(match)
 
 
-def test_exported_model_matches_pytorch_on_three_images(tmp_path):
-    folder = tmp_path / 'model'
-    model = write_model_folder(folder)
+def test_exported_model_matches_pytorch_on_three_images(model_folder, tmp_path):
+    folder, model = model_folder
     output = str(tmp_path / 'export' / 'model.onnx')
     assert export_onnx(str(folder), output, size=(128, 160)) == output
     sidecar = json.loads(open(sidecar_path(output)).read())
@@ -75,9 +81,8 @@ def test_exported_model_matches_pytorch_on_three_images(tmp_path):
     assert 3 <= detections < 3 * 80  # the comparison compared something, and the threshold took some away
 
 
-def test_default_size_and_bad_inputs(tmp_path):
-    folder = tmp_path / 'model'
-    write_model_folder(folder)
+def test_default_size_and_bad_inputs(model_folder, tmp_path):
+    folder, _ = model_folder
     output = export_onnx(str(folder), str(tmp_path / 'square.onnx'))
     session = ort.InferenceSession(output, providers=['CPUExecutionProvider'])
     assert session.get_inputs()[0].shape == [3, 160, 160]  # a min_size square
@@ -91,12 +96,11 @@ def test_default_size_and_bad_inputs(tmp_path):
     assert not (tmp_path / 'x.onnx').exists()
 
 
-def test_local_runner_export_command(tmp_path, capsys):
+def test_local_runner_export_command(model_folder, tmp_path, capsys):
     """`python -m local_runner export`: the files it names exist and run; bad input is one line, exit 2."""
     from local_runner.cli import main
     from test_local_runner import assert_one_line_error, run_cli
-    folder = tmp_path / 'model'
-    write_model_folder(folder)
+    folder, _ = model_folder
     output = tmp_path / 'out' / 'model.onnx'
     assert main(['export', '--model', str(folder), '--output', str(output), '--size', '96', '128']) == 0
     assert str(output) in capsys.readouterr().out

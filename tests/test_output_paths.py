@@ -28,7 +28,7 @@ from local_runner.cli import main
 from local_runner.inputs import output_names
 from local_runner.output_paths import fitted_name
 from test_bad_inputs import read_only  # noqa: F401 (a fixture)
-from test_local_runner import REPO, TINY, assert_one_line_error, run_cli
+from test_local_runner import LIGHT_TRAINING, REPO, TINY, assert_one_line_error, run_cli
 from utils.core.run_lock import LOCK_NAME, RunInUseError, run_lock
 from utils.data.synthetic import make_synthetic_export
 from utils.modeling import checkpoints, model_factory
@@ -224,9 +224,9 @@ def test_export_output_problems_and_sizes_are_one_line(sandbox, model_dir, tmp_p
 
 def test_three_trains_at_once_on_one_folder_finish_or_refuse_and_leave_one_run(tmp_path):
     data = tmp_path / 'data'
-    make_synthetic_export(str(data), n_train=4, n_val=2, image_size=(96, 96), seed=4)
+    make_synthetic_export(str(data), n_train=2, n_val=1, image_size=(96, 96), seed=4)
     config = tmp_path / 'tiny.json'
-    config.write_text(json.dumps(dict(TINY, epochs=2)))
+    config.write_text(json.dumps(dict(TINY, **LIGHT_TRAINING, epochs=2)))
     output = tmp_path / 'run'
     runs = [subprocess.Popen([sys.executable, '-m', 'local_runner', '-q', 'train', '--data', str(data), '--output',
                               str(output), '--config', str(config)], cwd=REPO, stdout=subprocess.PIPE,
