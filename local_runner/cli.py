@@ -23,6 +23,7 @@ from local_runner.report import evaluate_on_folder
 from utils.core import runtime_setup, termination
 from utils.core.errors import InputError
 from utils.core.output_layout import SIDECAR_SUFFIX
+from utils.export.export_size import check_size
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ def cmd_evaluate(args) -> int:
 def cmd_export(args) -> int:
     find_model_files(args.model)
     writable_file(args.output, '--output', companions=(SIDECAR_SUFFIX,))
-    from utils.export.onnx_export import export_onnx, sidecar_path  # imports torch: after the paths are checked
-    output = export_onnx(args.model, args.output, size=tuple(args.size) if args.size else None)
+    size = check_size(tuple(args.size)) if args.size else None
+    from utils.export.onnx_export import export_onnx, sidecar_path  # imports torch: after the paths and size
+    output = export_onnx(args.model, args.output, size=size)
     print(f'exported {output} and {sidecar_path(output)} (label map, input size, preprocessing, score threshold)')
     return 0
 

@@ -20,10 +20,10 @@ from utils.core import config as config_lib
 from utils.modeling import checkpoints, model_factory
 from utils.modeling.network_loading import RPN_TEST_KEYS
 from utils.core.atomic import atomic_write, write_json
-from utils.core.errors import InputError
 from utils.core.label_map import configuration_entries, parse_id_to_label
 from utils.core.output_layout import MODEL_FILE, SIDECAR_SUFFIX
 from utils.export import traced_ops
+from utils.export.export_size import ExportError, check_size
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ OPSET = 17  # >= 11 (what torchvision's detection export needs); 17 is well supp
 INPUT_NAME = 'image'
 OUTPUT_NAMES = ('boxes', 'labels', 'scores')
 SIDECAR_FORMAT = 'fasterrcnn-onnx/1'
-# Input sides taken: the graph resizes every input to min_size/max_size (at most 1333 px) first, so a
-# larger input only costs memory; tracing at 8192 x 8192 already holds a 0.8 GB example image.
-MIN_SIDE, MAX_SIDE = 32, 8192
-
-
-class ExportError(InputError):
-    """The model folder or the requested size cannot be exported; the message says which and why
-    (an InputError: the local runner shows it as one line and exits 2)."""
 
 
 def sidecar_path(output_path: str) -> str:
@@ -103,11 +95,7 @@ def load_network(model_dir: str) -> Tuple[torch.nn.Module, config_lib.Settings, 
 def _check_size(size: Optional[Sequence[int]], settings: Dict[str, Any]) -> Tuple[int, int]:
     if size is None:
         return settings['min_size'], settings['min_size']
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and MIN_SIDE <= v <= MAX_SIDE
-                                 for v in size):
-        raise ExportError(f'size must be two integers (height, width), each from {MIN_SIDE} to {MAX_SIDE} '
-                          f'pixels (the network resizes its input to at most max_size anyway), got {size!r}')
-    return int(size[0]), int(size[1])
+    return check_size(size)
 
 
 def sidecar_document(model: torch.nn.Module, settings: Dict[str, Any], id_to_label: Dict[int, str],
