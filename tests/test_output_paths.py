@@ -48,14 +48,21 @@ def sandbox():
     shutil.rmtree(folder)
 
 
-@pytest.fixture
-def model_dir(sandbox):
-    """A model folder of weights alone (predict and export rebuild the model from the checkpoint)."""
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """The best.pth of `model_dir`, written once for the module."""
     torch.manual_seed(0)
     model = model_factory.build_model(VARIANT, 3, 128, 128)
+    return checkpoints.save_checkpoint(checkpoints.make_checkpoint(model, VARIANT, {1: 'a', 2: 'b'}, 128, 128),
+                                       str(tmp_path_factory.mktemp('weights') / 'best.pth'))
+
+
+@pytest.fixture
+def model_dir(sandbox, weights):
+    """A model folder of weights alone (predict and export rebuild the model from the checkpoint)."""
     folder = os.path.join(sandbox, 'model')
-    checkpoints.save_checkpoint(checkpoints.make_checkpoint(model, VARIANT, {1: 'a', 2: 'b'}, 128, 128),
-                                os.path.join(folder, 'weights', 'best.pth'))
+    os.makedirs(os.path.join(folder, 'weights'))
+    shutil.copyfile(weights, os.path.join(folder, 'weights', 'best.pth'))
     for root, dirs, files in os.walk(folder):
         os.chmod(root, 0o755)
         for name in files:

@@ -492,7 +492,8 @@ FIT_EPOCHS = 6  # the mAP leaves 0 in the fourth and fifth epochs, at the full r
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """One real run: FIT_EPOCHS epochs on 9 images (one negative), validation on 4 others; publish_metrics
-    always raises."""
+    always raises; checkpoints at the default interval, as a user's short epochs get them (the best epoch's
+    weights kept meanwhile, all written after the final epoch)."""
     root = tmp_path_factory.mktemp('fit')
     train_records = make_records(root / 'train', 9, seed=1, negatives=1)
     val_records = make_records(root / 'val', 4, seed=2)
@@ -510,6 +511,7 @@ def trained(tmp_path_factory):
     output = str(root / 'out')
     result = trainer.fit(model, train_records, val_records, LABEL_TO_ID, output,
                          settings(epochs=FIT_EPOCHS, batch_size=2, learning_rate=0.01, warmup_iters=3, lr_steps=[0.9],
+                                  checkpoint_interval_s=DEFAULTS['checkpoint_interval_s'],
                                   augment_hflip=False), CPU, CHECKPOINT_INFO,
                          on_epoch_end=lambda e, n: progress.append((e, n)), publish_metrics=publish)
     return SimpleNamespace(result=result, untrained=untrained, published=published, progress=progress,
@@ -593,9 +595,9 @@ def test_the_training_loader_groups_batches_by_aspect_ratio_and_replays_an_epoch
 
 
 def test_resume_continues_with_the_saved_state(tmp_path, monkeypatch):
-    train_records = make_records(tmp_path / 'train', 4, seed=11)
+    train_records = make_records(tmp_path / 'train', 2, seed=11)
     val_records = make_records(tmp_path / 'val', 2, seed=12)
-    config = settings(epochs=3, lr_steps=[2], lr_gamma=0.5, warmup_iters=1)
+    config = settings(epochs=3, batch_size=1, lr_steps=[2], lr_gamma=0.5, warmup_iters=1)  # two steps an epoch
 
     # reference: an uninterrupted run
     reference_model = small_model()
