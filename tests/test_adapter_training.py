@@ -24,15 +24,9 @@ def make_adapter(configuration, labels, artifacts='/nonexistent'):
 
 @pytest.fixture(scope='module')
 def export_dir(tmp_path_factory):
+    """Two batches to order and shuffle, one validation image: what the tests here look at (the epochs, the
+    files, the seed's effect), at the least cost."""
     root = tmp_path_factory.mktemp('export')
-    make_synthetic_export(str(root), n_train=6, n_val=4, image_size=(128, 128), seed=3)
-    return str(root)
-
-
-@pytest.fixture(scope='module')
-def small_export_dir(tmp_path_factory):
-    """Two batches to order and shuffle, one validation image: what a run's seed governs, at the least cost."""
-    root = tmp_path_factory.mktemp('small_export')
     make_synthetic_export(str(root), n_train=4, n_val=1, image_size=(128, 128), seed=3)
     return str(root)
 
@@ -75,13 +69,13 @@ def _trained_state(export_dir, output, **configuration):
     return adapter.model.state_dict()
 
 
-def test_same_seed_trains_the_same_weights_another_seed_other_weights(small_export_dir, tmp_path):
+def test_same_seed_trains_the_same_weights_another_seed_other_weights(export_dir, tmp_path):
     """Random init, data order and augmentation (hflip is on) all follow `seed`, not the process's RNG history."""
     torch.manual_seed(123)
-    first = _trained_state(small_export_dir, tmp_path / 'a', seed=7, num_workers=1)
+    first = _trained_state(export_dir, tmp_path / 'a', seed=7, num_workers=1)
     torch.rand(100)  # whatever ran before must not matter
-    second = _trained_state(small_export_dir, tmp_path / 'b', seed=7, num_workers=1)
-    other = _trained_state(small_export_dir, tmp_path / 'c', seed=8, num_workers=1)
+    second = _trained_state(export_dir, tmp_path / 'b', seed=7, num_workers=1)
+    other = _trained_state(export_dir, tmp_path / 'c', seed=8, num_workers=1)
     assert first.keys() == second.keys() == other.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     float_keys = [k for k in first if first[k].is_floating_point()]
