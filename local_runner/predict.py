@@ -19,7 +19,6 @@ from utils.core.config import prediction_batch_size
 from utils.core.errors import DiskFullError, InputError
 from utils.core.progress import Progress
 from utils.core.label_map import label_to_id
-from utils.data.video import is_video
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +61,7 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
 
     from local_runner.video import predict_videos  # torch and dtlpy: after the path checks
     from utils.data.images import ImageDecodeError, load_image
+    from utils.data.video import is_video  # OpenCV and numpy: not for a command that fails its checks
 
     settings = adapter.settings
     class_ids = label_to_id(adapter.id_to_label_map())
