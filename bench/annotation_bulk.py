@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault('DATALOOP_PATH', tempfile.mkdtemp())
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dtlpy as dl  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.timing import best_of  # noqa: E402
 from fasterrcnn_adapter import FasterRCNNAdapter  # noqa: E402
 from utils.platform.box_collection import boxes_to_collection  # noqa: E402
 from utils.platform.annotation_json import batch_box_annotations  # noqa: E402
@@ -72,12 +72,7 @@ def bulk_path(adapter, items, rows):
 
 
 def best_seconds(fn, repeats):
-    best = float('inf')
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_of(fn, repeats)
 
 
 def main():

@@ -13,16 +13,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.timing import best_of  # noqa: E402
 
 
 def cpu_seconds(fn, rounds: int) -> float:
-    """The fewest CPU seconds of `rounds` calls of `fn()` (the least disturbed by a shared machine)."""
-    best = float('inf')
-    for _ in range(rounds):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
+    return best_of(fn, rounds, clock=time.process_time)
 
 
 def main() -> None:

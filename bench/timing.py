@@ -13,3 +13,13 @@ def seconds(fn, device: torch.device) -> float:
     if device.type == 'cuda':
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def best_of(fn, rounds: int, clock=time.perf_counter) -> float:
+    """The fewest seconds (of `clock`) of `rounds` calls of `fn()`: the run least disturbed by a shared machine."""
+    best = float('inf')
+    for _ in range(rounds):
+        start = clock()
+        fn()
+        best = min(best, clock() - start)
+    return best
