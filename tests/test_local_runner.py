@@ -16,6 +16,7 @@ from PIL import Image
 
 from local_runner import demo, inputs, report
 from local_runner.cli import main
+from tests.test_training import curves_png_not_drawn  # noqa: F401 (a fixture)
 from utils.core import config as config_lib
 from utils.data.synthetic import make_synthetic_export
 
@@ -116,7 +117,8 @@ def test_train_refuses_to_overwrite_a_finished_run(trained, export_dir, config_f
 
 
 def test_a_full_disk_before_the_first_last_pth_is_one_line_and_no_finished_run(small_export_dir, config_file,
-                                                                               tmp_path, monkeypatch, capsys):
+                                                                               tmp_path, monkeypatch, capsys,
+                                                                               curves_png_not_drawn):
     """best.pth written, last.pth not (its write met a full disk; a kill there leaves the same files):
     exit 2 with one line, and the same command then trains instead of calling the run finished."""
     from tests.test_resume_state import fail_writes_of
@@ -136,7 +138,7 @@ def test_a_full_disk_before_the_first_last_pth_is_one_line_and_no_finished_run(s
 
 
 def test_train_completes_a_finished_run_killed_before_its_model_json(small_export_dir, config_file, tmp_path,
-                                                                      monkeypatch, caplog):
+                                                                      monkeypatch, caplog, curves_png_not_drawn):
     from local_runner import model_folder
 
     def killed(*args, **kwargs):

@@ -2,9 +2,9 @@
 and the background checkpoint writer's contract with `on_epoch_end`.
 
 Training is stubbed (the weights change each epoch, no network pass): these are the trainer's
-bookkeeping and the files it leaves, which is what the tests look at. curves.png is rendered only by
-the test of when it is drawn: the others skip matplotlib's quarter of a second a draw, two a run
-(tests/test_training.py checks the picture).
+bookkeeping and the files it leaves, which is what the tests look at. curves.png is rendered by the
+test of when it is drawn; the others skip matplotlib's quarter of a second a draw, two a run
+(`tests.test_training.curves_png_not_drawn`; tests/test_training.py checks the picture).
 """
 import contextlib
 import errno
@@ -17,6 +17,7 @@ import torch
 
 from local_runner.model_folder import check_train_output
 from tests.test_training import CHECKPOINT_INFO, CPU, LABEL_TO_ID, make_records, settings, small_model
+from tests.test_training import curves_png_not_drawn  # noqa: F401 (a fixture)
 from utils.core import atomic
 from utils.training import checkpoint_writer, curves, trainer
 from utils.training.run_folder import RunFolder
@@ -73,10 +74,10 @@ def stub_training(monkeypatch, calls):
 
 
 @pytest.fixture(autouse=True)
-def curves_recorded_not_drawn(request, monkeypatch):
-    """curves.png is not rendered but in its own test (see the module's docstring)."""
+def curves_png_drawn_in_its_own_test_only(request):
+    """See the module's docstring."""
     if request.function is not test_curves_png_is_drawn_at_most_every_interval_and_at_the_end:
-        monkeypatch.setattr(curves, 'write_png', lambda history, path: path)
+        request.getfixturevalue('curves_png_not_drawn')
 
 
 @pytest.fixture

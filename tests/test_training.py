@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from utils.training import engine, trainer
+from utils.training import curves, engine, trainer
 from utils.modeling.checkpoints import load_checkpoint
 from utils.evaluation.coco_eval import CocoEvaluator
 from utils.evaluation.coco_utils import convert_to_coco_api
@@ -114,6 +114,13 @@ def settings(**overrides):
 
 class _Stop(Exception):
     pass
+
+
+@pytest.fixture
+def curves_png_not_drawn(monkeypatch):
+    """curves.png is not rendered (a quarter of a second of matplotlib a draw, two a run), for the runs whose
+    tests look at other things: test_fit_writes_curves_and_checkpoints and test_curves_csv_and_png check it."""
+    monkeypatch.setattr(curves, 'write_png', lambda history, path: path)
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -594,7 +601,7 @@ def test_the_training_loader_groups_batches_by_aspect_ratio_and_replays_an_epoch
     assert [t['image_id'] for _, targets in loader for t in targets] != orders[0]
 
 
-def test_resume_continues_with_the_saved_state(tmp_path, monkeypatch):
+def test_resume_continues_with_the_saved_state(tmp_path, monkeypatch, curves_png_not_drawn):
     train_records = make_records(tmp_path / 'train', 2, seed=11)
     val_records = make_records(tmp_path / 'val', 2, seed=12)
     config = settings(epochs=3, batch_size=1, lr_steps=[2], lr_gamma=0.5, warmup_iters=1)  # two steps an epoch
@@ -657,7 +664,7 @@ def test_resume_continues_with_the_saved_state(tmp_path, monkeypatch):
     assert calls == [] and again == result
 
 
-def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch):
+def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch, curves_png_not_drawn):
     scores = iter([0.10, 0.30, 0.20, 0.25, 0.90, 0.95])
     snapshots = {}
 
@@ -686,7 +693,7 @@ def test_best_checkpoint_and_early_stopping(tmp_path, monkeypatch):
     assert again.stopped_early and again.epochs_run == 4 and again.best_epoch == 1
 
 
-def test_fit_without_validation_and_with_an_explicit_resume_path(tmp_path, monkeypatch):
+def test_fit_without_validation_and_with_an_explicit_resume_path(tmp_path, monkeypatch, curves_png_not_drawn):
     """No validation images: no evaluation, best.pth follows the latest epoch, early stopping stays off.
     `resume_path` continues another run's last.pth in a new output_path. (Training is stubbed: this is
     the trainer's bookkeeping.)"""
@@ -727,7 +734,7 @@ def test_fit_without_validation_and_with_an_explicit_resume_path(tmp_path, monke
                     other_labels, resume_path=os.path.join(first, 'weights', 'last.pth'))
 
 
-def test_a_small_validation_set_is_decoded_once_for_the_whole_run(tmp_path, monkeypatch):
+def test_a_small_validation_set_is_decoded_once_for_the_whole_run(tmp_path, monkeypatch, curves_png_not_drawn):
     """Evaluation every epoch over a set that fits in memory (VALIDATION_CACHE_BYTES) decodes each image once,
     with the same metrics as a set read by the loader every epoch."""
     import utils.data.detection_dataset as detection_dataset
