@@ -8,6 +8,7 @@ from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
 from utils.platform.local_model import local_model
 from utils.modeling.checkpoints import is_finished_run
 from utils.data.synthetic import make_synthetic_export
+from tests.test_training import curves_png_not_drawn  # noqa: F401 (a fixture)
 
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
         'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 2,
@@ -69,7 +70,7 @@ def _trained_state(export_dir, output, **configuration):
     return adapter.model.state_dict()
 
 
-def test_same_seed_trains_the_same_weights_another_seed_other_weights(export_dir, tmp_path):
+def test_same_seed_trains_the_same_weights_another_seed_other_weights(export_dir, tmp_path, curves_png_not_drawn):
     """Random init, data order and augmentation (hflip is on) all follow `seed`, not the process's RNG history."""
     torch.manual_seed(123)
     first = _trained_state(export_dir, tmp_path / 'a', seed=7, num_workers=1)

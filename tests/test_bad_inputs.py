@@ -30,6 +30,7 @@ from fasterrcnn_adapter import UnreadableItem
 from test_adapter_core import SMALL, boxes_of, make_adapter, random_image
 from test_dataloop_reader import _image_bytes, _item, _mask_png
 from test_training import LABEL_TO_ID, make_records, settings, small_model
+from test_training import curves_png_not_drawn  # noqa: F401 (a fixture)
 from utils.core import config as config_lib
 from utils.modeling import checkpoints, model_factory
 from utils.training import trainer
@@ -185,7 +186,7 @@ def test_adapter_convert_applies_the_networks_limits(tmp_path):
     assert [r['name'] for r in export.subsets['train']] == ['/ok.png']
 
 
-def test_training_skips_thin_and_huge_images_naming_them_and_finishes(tmp_path, caplog):
+def test_training_skips_thin_and_huge_images_naming_them_and_finishes(tmp_path, caplog, curves_png_not_drawn):
     """Records that bypass the reader (an older index, another caller): the dataset refuses them per item."""
     torch.set_num_threads(1)
     records = make_records(tmp_path / 'train', 3, seed=1)

@@ -357,7 +357,8 @@ def test_a_wrong_path_fails_before_torch_or_dtlpy_is_imported(tmp_path):
     assert result.stdout.split() == ['2', '[]'], (args, result.stdout, result.stderr)
     assert_one_line_error(result.stderr, '--output', 'is a file, not a folder')
     # export's --size too
-    args = ['export', '--model', str(tmp_path / 'model'), '--output', str(tmp_path / 'm.onnx'), '--size', '100000', '64']
+    args = ['export', '--model', str(tmp_path / 'model'), '--output', str(tmp_path / 'm.onnx'),
+            '--size', '100000', '64']
     result = subprocess.run([sys.executable, '-c', script, *args], cwd=REPO, capture_output=True, text=True,
                             timeout=60)
     assert result.stdout.split() == ['2', '[]'], (args, result.stdout, result.stderr)
