@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from test_cpu_runtime import boxes_of, make_adapter, predict_twice, shapes_images
-from test_local_runner import TINY as RUNNER_TINY, run_cli
+from test_cpu_runtime import TINY, boxes_of, make_adapter, predict_twice, shapes_images
+from test_local_runner import run_cli
 from utils.data.images import load_image_tensor
 from utils.data.synthetic import make_synthetic_export
 from utils.export import cpu_graphs
@@ -24,48 +24,36 @@ pytestmark = pytest.mark.compiled_cpu_runtime
 CLEAR = 0.15
 
 
-def train_and_save(root, **configuration):
-    """Train on the synthetic shapes and save the artifacts as the platform's train_model does: returns the
-    artifacts folder and the trained adapter."""
+def train_in_process(root, **configuration):
+    """An adapter trained on the synthetic shapes in this process (not saved)."""
     data = root / 'data'
     make_synthetic_export(str(data), n_train=8, n_val=2, image_size=(128, 128), seed=4)
     adapter = make_adapter(root / 'none', **configuration)
     adapter.convert_from_dtlpy(str(data))
     adapter.train(str(data), str(root / 'output'))
-    adapter.save(str(root / 'artifacts'))
-    return root / 'artifacts', adapter
-
-
-class Lines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
+    return adapter
 
 
 @pytest.fixture(scope='module')
-def int8_training(tmp_path_factory):
-    """A model trained with cpu_precision int8 and saved: its artifacts folder, what `utils` logged meanwhile, and
-    the trained adapter. One epoch: the saved weights are the best epoch's, and a few epochs' validation mAP on two
-    images stays 0, so the first epoch is the one kept either way."""
+def int8_run(tmp_path_factory):
+    """`python -m local_runner train` with cpu_precision int8 on the synthetic shapes, as a user runs it: the model
+    folder it wrote (weights and the CPU runtime's graphs, which a deploy of it loads) and the finished process.
+    Trained with the deploys' settings (test_cpu_runtime's TINY): the graphs' digest is the one their adapters
+    compute. One epoch: the saved weights are the best epoch's, and a few epochs' validation mAP on two images
+    stays 0, so the first epoch is the one kept either way."""
     root = tmp_path_factory.mktemp('int8')
-    handler, log = Lines(), logging.getLogger('utils')
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        artifacts, adapter = train_and_save(root, cpu_precision='int8', epochs=1)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-    return artifacts, handler.lines, adapter
+    data, model = root / 'data', root / 'model'
+    make_synthetic_export(str(data), n_train=8, n_val=2, image_size=(128, 128), seed=4)
+    config = root / 'int8.json'
+    config.write_text(json.dumps({**TINY, 'epochs': 1, 'cpu_runtime': 'openvino', 'cpu_precision': 'int8'}))
+    done = run_cli('train', '--data', str(data), '--output', str(model), '--config', str(config))
+    assert done.returncode == 0, done.stderr
+    return model, done
 
 
 @pytest.fixture(scope='module')
-def int8_trained(int8_training):
-    return int8_training[0]
+def int8_trained(int8_run):
+    return int8_run[0]
 
 
 def int8_files(artifacts):
@@ -85,8 +73,8 @@ def test_training_with_int8_saves_the_int8_graph_beside_the_f32_one(int8_trained
     assert (folders[0].parent / 'detector.onnx').is_file()  # same digest: the weights it was made from
 
 
-def test_the_calibration_cost_is_in_the_log(int8_training):
-    line = next(line for line in int8_training[1] if 'int8 graph written' in line)
+def test_the_calibration_cost_is_in_the_log(int8_run):
+    line = next(line for line in int8_run[1].stderr.splitlines() if 'int8 graph written' in line)
     assert 'calibrated on 8 images in' in line and 's an image' in line
 
 
@@ -124,16 +112,17 @@ def test_int8_without_an_int8_graph_runs_f32_with_one_warning(tmp_path, int8_tra
     assert len(warnings) == 1 and 'no int8 graph' in warnings[0] and 'f32' in warnings[0], warnings
 
 
-def test_a_crashed_calibration_leaves_f32_and_says_so(int8_training, tmp_path, monkeypatch, caplog):
+def test_a_crashed_calibration_leaves_f32_and_says_so(tmp_path, monkeypatch, caplog):
     """Calibration runs in a child process: one that dies of a signal costs the int8 graph, not the run (the
-    trained adapter saves its artifacts again, as train_model's save does after training)."""
+    trained adapter saves its artifacts, as train_model's save does after training)."""
+    trained = train_in_process(tmp_path, cpu_precision='int8', epochs=1)
     crashing = tmp_path / 'crashing-python'
     crashing.write_text('#!/bin/sh\nkill -SEGV $$\n')
     crashing.chmod(0o755)
     monkeypatch.setattr(sys, 'executable', str(crashing))
     artifacts = tmp_path / 'artifacts'
     with caplog.at_level(logging.WARNING, logger='fasterrcnn'):
-        int8_training[2].save(str(artifacts))
+        trained.save(str(artifacts))
     assert 'the int8 graph was not made (RuntimeError: the calibration process ended with signal SIGSEGV' \
         in caplog.text
     assert int8_files(artifacts) == [] and list((artifacts / cpu_graphs.GRAPHS_DIR).glob('*/detector.onnx'))
@@ -168,15 +157,10 @@ def test_without_bf16_units_bf16_and_auto_run_f32(monkeypatch):
     assert cpu_precision.openvino_config('int8')['INFERENCE_PRECISION_HINT'] == 'bf16'
 
 
-def test_the_local_runners_train_makes_the_int8_graph_and_its_predict_uses_it(tmp_path):
-    data, model = tmp_path / 'data', tmp_path / 'model'
-    make_synthetic_export(str(data), n_train=6, n_val=2, image_size=(96, 96), seed=3)
-    config = tmp_path / 'int8.json'
-    config.write_text(json.dumps({**RUNNER_TINY, 'cpu_runtime': 'openvino', 'cpu_precision': 'int8'}))  # not torch
-    done = run_cli('train', '--data', str(data), '--output', str(model), '--config', str(config))
-    assert done.returncode == 0, done.stderr
-    assert 'int8 graph written' in done.stderr and list(model.glob('cpu_runtime/*/detector_int8.xml'))
-    done = run_cli('predict', '--model', str(model), '--input', str(data / 'validation' / 'items'),
+def test_the_local_runners_train_makes_the_int8_graph_and_its_predict_uses_it(int8_run, tmp_path):
+    model, train = int8_run
+    assert 'int8 graph written' in train.stderr and list(model.glob('cpu_runtime/*/detector_int8.xml'))
+    done = run_cli('predict', '--model', str(model), '--input', str(model.parent / 'data' / 'validation' / 'items'),
                    '--output', str(tmp_path / 'predictions'))
     assert done.returncode == 0, done.stderr
     assert 'predict runs on openvino in int8' in done.stderr
