@@ -541,9 +541,11 @@ class DataloopEmulator:
     def add_fault(self, kind, where, times=None):
         """Make the requests for which ``where(req)`` is true fail, the first ``times`` of them (all when None).
 
-        ``kind``: ``'error'`` answers HTTP 500 (the platform failing) and changes nothing; ``'stall'`` reads the
-        whole request and never answers (a stalled connection), until the emulator stops. Each hit is
-        recorded in ``faults_hit`` as a ``Request``.
+        ``kind``: ``'error'`` answers HTTP 500 (the platform failing) and changes nothing (an upload's answer
+        comes once its fields before the file are read, and the client stops sending the file); ``'stall'``
+        reads the whole request and never answers (a stalled connection), until the emulator stops. ``where``
+        sees the request's body up to an upload's file bytes. Each hit is recorded in ``faults_hit`` as a
+        ``Request``.
         """
         if kind not in ('error', 'stall'):
             raise ValueError('fault kind must be error or stall, got {!r}'.format(kind))
@@ -558,6 +560,17 @@ class DataloopEmulator:
             fields = _parse_multipart(req.headers.get('Content-Type', ''), req.body)
             remote = '/' + (fields.get('path') or [b''])[0].decode().lstrip('/')
             return remote.startswith('/artifacts/models/') and remote.endswith(relative)
+        return where
+
+    @staticmethod
+    def metrics_publish(x):
+        """A fault's ``where``: publishing a model's metrics with a sample at ``x`` (training's epoch number)."""
+        def where(req):
+            if req.method != 'POST' or req.path != '/ml/metrics/publish':
+                return False
+            samples = req.json
+            return any((sample.get('data') or {}).get('x') == x
+                       for sample in (samples if isinstance(samples, list) else [samples]))
         return where
 
     def _fault_for(self, req):
@@ -869,20 +882,28 @@ def _deep_merge(target, update):
 
 
 def _parse_multipart(content_type, body):
-    """Minimal multipart/form-data reader: {field name: [raw bytes, ...]}; exact for binary parts."""
+    """Minimal multipart/form-data reader: {field name: [raw bytes, ...]}; exact for binary parts.
+
+    Each part's content is copied once, by index: checkpoints of a hundred megabytes come through here."""
     match = re.search(r'boundary="?([^";]+)"?', content_type)
     if not match:
         return {}
+    delimiter = b'--' + match.group(1).encode()
     fields = {}
-    for part in body.split(b'--' + match.group(1).encode())[1:]:
-        if part.startswith(b'--'):
+    start = body.find(delimiter)
+    while start != -1:
+        start += len(delimiter)
+        if body.startswith(b'--', start):
             break
-        head, _, content = part.partition(b'\r\n\r\n')
-        name = re.search(rb'name="([^"]*)"', head)
+        end = body.find(delimiter, start)
+        stop = len(body) if end == -1 else end
+        head_end = body.find(b'\r\n\r\n', start, stop)
+        head_stop, content_start = (stop, stop) if head_end == -1 else (head_end, head_end + 4)
+        name = re.search(rb'name="([^"]*)"', body[start:head_stop])
         if name:
-            if content.endswith(b'\r\n'):
-                content = content[:-2]
-            fields.setdefault(name.group(1).decode(), []).append(content)
+            content_stop = stop - 2 if stop - content_start >= 2 and body[stop - 2:stop] == b'\r\n' else stop
+            fields.setdefault(name.group(1).decode(), []).append(body[content_start:content_stop])
+        start = end
     return fields
 
 
@@ -891,6 +912,9 @@ class _Server(ThreadingHTTPServer):
         """A client killed mid-request (a test's SIGKILL) is expected: no traceback for a reset connection."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
+
+_FILE_PART = b'name="file"'  # the SDK's upload form sends its fields (type, path, metadata) before the file
 
 
 class _ClientGone(Exception):
@@ -913,9 +937,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):  # the request log lives in emulator.requests
         pass
 
-    def _read_body(self):
+    def _body_chunks(self):
+        """The request body's pieces as they arrive (chunked or Content-Length); _ClientGone if it ends early."""
         if 'chunked' in self.headers.get('Transfer-Encoding', '').lower():
-            chunks = []
             while True:
                 line = self.rfile.readline()
                 if not line:
@@ -924,38 +948,52 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 if size == 0:
                     while self.rfile.readline() not in (b'\r\n', b'\n', b''):
                         pass
-                    return b''.join(chunks)
+                    return
                 chunk = self.rfile.read(size)
                 if len(chunk) < size:
                     raise _ClientGone('connection closed inside a chunk')
-                chunks.append(chunk)
+                yield chunk
                 self.rfile.readline()
-        length = int(self.headers.get('Content-Length') or 0)
-        body = self.rfile.read(length) if length else b''
-        if len(body) < length:
-            raise _ClientGone('connection closed before Content-Length bytes arrived')
-        return body
+        left = int(self.headers.get('Content-Length') or 0)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                raise _ClientGone('connection closed before Content-Length bytes arrived')
+            left -= len(chunk)
+            yield chunk
+
+    def _read_body_head(self, chunks):
+        """The body up to the start of a multipart file's bytes (all of any other body): what a fault decides on."""
+        multipart = self.headers.get('Content-Type', '').startswith('multipart/form-data')
+        head = []
+        for chunk in chunks:
+            head.append(chunk)
+            if multipart and _FILE_PART in b''.join(head[-2:]):
+                break
+        return b''.join(head)
 
     def _handle(self):
         emulator = self.emulator
         parts = urlsplit(self.path)
         path = unquote(parts.path)
+        chunks = self._body_chunks()
         try:
-            body = self._read_body()
+            body = self._read_body_head(chunks)
+            api_path = path[len(API_PREFIX):].rstrip('/') or '/'
+            fault = emulator._fault_for(_Req(self.command, api_path, parse_qs(parts.query), self.headers, body))
+            if fault == 'error':  # answered before the file's bytes, as a gateway does: the client stops sending
+                self._answer_and_drain(path, chunks)
+                return
+            body += b''.join(chunks)
         except (_ClientGone, ConnectionError):
             self.close_connection = True
             return
-        api_path = path[len(API_PREFIX):].rstrip('/') or '/'
-        fault = emulator._fault_for(_Req(self.command, api_path, parse_qs(parts.query), self.headers, body))
         if fault == 'stall':
             emulator._released.wait()
             self.close_connection = True
             return
         try:
-            if fault == 'error':
-                result = 500, {'message': 'emulator fault: internal server error'}, {}
-            else:
-                result = emulator.dispatch(self.command, path, parse_qs(parts.query), self.headers, body)
+            result = emulator.dispatch(self.command, path, parse_qs(parts.query), self.headers, body)
             if result is None:
                 result = 404, {'message': 'emulator has no route for {} {}'.format(self.command, path),
                                'path': path}, {}
@@ -979,5 +1017,21 @@ class _RequestHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != 'HEAD':
             self.wfile.write(data)
+
+    def _answer_and_drain(self, path, chunks):
+        """An injected HTTP 500 sent at once; the rest of the body is read and dropped until the client stops
+        (closing unread would reset the connection under the answer)."""
+        self.emulator.requests.append(Request(self.command, path, 500))
+        data = json.dumps({'message': 'emulator fault: internal server error'}).encode()
+        self.send_response(500)
+        self.send_header('Content-Type', 'application/json')
+        self.send_header('Content-Length', str(len(data)))
+        self.send_header('Connection', 'close')
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+        self.close_connection = True
+        for _ in chunks:
+            pass
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = do_HEAD = _handle
