@@ -9,6 +9,8 @@
 - items whose image path is a FIFO, a folder or a device, item JSONs that are a FIFO or nested past
   Python's recursion limit, are skipped with a warning; nothing blocks (the subprocess has a timeout);
 - `batch_size` over the training set is lowered to it, said in one line, and no batch repeats an image.
+
+The tests that train read one run (`hostile_run`) that meets all three at once.
 """
 import json
 import logging
@@ -40,6 +42,26 @@ def config(tmp_path):
     path = tmp_path / 'tiny.json'
     path.write_text(json.dumps(TINY))
     return path
+
+
+@pytest.fixture(scope='module')
+def hostile_run(tmp_path_factory):
+    """One `local_runner train` that meets everything the tests below check, so they share its log and output:
+    lying annotations and special files in the export, a label no box has (`--labels ... hexagon`) and a
+    batch size over the training set (64, with 5 images: the 4 synthetic ones and the lying item's good box).
+    The box head samples 32 proposals per image: the assertions are about the data, not the learning."""
+    root = tmp_path_factory.mktemp('hostile')
+    export = root / 'data'
+    make_synthetic_export(str(export), n_train=4, n_val=2, image_size=(96, 96), seed=7)
+    hostile = _write_hostile_item(export)
+    special = _write_special_files(export)
+    config = root / 'big_batch.json'
+    config.write_text(json.dumps(dict(TINY, batch_size=64, box_batch_size_per_image=32)))
+    output = root / 'model'
+    result = run_cli('train', '--data', str(export), '--output', str(output), '--config', str(config),
+                     '--labels', 'circle,square,triangle,hexagon',
+                     timeout=240)  # a FIFO opened for reading would block forever
+    return dict(result=result, output=output, hostile=hostile, special=special)
 
 
 def _an_image(root):
@@ -143,10 +165,8 @@ def test_a_typo_among_many_labels_is_refused_by_the_adapter_too(export):
         check_label_names(['circle', 'square', 'tringle'], read)
 
 
-def test_training_with_an_unannotated_label_warns_and_trains(export, config, tmp_path):
-    output = tmp_path / 'model'
-    result = run_cli('train', '--data', str(export), '--output', str(output), '--config', str(config),
-                     '--labels', 'circle,square,triangle,hexagon')
+def test_training_with_an_unannotated_label_warns_and_trains(hostile_run):
+    result, output = hostile_run['result'], hostile_run['output']
     assert result.returncode == 0, result.stderr
     assert "['hexagon'] have no box in the 'train' subset" in result.stderr
     assert json.loads((output / 'model.json').read_text())['labels'] == ['circle', 'square', 'triangle', 'hexagon']
@@ -170,12 +190,9 @@ def test_hostile_annotations_are_dropped_one_by_one_naming_the_item(export, capl
     assert any('999999' in line for line in lines)
 
 
-def test_train_skips_lying_annotations_and_special_files_and_finishes(export, config, tmp_path):
-    hostile = _write_hostile_item(export)
-    special = _write_special_files(export)
-    output = tmp_path / 'model'
-    result = run_cli('train', '--data', str(export), '--output', str(output), '--config', str(config),
-                     timeout=240)  # a FIFO opened for reading would block forever
+def test_train_skips_lying_annotations_and_special_files_and_finishes(hostile_run):
+    result, output = hostile_run['result'], hostile_run['output']
+    hostile, special = hostile_run['hostile'], hostile_run['special']
     assert result.returncode == 0, result.stderr
     assert 'Traceback' not in result.stderr
     assert result.stderr.count(hostile) >= len(HOSTILE_ANNOTATIONS)
@@ -188,16 +205,13 @@ def test_train_skips_lying_annotations_and_special_files_and_finishes(export, co
 
 # ----------------------------------------------------------------------------- batch size
 
-def test_a_batch_size_over_the_training_set_is_lowered_to_it_in_one_line(export, tmp_path):
-    config = tmp_path / 'big_batch.json'
-    config.write_text(json.dumps(dict(TINY, batch_size=64)))
-    output = tmp_path / 'model'
-    result = run_cli('train', '--data', str(export), '--output', str(output), '--config', str(config))
+def test_a_batch_size_over_the_training_set_is_lowered_to_it_in_one_line(hostile_run):
+    result = hostile_run['result']
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if 'lowered to' in line]
     assert len(lines) == 1 and 'WARNING' in lines[0], result.stderr
-    assert 'training batch size 64 (batch_size) lowered to 4: the training set has 4 image(s)' in lines[0]
-    assert 'batch 4,' in result.stderr
+    assert 'training batch size 64 (batch_size) lowered to 5: the training set has 5 image(s)' in lines[0]
+    assert 'batch 5,' in result.stderr
 
 
 def test_the_batch_size_is_bounded_by_memory_too(monkeypatch, caplog):
