@@ -51,7 +51,8 @@ def test_local_runner_saves_a_resumable_last_pth_on_sigterm_and_resumes(tmp_path
     data, output = str(tmp_path / 'data'), str(tmp_path / 'out')
     make_synthetic_export(data, n_train=4, n_val=2, image_size=(96, 96), seed=5)
     config = tmp_path / 'config.json'
-    config.write_text(json.dumps({**TINY, 'epochs': EPOCHS, 'checkpoint_interval_s': 3600}))
+    config.write_text(json.dumps({**TINY, 'epochs': EPOCHS, 'checkpoint_interval_s': 3600,
+                                  'box_batch_size_per_image': 32}))  # of 512: the box head's step costs most
     command = [sys.executable, '-m', 'local_runner', 'train', '--data', data, '--output', output,
                '--config', str(config)]
     log_path = str(tmp_path / 'train.log')

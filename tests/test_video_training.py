@@ -322,7 +322,8 @@ def test_a_video_whose_frames_the_limits_refuse_is_skipped(tmp_path):
 TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'device': 'cpu',
         'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 1,
         'learning_rate': 0.01, 'warmup_iters': 2, 'video_train_frame_stride': STRIDE,
-        'cpu_runtime': 'torch'}  # subprocesses too: see conftest.py
+        'cpu_runtime': 'torch',  # subprocesses too: see conftest.py
+        'box_batch_size_per_image': 32}  # of 512: the box head's step is most of a training step on the CPU
 
 
 def test_local_runner_trains_and_validates_on_videos(tmp_path):
