@@ -102,3 +102,10 @@ def dataloop_env(monkeypatch):
 def dataloop_emulator(dataloop_env):
     """Alias of ``dataloop_env`` for tests that read better with this name."""
     return dataloop_env
+
+
+@pytest.fixture(autouse=True, scope='session')
+def sdk_uploads_without_event_loops():
+    """dtlpy's upload stream read without an event loop per chunk (see tests/sdk_uploads.py)."""
+    import sdk_uploads
+    sdk_uploads.install()

@@ -21,12 +21,14 @@ def main(api_url: str, model_id: str) -> None:
     import dtlpy.repositories.datasets as dl_datasets
 
     import sdk_frames
+    import sdk_uploads
     from dataloop_emulator import NoExportWaitTime, connect_sdk
     from fasterrcnn_adapter import FasterRCNNAdapter
 
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(asctime)s %(name)s %(message)s')
     dl_datasets.time = NoExportWaitTime()
     sdk_frames.install()
+    sdk_uploads.install()
     connect_sdk(api_url)
     FasterRCNNAdapter().train_model(dl.models.get(model_id=model_id))
 
