@@ -551,6 +551,11 @@ class DataloopEmulator:
             raise ValueError('fault kind must be error or stall, got {!r}'.format(kind))
         self.faults.append({'kind': kind, 'where': where, 'left': times})
 
+    def clear_faults(self):
+        """Drop the faults not spent yet: what follows runs on a healthy platform."""
+        with self._lock:
+            self.faults.clear()
+
     @staticmethod
     def artifact_upload(relative=''):
         """A fault's ``where``: an item upload into a model's artifacts whose path ends with ``relative``."""
