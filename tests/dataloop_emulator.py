@@ -44,7 +44,8 @@ filename)`` and ``item_annotations(item_id)`` read state back;
 ``make_token()`` is the unsigned JWT the fixture logs in with;
 ``add_fault(kind, where, times)`` injects the platform's failures (HTTP 500,
 or a request read and never answered), for example on
-``artifact_upload('weights/best.pth')``;
+``artifact_upload('weights/best.pth')`` or ``metrics_publish(2)``, and
+``clear_faults()`` drops those not spent;
 ``connect_sdk(api_url)`` logs the SDK of any process in (a child process
 driving ``train_model`` uses it too) and ``NoExportWaitTime`` replaces
 ``time`` in ``dtlpy.repositories.datasets`` to skip the SDK's export wait.
