@@ -962,7 +962,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         left = int(self.headers.get('Content-Length') or 0)
         while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 20))
+            chunk = self.rfile.read1(min(left, 1 << 20))  # what has arrived: a fault may answer before the rest
             if not chunk:
                 raise _ClientGone('connection closed before Content-Length bytes arrived')
             left -= len(chunk)
@@ -971,11 +971,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _read_body_head(self, chunks):
         """The body up to the start of a multipart file's bytes (all of any other body): what a fault decides on."""
         multipart = self.headers.get('Content-Type', '').startswith('multipart/form-data')
-        head = []
+        head, tail = [], b''
         for chunk in chunks:
             head.append(chunk)
-            if multipart and _FILE_PART in b''.join(head[-2:]):
+            if multipart and _FILE_PART in tail + chunk:
                 break
+            tail = (tail + chunk)[1 - len(_FILE_PART):]  # a marker split across pieces is still found
         return b''.join(head)
 
     def _handle(self):

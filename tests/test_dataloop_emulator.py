@@ -267,3 +267,47 @@ def test_an_upload_cut_off_mid_body_stores_nothing(world):
         time.sleep(0.3)  # let the handler thread see the closed connection
         assert emu.find_items(binaries['id'], '/artifacts/models/m/weights/last.pth') == [], framing
     assert emu.errors == []
+
+
+def test_an_injected_500_on_an_upload_comes_before_the_file_is_sent(world):
+    """The client has sent the form's fields and the file part's header, and still owes 10 MB: the 500 comes."""
+    import socket
+    from urllib.parse import urlsplit
+    emu = world['emu']
+    binaries = emu.binaries_dataset(world['project']['id'])
+    emu.add_fault('error', emu.artifact_upload('weights/best.pth'))
+    boundary = 'early'
+    body = ('--{b}\r\nContent-Disposition: form-data; name="type"\r\n\r\nfile\r\n'
+            '--{b}\r\nContent-Disposition: form-data; name="path"\r\n\r\n/artifacts/models/m/weights/best.pth\r\n'
+            '--{b}\r\nContent-Disposition: form-data; name="file"; filename="best.pth"\r\n\r\n').format(b=boundary)
+    url = urlsplit(emu.api_url)
+    head = ('POST {}/datasets/{}/items HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={}\r\n'
+            'Content-Length: {}\r\n\r\n').format(url.path, binaries['id'], boundary, len(body) + 10 * 2 ** 20)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head.encode() + body.encode() + b'\0' * 1000)
+        answer = b''
+        while not answer.endswith(b'}'):  # the headers, then the JSON message
+            piece = sock.recv(4096)
+            if not piece:
+                break
+            answer += piece
+    assert answer.startswith(b'HTTP/1.1 500'), answer
+    assert b'emulator fault' in answer and b'Connection: close' in answer
+    assert [hit.status for hit in emu.faults_hit] == ['error']
+    assert emu.find_items(binaries['id'], '/artifacts/models/m/weights/best.pth') == []
+
+
+def test_a_fault_on_one_epochs_metrics_until_the_faults_are_cleared(world):
+    emu = world['emu']
+    model = dl.models.get(model_id=world['model']['id'])
+    emu.add_fault('error', emu.metrics_publish(2))
+
+    def publish(x):
+        return model.metrics.create(samples=[dl.PlotSample(figure='loss', legend='train', x=x, y=1.0)],
+                                    dataset_id=world['dataset']['id'])
+    assert publish(1) is True
+    with pytest.raises(dl.exceptions.InternalServerError):
+        publish(2)
+    emu.clear_faults()
+    assert publish(2) is True
+    assert [m['data']['x'] for m in emu.metrics] == [1, 2] and len(emu.faults_hit) == 1
