@@ -974,9 +974,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
         head, tail = [], b''
         for chunk in chunks:
             head.append(chunk)
-            if multipart and _FILE_PART in tail + chunk:
-                break
-            tail = (tail + chunk)[1 - len(_FILE_PART):]  # a marker split across pieces is still found
+            if multipart:
+                if _FILE_PART in tail + chunk:
+                    break
+                tail = (tail + chunk)[1 - len(_FILE_PART):]  # a marker split across pieces is still found
         return b''.join(head)
 
     def _handle(self):
