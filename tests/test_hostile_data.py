@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from test_local_runner import TINY, run_cli
+from test_platform_flows import LIGHT_BOX_HEAD
 from utils.data.dataloop_reader import read_dataloop_export
 from utils.data.label_check import check_label_names
 from utils.data.synthetic import make_synthetic_export
@@ -49,14 +50,14 @@ def hostile_run(tmp_path_factory):
     """One `local_runner train` that meets everything the tests below check, so they share its log and output:
     lying annotations and special files in the export, a label no box has (`--labels ... hexagon`) and a
     batch size over the training set (64, with 5 images: the 4 synthetic ones and the lying item's good box).
-    The box head samples 32 proposals per image: the assertions are about the data, not the learning."""
+    """
     root = tmp_path_factory.mktemp('hostile')
     export = root / 'data'
     make_synthetic_export(str(export), n_train=4, n_val=2, image_size=(96, 96), seed=7)
     hostile = _write_hostile_item(export)
     special = _write_special_files(export)
     config = root / 'big_batch.json'
-    config.write_text(json.dumps(dict(TINY, batch_size=64, box_batch_size_per_image=32)))
+    config.write_text(json.dumps({**TINY, **LIGHT_BOX_HEAD, 'batch_size': 64}))
     output = root / 'model'
     result = run_cli('train', '--data', str(export), '--output', str(output), '--config', str(config),
                      '--labels', 'circle,square,triangle,hexagon',
