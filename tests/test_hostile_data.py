@@ -21,8 +21,7 @@ import stat
 import pytest
 import torch
 
-from test_local_runner import TINY, run_cli
-from test_platform_flows import LIGHT_BOX_HEAD
+from test_local_runner import LIGHT_TRAINING, TINY, run_cli
 from utils.data.dataloop_reader import read_dataloop_export
 from utils.data.label_check import check_label_names
 from utils.data.synthetic import make_synthetic_export
@@ -57,7 +56,7 @@ def hostile_run(tmp_path_factory):
     hostile = _write_hostile_item(export)
     special = _write_special_files(export)
     config = root / 'big_batch.json'
-    config.write_text(json.dumps({**TINY, **LIGHT_BOX_HEAD, 'batch_size': 64}))
+    config.write_text(json.dumps({**TINY, **LIGHT_TRAINING, 'batch_size': 64}))
     output = root / 'model'
     result = run_cli('train', '--data', str(export), '--output', str(output), '--config', str(config),
                      '--labels', 'circle,square,triangle,hexagon',

@@ -29,6 +29,7 @@ from dtlpy.services import service_defaults
 from PIL import Image
 
 from fasterrcnn_adapter import INDEX_FILENAME, FasterRCNNAdapter
+from test_local_runner import LIGHT_TRAINING
 from utils.training import engine
 from utils.data.data_index import load_index
 from utils.platform.local_model import manifest_model_block
@@ -38,13 +39,10 @@ from utils.data.synthetic import render_item
 LABELS = ['circle', 'square', 'triangle']
 SHAPE_MAP = {1: 'circle', 2: 'square', 3: 'triangle'}
 SIZE = 128
-# 32 proposals an image through the box head (of 512): its step is most of a CPU training step, and the tests that
-# train check what a run does, not what it learns.
-LIGHT_BOX_HEAD = {'box_batch_size_per_image': 32}
 TINY = {'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn', 'pretrained': False, 'device': 'cpu',
         'min_size': SIZE, 'max_size': SIZE, 'epochs': 2, 'batch_size': 2, 'num_workers': 0,
         'learning_rate': 0.01, 'warmup_iters': 2, 'cpu_runtime': 'torch',  # subprocesses too: see conftest.py
-        **LIGHT_BOX_HEAD}
+        **LIGHT_TRAINING}  # the tests that train check what a run does, not what it learns
 LOSS_LEGENDS = {'loss', 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'}
 VALIDATION_LEGENDS = {'mAP@[.5:.95]', 'mAP@.5', 'mAP@.75', 'AR@100'}
 

@@ -13,8 +13,8 @@ import time
 import dtlpy as dl
 
 from fasterrcnn_adapter import FasterRCNNAdapter
-from tests.test_local_runner import REPO, TINY
-from tests.test_platform_flows import LIGHT_BOX_HEAD, artifact_files, checkpoint_from, platform, pod  # noqa: F401
+from tests.test_local_runner import LIGHT_TRAINING, REPO, TINY
+from tests.test_platform_flows import artifact_files, checkpoint_from, platform, pod  # noqa: F401 (fixtures)
 from utils.core.termination import EXIT_CODE
 from utils.data.synthetic import make_synthetic_export
 from utils.modeling.checkpoints import load_checkpoint
@@ -51,7 +51,7 @@ def test_local_runner_saves_a_resumable_last_pth_on_sigterm_and_resumes(tmp_path
     data, output = str(tmp_path / 'data'), str(tmp_path / 'out')
     make_synthetic_export(data, n_train=4, n_val=2, image_size=(96, 96), seed=5)
     config = tmp_path / 'config.json'
-    config.write_text(json.dumps({**TINY, **LIGHT_BOX_HEAD, 'epochs': EPOCHS, 'checkpoint_interval_s': 3600}))
+    config.write_text(json.dumps({**TINY, **LIGHT_TRAINING, 'epochs': EPOCHS, 'checkpoint_interval_s': 3600}))
     command = [sys.executable, '-m', 'local_runner', 'train', '--data', data, '--output', output,
                '--config', str(config)]
     log_path = str(tmp_path / 'train.log')

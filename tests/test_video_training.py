@@ -18,7 +18,7 @@ from utils.data.annotation_boxes import ImageCanvas, UnusableData, annotation_bo
 from utils.data.data_index import load_index, save_index
 from utils.data.dataloop_reader import read_dataloop_export
 from utils.data.video_annotations import BOX_TYPES, Track
-from test_platform_flows import LIGHT_BOX_HEAD
+from test_local_runner import LIGHT_TRAINING
 from video_items import FRAMES, HEIGHT, LABELS, TRACKS, WIDTH, box, video_annotation, write_video
 
 STRIDE = 3
@@ -324,7 +324,7 @@ TINY = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320
         'min_size': 128, 'max_size': 128, 'batch_size': 2, 'num_workers': 0, 'epochs': 1,
         'learning_rate': 0.01, 'warmup_iters': 2, 'video_train_frame_stride': STRIDE,
         'cpu_runtime': 'torch',  # subprocesses too: see conftest.py
-        **LIGHT_BOX_HEAD}
+        **LIGHT_TRAINING}
 
 
 def test_local_runner_trains_and_validates_on_videos(tmp_path):
