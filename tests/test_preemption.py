@@ -19,7 +19,7 @@ from utils.core.termination import EXIT_CODE
 from utils.data.synthetic import make_synthetic_export
 from utils.modeling.checkpoints import load_checkpoint
 
-EPOCHS = 3
+EPOCHS = 4  # the SIGTERM lands after epoch 1: three more epochs of margin before the run could finish
 GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds
 
 
