@@ -14,9 +14,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-# Two workers (pytest-xdist), whole test files each so a file's shared trained model is built once;
-# `make test TEST_WORKERS=0` runs in one process.
-TEST_WORKERS ?= 2
+# Three workers (pytest-xdist), whole test files each so a file's shared trained model is built once. Three on a
+# 2-core machine: with two, the cores idle about a quarter of the time while tests wait on the processes they start
+# and on the emulator, and a third worker fills it (bench/RESULTS.md). `make test TEST_WORKERS=0` runs in one process.
+TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --durations=10
