@@ -54,11 +54,33 @@ def _write_results(json_path: str, png_path: str, item_json: Dict[str, Any], pic
         raise
 
 
+def _write_batch(adapter, batch: List[Tuple[int, Any]], inputs: Sequence[Tuple[str, str]],
+                 targets: List[Tuple[str, str]], class_ids: Dict[str, int], written: list, unwritable: list) -> int:
+    """Predict one batch of (input index, PIL image) and write each result; returns the boxes written. A result
+    that cannot be written is logged and listed in `unwritable`; the others are still written."""
+    from torchvision.transforms.functional import pil_to_tensor
+    n_boxes = 0
+    collections = adapter.predict([pil_to_tensor(image) for _, image in batch])
+    for (index, image), collection in zip(batch, collections):
+        path, rel = inputs[index]
+        json_path, png_path = targets[index]
+        annotations = collection.to_json()['annotations']
+        detections = detections_from_json(annotations)
+        try:
+            _write_results(json_path, png_path, _item_json(path, rel, image, annotations),
+                           draw_detections(image, detections, class_ids))
+        except OSError as err:  # this one result cannot be written there: the others can
+            logger.warning('cannot write the results of %s to %s: %s: skipped', path, json_path, err.strerror or err)
+            unwritable.append((path, str(err)))
+            continue
+        n_boxes += len(detections)
+        written.append({'image': path, 'json': json_path, 'png': png_path, 'boxes': len(detections)})
+    return n_boxes
+
+
 def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) -> Dict[str, Any]:
     """Per readable image: ``<stem>.json`` (Dataloop item JSON with the predicted annotations) and
     ``<stem>.png`` (the image with the boxes drawn). Unreadable images are logged and skipped."""
-    from torchvision.transforms.functional import pil_to_tensor
-
     from local_runner.video import predict_videos  # torch and dtlpy: after the path checks
     from utils.data.images import ImageDecodeError, load_image
     from utils.data.video import is_video  # OpenCV and numpy: not for a command that fails its checks
@@ -69,49 +91,24 @@ def predict_images(adapter, inputs: Sequence[Tuple[str, str]], output_dir: str) 
     os.makedirs(output_dir, exist_ok=True)
     written, unreadable, unwritable, n_boxes = [], [], [], 0
     batch: List[Tuple[int, Any]] = []
-
-    def flush():
-        nonlocal n_boxes
-        if not batch:
-            return
-        collections = adapter.predict([pil_to_tensor(image) for _, image in batch])
-        for (index, image), collection in zip(batch, collections):
-            path, rel = inputs[index]
-            json_path, png_path = targets[index]
-            annotations = collection.to_json()['annotations']
-            detections = detections_from_json(annotations)
-            try:
-                _write_results(json_path, png_path, _item_json(path, rel, image, annotations),
-                               draw_detections(image, detections, class_ids))
-            except OSError as err:  # this one result cannot be written there: the others can
-                logger.warning('cannot write the results of %s to %s: %s: skipped', path, json_path,
-                               err.strerror or err)
-                unwritable.append((path, str(err)))
-                continue
-            n_boxes += len(detections)
-            written.append({'image': path, 'json': json_path, 'png': png_path, 'boxes': len(detections)})
-        bar.update(len(batch))
-        batch.clear()
-
     limits = adapter.image_limits()
     batch_size = prediction_batch_size(settings['batch_size'], adapter.device)
     videos = [index for index, (path, _) in enumerate(inputs) if is_video(path)]
     images = [index for index, (path, _) in enumerate(inputs) if not is_video(path)]
     bar = Progress(total=len(images), desc='predict', unit='image', log=logger)
     try:
-        for index in images:
+        for position, index in enumerate(images):
             path = inputs[index][0]
             try:
-                image = load_image(path, limits)
+                batch.append((index, load_image(path, limits)))
             except (ImageDecodeError, OSError) as err:  # ImageSizeError too: too large, too thin
                 logger.warning('cannot read image %s: %s: skipped', path, err)
                 unreadable.append((path, str(err)))
                 bar.update(1)
-                continue
-            batch.append((index, image))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+            if batch and (len(batch) >= batch_size or position == len(images) - 1):
+                n_boxes += _write_batch(adapter, batch, inputs, targets, class_ids, written, unwritable)
+                bar.update(len(batch))
+                batch.clear()
     finally:
         bar.close()
     found, unreadable_videos, video_boxes = predict_videos(adapter, [(inputs[i], targets[i]) for i in videos])
