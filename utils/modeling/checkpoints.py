@@ -189,8 +189,8 @@ def validate_checkpoint(loaded: Any, path: str) -> Dict[str, Any]:
     """Check a loaded checkpoint's structure and that its metadata agrees with its tensors.
 
     Returns the checkpoint dict with `num_classes` (from the box predictor) and
-    `variants` (those its tensors fit; the two MobileNet variants share every shape)
-    filled in. Raises CheckpointError naming the file and what is wrong.
+    `variants` (those its tensors fit, only the declared `model_variant` when it fits; the two MobileNet
+    variants share every shape) filled in. Raises CheckpointError naming the file and what is wrong.
     """
     checkpoint = _state_dict_of(loaded, path)
     state = checkpoint['state_dict']
@@ -201,9 +201,13 @@ def validate_checkpoint(loaded: Any, path: str) -> Dict[str, Any]:
     if cls_score is None or bbox_pred is None or cls_score.ndim != 2 or bbox_pred.shape[0] != 4 * cls_score.shape[0]:
         raise CheckpointError(f'checkpoint {path!r} lacks a Faster R-CNN box predictor '
                               f'({PREDICTOR}cls_score.weight and bbox_pred.weight with 4 rows per class)')
-    problems = {variant: _tensor_mismatch(state, variant) for variant in BUILDERS}
-    variants = [variant for variant, found in problems.items() if not found]
     declared = checkpoint.get('model_variant')
+    if declared in BUILDERS and not _tensor_mismatch(state, declared):
+        variants = [declared]  # it is what it says: the other variants' shapes (a model build each) are not needed
+        problems = {}
+    else:
+        problems = {variant: _tensor_mismatch(state, variant) for variant in BUILDERS}
+        variants = [variant for variant, found in problems.items() if not found]
     if not variants:
         closest = declared if declared in problems else min(problems, key=lambda v: len(problems[v]))
         raise CheckpointError(f'checkpoint {path!r} holds no supported Faster R-CNN: against {closest}, '
