@@ -1,6 +1,7 @@
 """Adapter core: variants, weights (artifact / COCO-pretrained / random), save-load, prediction geometry."""
 import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from fasterrcnn_adapter import FasterRCNNAdapter, UnreadableItem
 from utils.core import config as config_lib
-from utils.modeling import checkpoints, model_factory
+from utils.modeling import checkpoints, model_factory, network_loading
 from utils.platform.local_model import local_model
 
 SMALL = {'pretrained': False, 'model_variant': 'fasterrcnn_mobilenet_v3_large_320_fpn',
@@ -56,6 +57,35 @@ def test_save_then_load_in_fresh_adapter_predicts_identically(tmp_path):
     image = random_image(320, 240)
     assert boxes_of(first.predict([image])[0]) == boxes_of(second.predict([image])[0])
     assert len(first.predict([image])[0]) > 0
+
+
+def test_a_loaded_checkpoint_is_built_without_random_draws_and_other_threads_still_initialise(tmp_path,
+                                                                                              monkeypatch):
+    """The network a checkpoint fills skips torchvision's random initialisation (nearly all of a resnet50's build),
+    and holds the checkpoint's tensors exactly; a layer built meanwhile on another thread is initialised as usual,
+    and the initialisers are torch's own again afterwards."""
+    first = make_adapter()
+    first.save(str(tmp_path))
+    draws = []
+    original = torch.nn.init.kaiming_uniform_
+    monkeypatch.setattr(torch.nn.init, 'kaiming_uniform_', lambda t, *a, **k: draws.append(1) or original(t, *a, **k))
+    counting = torch.nn.init.kaiming_uniform_
+    second = make_adapter({'seed': 1}, artifacts=str(tmp_path))
+    assert not draws
+    expected = first.model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in second.model.state_dict().items())
+    make_adapter({'seed': 1})  # a random start draws
+    assert draws
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(16, 16).weight
+    built = []
+    with network_loading.skipped_init():
+        torch.manual_seed(0)
+        worker = threading.Thread(target=lambda: built.append(torch.nn.Linear(16, 16).weight))
+        worker.start()
+        worker.join()
+    assert torch.equal(built[0], reference)
+    assert torch.nn.init.kaiming_uniform_ is counting
 
 
 def test_checkpoint_of_other_variant_or_class_count_is_refused_with_both_named(tmp_path):

@@ -6,6 +6,7 @@ same configuration gives the same starting network.
 import contextlib
 import logging
 import os
+import threading
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -27,6 +28,46 @@ def seeded_init(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+#: `torch.nn.init`'s in-place initialisers, the ones torchvision's and torch's layers call while they are built
+_INITIALISERS = ('uniform_', 'normal_', 'trunc_normal_', 'constant_', 'ones_', 'zeros_', 'eye_', 'dirac_',
+                 'xavier_uniform_', 'xavier_normal_', 'kaiming_uniform_', 'kaiming_normal_', 'orthogonal_', 'sparse_')
+_skipping = threading.local()  # .active: this thread's builds skip the initialisers
+_skip_lock = threading.Lock()
+_originals: Dict[str, Any] = {}  # the initialisers while the wrappers are installed
+_skip_users = 0
+
+
+def _initialiser(original):
+    def initialise(tensor, *args, **kwargs):
+        return tensor if getattr(_skipping, 'active', False) else original(tensor, *args, **kwargs)
+    return initialise
+
+
+@contextlib.contextmanager
+def skipped_init():
+    """Networks built in this thread under it keep their parameters as allocated: for a network a checkpoint is
+    about to fill (a strict `load_state_dict`: every parameter and buffer), the random draws are wasted, and they
+    were nearly all of a resnet50's build (0.47 of 0.49 s, at every load). Other threads initialise as usual."""
+    global _skip_users
+    with _skip_lock:
+        if not _skip_users:
+            for name in _INITIALISERS:
+                _originals[name] = getattr(torch.nn.init, name)
+                setattr(torch.nn.init, name, _initialiser(_originals[name]))
+        _skip_users += 1
+    was_active, _skipping.active = getattr(_skipping, 'active', False), True
+    try:
+        yield
+    finally:
+        _skipping.active = was_active
+        with _skip_lock:
+            _skip_users -= 1
+            if not _skip_users:
+                for name, original in _originals.items():
+                    setattr(torch.nn.init, name, original)
+                _originals.clear()
 
 
 def network_sizes(settings: Mapping[str, Any]) -> Dict[str, Any]:
@@ -53,7 +94,8 @@ def load_network(settings: Mapping[str, Any], id_to_label_map: Dict[int, str],
         if saved_labels and saved_labels != id_to_label_map:
             logger.warning('the label map saved with %s differs from the model\'s; using the model\'s: %s',
                            weights_path, id_to_label_map)
-        model = model_factory.build_model(variant, num_classes, **sizes)
+        with skipped_init():  # every tensor comes from the checkpoint
+            model = model_factory.build_model(variant, num_classes, **sizes)
         checkpoints.load_state(model, checkpoint, weights_path)
         logger.info('loaded %s weights from %s', variant, weights_path)
     elif settings['pretrained']:
