@@ -59,6 +59,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         self._cpu_runtime = cpu_runtime.CpuRuntime()  # compiled graphs for the CPU forward
         self._converted = (None, None)  # (data_path, export) of the last convert_from_dtlpy: what train() reads
         self._calibration_records: List[dict] = []  # the training images train() saw: save() calibrates int8 on them
+        self._check_records: List[dict] = []  # and its validation images: save() measures int8's mAP on them
         super().__init__(model_entity)
 
     # ------------------------------------------------------------------ entity
@@ -128,7 +129,8 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             return
         if settings['cpu_precision'] == 'int8' and not self._training_failed:
             try:  # calibrated on the training images, on disk now
-                int8_graphs.save_int8_graph(network, folder, self._calibration_records)
+                int8_graphs.save_int8_graph(network, folder, self._calibration_records, self._check_records,
+                                            label_to_id(self.id_to_label_map()))
             except Exception as err:
                 logger.warning('the int8 graph was not made (%s: %s): a deploy asking for int8 runs f32',
                                type(err).__name__, err)
@@ -343,6 +345,7 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
         settings = self._resolve_settings()
         export = self._training_export(data_path)
         self._calibration_records = export.subsets.get('train', [])
+        self._check_records = export.subsets.get('validation', [])
         id_to_label_map = self.id_to_label_map()
         # a label map rewritten by convert_from_dtlpy needs a new predictor
         with network_loading.seeded_init(settings['seed']):

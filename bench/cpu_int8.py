@@ -66,8 +66,8 @@ def ensure_int8(adapter, data: str) -> None:
     subset."""
     if list(glob.glob(os.path.join(adapter.artifacts_path, cpu_graphs.GRAPHS_DIR, '*', int8_graphs.INT8_GRAPH))):
         return
-    adapter._calibration_records = read_dataloop_export(
-        data, labels=list(adapter.id_to_label_map().values())).subsets['train']
+    subsets = read_dataloop_export(data, labels=list(adapter.id_to_label_map().values())).subsets
+    adapter._calibration_records, adapter._check_records = subsets['train'], subsets.get('validation', [])
     started = time.perf_counter()
     adapter._save_cpu_graph(os.path.join(adapter.artifacts_path, adapter.settings['weights_filename']),
                             adapter.artifacts_path, adapter.settings)

@@ -11,9 +11,10 @@ import pytest
 
 from test_cpu_runtime import TINY, boxes_of, make_adapter, predict_twice, shapes_images
 from test_local_runner import run_cli
+from utils.core.label_map import label_to_id
 from utils.data.images import load_image_tensor
 from utils.data.synthetic import make_synthetic_export
-from utils.export import cpu_graphs
+from utils.export import cpu_graphs, int8_check
 from utils.inference import cpu_precision
 
 pytest.importorskip('openvino')
@@ -76,6 +77,40 @@ def test_training_with_int8_saves_the_int8_graph_beside_the_f32_one(int8_trained
 def test_the_calibration_cost_is_in_the_log(int8_run):
     line = next(line for line in int8_run[1].stderr.splitlines() if 'int8 graph written' in line)
     assert 'calibrated on 8 images in' in line and 's an image' in line
+
+
+def test_the_int8_graphs_map_against_f32_on_the_validation_images_is_saved_logged_and_told_by_the_deploy(
+        int8_run, caplog):
+    model = int8_run[0]
+    line = next(line for line in int8_run[1].stderr.splitlines() if 'int8 graph against f32' in line)
+    assert 'on 2 validation images: mAP@.5' in line and 'points' in line, line
+    folder = next((model / cpu_graphs.GRAPHS_DIR).glob('*/detector_int8.xml')).parent
+    check = int8_check.read_check(str(folder))
+    assert check['images'] == 2 and int8_check.describe(check) in line
+    assert all(0 <= check[p][m] <= 1 for p in ('f32', 'int8') for m in ('mAP_50', 'mAP'))
+    with caplog.at_level(logging.INFO, logger='utils'):
+        make_adapter(model, cpu_precision='int8').predict(shapes_images()[:1])
+    assert f'measured against f32 at training {int8_check.describe(check)}' in caplog.text
+
+
+def test_the_int8_check_scores_the_f32_graphs_own_boxes_as_perfect(int8_trained):
+    """Ground truth made of the f32 graph's confident boxes (score >= 0.15) on the training images: the check must
+    find f32's mAP@.5 and mAP 1.0 (each is a detection, outranking every other), and int8's close to it."""
+    paths = sorted((int8_trained.parent / 'data' / 'train' / 'items').iterdir())
+    images = [load_image_tensor(p) for p in paths]
+    adapter = make_adapter(int8_trained, cpu_precision='f32')
+    records = []
+    for path, image, collection in zip(paths, images, adapter.predict(images)):
+        kept = [box for box in boxes_of(collection) if box[5] >= CLEAR]
+        records.append({'image_path': str(path), 'height': image.shape[1], 'width': image.shape[2],
+                        'boxes': [list(box[1:5]) for box in kept], 'labels': [box[0] for box in kept]})
+    assert sum(len(r['boxes']) for r in records) >= 3
+    folder = next((int8_trained / cpu_graphs.GRAPHS_DIR).glob('*/detector_int8.xml')).parent
+    check = int8_check.measure(str(folder / 'detector.onnx'), str(folder / 'detector_int8.xml'), adapter.model,
+                               records, label_to_id(adapter.id_to_label_map()))
+    assert check['images'] == len(paths)
+    assert check['f32'] == {'mAP_50': 1.0, 'mAP': 1.0}, check
+    assert check['int8']['mAP_50'] >= 0.7, check
 
 
 def test_a_deploy_predicts_with_the_int8_graph_close_to_f32(int8_trained, caplog):

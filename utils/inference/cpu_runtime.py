@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from utils.export import cpu_graphs
-from utils.export import int8_graphs
+from utils.export import int8_check, int8_graphs
 from utils.inference import cpu_precision, prediction
 from utils.modeling.embeddings import fpn_embedding
 
@@ -170,6 +170,9 @@ class CpuRuntime:
                 precision = cpu_precision.F32
             elif os.path.isfile(int8):
                 path = int8
+                check = int8_check.read_check(os.path.dirname(int8))
+                if check:  # what int8 cost this model, measured when the graph was made
+                    logger.info('the int8 graph, measured against f32 at training %s', int8_check.describe(check))
             else:
                 precision, note = cpu_precision.F32, (
                     f'cpu_precision \'int8\': the model has no int8 graph ({int8} is missing: it was trained with '

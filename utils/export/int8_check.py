@@ -1,0 +1,99 @@
+"""The int8 graph's mAP against the f32 graph's on the validation subset, measured when the int8 graph is made.
+
+Whether int8 costs a model accuracy depends on the model and its data, so each int8 graph carries its own answer:
+the calibration's child process (`utils.export.int8_graphs`) runs both graphs on up to `CHECK_IMAGES` validation
+images under the COCO protocol (boxes from score 0.05, the model's NMS and detections per image) and writes the
+result beside the graph (`detector_int8_check.json`, uploaded with it). Training logs it, and so does a deploy that
+predicts with the graph. The f32 graph gives PyTorch's detections to rounding (tests/test_cpu_runtime.py), so its
+mAP is the trained model's.
+"""
+import json
+import os
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from utils.core.atomic import write_json
+from utils.data.detection_dataset import DetectionDataset
+from utils.data.images import load_image_tensor
+from utils.evaluation.coco_eval import CocoEvaluator, Evaluation
+from utils.evaluation.coco_utils import get_coco_api_from_dataset
+from utils.export.cpu_graphs import SCORE_FLOOR
+from utils.inference import cpu_precision
+
+CHECK_FILE = 'detector_int8_check.json'  # beside detector_int8.xml
+#: Validation images at most, evenly spread: two graphs run on each in the calibration's process
+CHECK_IMAGES = 100
+METRICS = ('mAP_50', 'mAP')
+
+
+def check_path(folder: str) -> str:
+    return os.path.join(folder, CHECK_FILE)
+
+
+class _Compiled:
+    """A graph compiled for this CPU, without the compiled cache: a cache made on the training machine must not
+    travel to the deploys with the artifacts."""
+
+    def __init__(self, core, path: str, precision: str):
+        self._compiled = core.compile_model(path, 'CPU', cpu_precision.openvino_config(precision))
+        self._request = self._compiled.create_infer_request()
+
+    def __call__(self, array: np.ndarray):
+        results = self._request.infer({0: array})
+        return [np.array(results[output]) for output in self._compiled.outputs]
+
+
+def measure(onnx_path: str, int8_path: str, network, records: Sequence[Mapping[str, Any]],
+            label_to_id: Mapping[str, int]) -> Optional[Dict[str, Any]]:
+    """mAP@.5 and mAP@[.5:.95] of the f32 and int8 graphs on `records` ({'images', 'f32': {...}, 'int8': {...}}),
+    or None when none of them can be read. `network` needs only the network's `transform`."""
+    import openvino as ov
+    from utils.inference.cpu_runtime import graph_rows
+    core = ov.Core()
+    graphs = {cpu_precision.F32: _Compiled(core, onnx_path, cpu_precision.F32),
+              cpu_precision.INT8: _Compiled(core, int8_path, cpu_precision.INT8)}
+    ground_truth = get_coco_api_from_dataset(DetectionDataset(records, label_to_id))
+    evaluators = {precision: CocoEvaluator(ground_truth, ['bbox']) for precision in graphs}
+    used = 0
+    for index, record in enumerate(records):
+        try:
+            image = load_image_tensor(record['image_path'])
+        except Exception:  # an unreadable image costs the check one sample
+            continue
+        used += 1
+        for precision, graph in graphs.items():
+            rows = torch.tensor(graph_rows(graph, network, image, SCORE_FLOOR), dtype=torch.float32).reshape(-1, 6)
+            evaluators[precision].update({index: {'boxes': rows[:, :4], 'scores': rows[:, 4],
+                                                  'labels': rows[:, 5].long()}})
+    if not used:
+        return None
+    result: Dict[str, Any] = {'images': used}
+    for precision, evaluator in evaluators.items():
+        evaluator.accumulate()
+        evaluator.summarize()
+        evaluation = Evaluation.of(evaluator, used)
+        result[precision] = {name: float(evaluation[name]) for name in METRICS}
+    return result
+
+
+def write_check(folder: str, check: Mapping[str, Any]) -> None:
+    write_json(check_path(folder), dict(check))
+
+
+def read_check(folder: str) -> Optional[Dict[str, Any]]:
+    """The check written beside the int8 graph in `folder`, or None (a graph made without one, an unreadable file)."""
+    try:
+        with open(check_path(folder)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def describe(check: Mapping[str, Any]) -> str:
+    """One line: int8's mAP against f32's, and the change in points."""
+    f32, int8 = check[cpu_precision.F32], check[cpu_precision.INT8]
+    return (f'on {check["images"]} validation images: mAP@.5 {int8["mAP_50"]:.4f} against f32\'s {f32["mAP_50"]:.4f} '
+            f'({100 * (int8["mAP_50"] - f32["mAP_50"]):+.2f} points), mAP@[.5:.95] {int8["mAP"]:.4f} against '
+            f'{f32["mAP"]:.4f} ({100 * (int8["mAP"] - f32["mAP"]):+.2f} points)')
