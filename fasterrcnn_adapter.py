@@ -25,7 +25,7 @@ from utils.core import runtime_setup
 from utils.core.settings_cache import SettingsCache
 from utils.data.images import ImageLimits, network_limits
 from utils.export import cpu_graphs, int8_graphs
-from utils.inference import cpu_runtime, cuda_graphs, pipeline
+from utils.inference import cpu_runtime, cuda_graphs, int8_check, pipeline
 from utils.inference import prediction
 from utils.inference import video as video_inference
 from utils.inference.item_reading import ItemReader
@@ -129,11 +129,13 @@ class FasterRCNNAdapter(dl.BaseModelAdapter):
             return
         if settings['cpu_precision'] == 'int8' and not self._training_failed:
             try:  # calibrated on the training images, on disk now
-                int8_graphs.save_int8_graph(network, folder, self._calibration_records, self._check_records,
-                                            label_to_id(self.id_to_label_map()))
+                made = int8_graphs.save_int8_graph(network, folder, self._calibration_records)
             except Exception as err:
                 logger.warning('the int8 graph was not made (%s: %s): a deploy asking for int8 runs f32',
                                type(err).__name__, err)
+                return
+            if made:  # what int8 costs this model, on its validation images
+                int8_check.save_check(network, folder, self._check_records, label_to_id(self.id_to_label_map()))
 
     def save_to_model(self, local_path=None, cleanup=False, replace=True, **kwargs):
         """The SDK's save + upload of all of `local_path`, minus what must not become an artifact (a finished run's

@@ -14,8 +14,8 @@ from test_local_runner import run_cli
 from utils.core.label_map import label_to_id
 from utils.data.images import load_image_tensor
 from utils.data.synthetic import make_synthetic_export
-from utils.export import cpu_graphs, int8_check
-from utils.inference import cpu_precision
+from utils.export import cpu_graphs
+from utils.inference import cpu_precision, int8_check
 
 pytest.importorskip('openvino')
 pytest.importorskip('nncf')

@@ -28,7 +28,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from utils.data.detection_dataset import record_name
 from utils.data.images import load_image_tensor
-from utils.export import cpu_graphs, int8_check
+from utils.export import cpu_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -116,42 +116,37 @@ def transform_spec(network: nn.Module) -> Dict[str, Any]:
             'image_mean': list(transform.image_mean), 'image_std': list(transform.image_std)}
 
 
-def _check_record(record: Mapping[str, Any]) -> Dict[str, Any]:
-    """What the accuracy check needs of a validation record (its image and boxes), as JSON."""
-    return {key: record[key] for key in ('image_path', 'width', 'height', 'boxes', 'labels', 'name', 'item_id', 'frame')
-            if key in record}
-
-
-def quantize_in_child(onnx_path: str, network: nn.Module, records: Sequence[Mapping[str, Any]], target: str,
-                      check_records: Sequence[Mapping[str, Any]] = (),
-                      label_to_id: Optional[Mapping[str, int]] = None) -> dict:
-    """`quantize_detector` in a fresh Python process, then `int8_check.measure` on `check_records` when there are
-    any; its result ({'used', 'unreadable', 'check'}), or RuntimeError saying how it ended (a crash included)."""
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as work:
-        spec = os.path.join(work, 'spec.json')
-        with open(spec, 'w') as f:
-            json.dump({'onnx': onnx_path, 'target': target, 'transform': transform_spec(network),
-                       'records': [{'image_path': r['image_path'], 'name': record_name(r)} for r in records],
-                       'check_records': [_check_record(r) for r in check_records],
-                       'label_to_id': dict(label_to_id or {})}, f, default=str)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
-        done = subprocess.run([sys.executable, '-m', 'utils.export.int8_graphs', spec], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors='replace')
+def run_in_child(module: str, spec: Mapping[str, Any], work: str, what: str) -> dict:
+    """`python -m module SPEC_FILE` in a fresh Python process (OpenVINO's statistics and inference are kept out of
+    the process that trained), `spec` written as JSON under `work`; the JSON object its last stdout line prints, or
+    RuntimeError saying how `what` ended (a crash included)."""
+    path = os.path.join(work, 'spec.json')
+    with open(path, 'w') as f:
+        json.dump(spec, f, default=str)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
+    done = subprocess.run([sys.executable, '-m', module, path], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors='replace')
     if done.returncode:
         ended = f'signal {signal.Signals(-done.returncode).name}' if done.returncode < 0 else \
             f'exit code {done.returncode}'
         tail = ' | '.join(done.stderr.strip().splitlines()[-3:])
-        raise RuntimeError(f'the calibration process ended with {ended}: {tail}')
+        raise RuntimeError(f'{what} ended with {ended}: {tail}')
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def save_int8_graph(network: nn.Module, folder: str, records: Sequence[Mapping[str, Any]],
-                    validation: Sequence[Mapping[str, Any]] = (),
-                    label_to_id: Optional[Mapping[str, int]] = None) -> Optional[str]:
+def quantize_in_child(onnx_path: str, network: nn.Module, records: Sequence[Mapping[str, Any]], target: str) -> dict:
+    """`quantize_detector` in a fresh Python process; its result ({'used', 'unreadable'}), or RuntimeError
+    saying how it ended (a crash included)."""
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(target)) as work:
+        return run_in_child('utils.export.int8_graphs', {
+            'onnx': onnx_path, 'target': target, 'transform': transform_spec(network),
+            'records': [{'image_path': r['image_path'], 'name': record_name(r)} for r in records]},
+            work, 'the calibration process')
+
+
+def save_int8_graph(network: nn.Module, folder: str, records: Sequence[Mapping[str, Any]]) -> Optional[str]:
     """The int8 graph of `network` (`folder` holds its f32 detector graph, `cpu_graphs.graph_folder`), calibrated
-    on up to `CALIBRATION_IMAGES` of `records`, and its mAP against f32's on up to `int8_check.CHECK_IMAGES` of
-    `validation` (labels by `label_to_id`); the cost and the check go to the log. None when there is nothing to
-    calibrate on."""
+    on up to `CALIBRATION_IMAGES` of `records`; the cost goes to the log. None when there is nothing to calibrate on."""
     chosen = calibration_records(records)
     if not chosen:
         logger.warning('no training image to calibrate the int8 graph on: a deploy asking for int8 runs f32')
@@ -160,20 +155,12 @@ def save_int8_graph(network: nn.Module, folder: str, records: Sequence[Mapping[s
     logger.info('int8 graph: calibrating on %d of the %d training images (NNCF post-training quantization)',
                 len(chosen), len(records))
     started = time.perf_counter()
-    checked = calibration_records(validation, int8_check.CHECK_IMAGES) if label_to_id else []
-    result = quantize_in_child(onnx_path, network, chosen, int8_path(folder), checked, label_to_id)
+    result = quantize_in_child(onnx_path, network, chosen, int8_path(folder))
     seconds = time.perf_counter() - started
     for name, reason in result['unreadable']:
         logger.warning('int8 calibration skipped %s: %s', name, reason)
     logger.info('int8 graph written to %s: calibrated on %d images in %.1f s (%.2f s an image)',
                 int8_path(folder), result['used'], seconds, seconds / max(result['used'], 1))
-    if result.get('check'):
-        logger.info('int8 graph against f32 %s', int8_check.describe(result['check']))
-    elif result.get('check_error'):
-        logger.warning('the int8 graph\'s accuracy was not measured (%s); it was kept', result['check_error'])
-    else:
-        logger.warning('the int8 graph\'s accuracy was not measured: %s',
-                       'none of the validation images could be read' if checked else 'no validation images')
     return int8_path(folder)
 
 
@@ -185,16 +172,7 @@ def main(spec_path: str) -> None:
     inputs = CalibrationInputs(network, spec['records'])
     used = quantize_detector(spec['onnx'], inputs, spec['target'])
     unreadable = [(spec['records'][i]['name'], reason) for i, reason in sorted(inputs.unreadable.items())]
-    result = {'used': used, 'unreadable': unreadable, 'check': None}
-    if spec['check_records']:
-        try:  # a failed check costs the figure, not the graph
-            result['check'] = int8_check.measure(spec['onnx'], spec['target'], network, spec['check_records'],
-                                                 spec['label_to_id'])
-        except Exception as err:
-            result['check_error'] = f'{type(err).__name__}: {err}'
-        if result['check']:
-            int8_check.write_check(os.path.dirname(spec['target']), result['check'])
-    print(json.dumps(result))
+    print(json.dumps({'used': used, 'unreadable': unreadable}))
 
 
 if __name__ == '__main__':

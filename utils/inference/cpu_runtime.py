@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from utils.export import cpu_graphs
-from utils.export import int8_check, int8_graphs
-from utils.inference import cpu_precision, prediction
+from utils.export import int8_graphs
+from utils.inference import cpu_precision, int8_check, prediction
 from utils.modeling.embeddings import fpn_embedding
 
 logger = logging.getLogger(__name__)
