@@ -71,7 +71,8 @@ def main():
     for cap in (None, args.isa):
         env = dict(os.environ)
         if cap:
-            aten = 'avx2' if cap.upper().startswith('AVX2') else 'avx512' if cap.upper().startswith('AVX512') else 'default'
+            isa = cap.upper()
+            aten = 'avx2' if isa.startswith('AVX2') else 'avx512' if isa.startswith('AVX512') else 'default'
             env.update(ONEDNN_MAX_CPU_ISA=cap.upper(), ATEN_CPU_CAPABILITY=aten)
         subprocess.run(command, env=env, check=True)
 

@@ -18,21 +18,20 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from utils.core.atomic import write_json
 from utils.data.detection_dataset import DetectionDataset
 from utils.data.images import load_image_tensor
 from utils.evaluation.coco_eval import CocoEvaluator, Evaluation
 from utils.evaluation.coco_utils import get_coco_api_from_dataset
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
-
 from utils.export import cpu_graphs, int8_graphs
 from utils.inference import cpu_precision
 
 logger = logging.getLogger(__name__)
 
 CHECK_FILE = 'detector_int8_check.json'  # beside detector_int8.xml
-#: Validation images at most, evenly spread: two graphs run on each in the calibration's process
+#: Validation images at most, evenly spread: both graphs run on each (resnet50 at 800 px: about 2.6 s an image)
 CHECK_IMAGES = 100
 METRICS = ('mAP_50', 'mAP')
 
@@ -73,7 +72,8 @@ def measure(onnx_path: str, int8_path: str, network, records: Sequence[Mapping[s
             continue
         used += 1
         for precision, graph in graphs.items():
-            rows = torch.tensor(graph_rows(graph, network, image, cpu_graphs.SCORE_FLOOR), dtype=torch.float32).reshape(-1, 6)
+            rows = graph_rows(graph, network, image, cpu_graphs.SCORE_FLOOR)
+            rows = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
             evaluators[precision].update({index: {'boxes': rows[:, :4], 'scores': rows[:, 4],
                                                   'labels': rows[:, 5].long()}})
     if not used:
