@@ -37,7 +37,7 @@ from utils.data.dataloop_reader import read_dataloop_export  # noqa: E402
 from utils.data.detection_dataset import DetectionDataset  # noqa: E402
 from utils.data.images import load_image_tensor  # noqa: E402
 from utils.data.synthetic import make_synthetic_export  # noqa: E402
-from utils.evaluation.coco_eval import CocoEvaluator, Evaluation  # noqa: E402
+from utils.evaluation.coco_eval import Evaluation, rows_evaluation  # noqa: E402
 from utils.evaluation.coco_utils import get_coco_api_from_dataset  # noqa: E402
 from utils.export import cpu_graphs, int8_graphs  # noqa: E402
 
@@ -88,13 +88,7 @@ def detections(adapter, images) -> list:
 
 
 def coco_map(dataset, found) -> Evaluation:
-    evaluator = CocoEvaluator(get_coco_api_from_dataset(dataset), ['bbox'])
-    for image_id, rows in enumerate(found):
-        rows = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
-        evaluator.update({image_id: {'boxes': rows[:, :4], 'scores': rows[:, 4], 'labels': rows[:, 5].long()}})
-    evaluator.accumulate()
-    evaluator.summarize()
-    return Evaluation.of(evaluator, len(found))
+    return rows_evaluation(get_coco_api_from_dataset(dataset), dict(enumerate(found)))
 
 
 def parity(reference, found, threshold: float = DEMO_SETTINGS['conf_threshold']) -> str:

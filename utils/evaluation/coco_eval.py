@@ -220,3 +220,15 @@ class Evaluation(collections.abc.Mapping):
 
     def per_class(self, id_to_label: Mapping[int, str]) -> Dict[str, Dict[str, Any]]:
         return per_class_ap(self.coco_eval, self.coco_gt, id_to_label)
+
+
+def rows_evaluation(coco_gt: COCO, rows_by_image: Mapping[int, Sequence[Sequence[float]]]) -> Evaluation:
+    """COCO bbox evaluation of detection rows [x1, y1, x2, y2, score, label id] (the prediction paths' rows) per
+    image id of `coco_gt`, on those images only."""
+    evaluator = CocoEvaluator(coco_gt, ['bbox'])
+    for image_id, rows in rows_by_image.items():
+        rows = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
+        evaluator.update({image_id: {'boxes': rows[:, :4], 'scores': rows[:, 4], 'labels': rows[:, 5].long()}})
+    evaluator.accumulate()
+    evaluator.summarize()
+    return Evaluation.of(evaluator, len(rows_by_image))

@@ -34,13 +34,14 @@ FALLBACK_ROOT = os.path.join(tempfile.gettempdir(), 'fasterrcnn-cpu-runtime')
 
 
 class OpenVinoGraph:
-    """An ONNX file compiled by OpenVINO for this CPU; the compiled blob is cached beside it, so the
+    """An ONNX file compiled by OpenVINO for this CPU; with `cache`, the compiled blob is cached beside it, so the
     next process (a new replica's first call) loads it instead of compiling again."""
 
-    def __init__(self, path: str, precision: str = cpu_precision.F32):
+    def __init__(self, path: str, precision: str = cpu_precision.F32, cache: bool = True):
         import openvino as ov
         core = ov.Core()
-        core.set_property({'CACHE_DIR': os.path.join(os.path.dirname(path), 'openvino_cache')})
+        if cache:
+            core.set_property({'CACHE_DIR': os.path.join(os.path.dirname(path), 'openvino_cache')})
         self._compiled = core.compile_model(path, 'CPU', cpu_precision.openvino_config(precision))
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one request: concurrent callers take turns

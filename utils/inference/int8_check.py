@@ -16,14 +16,12 @@ import tempfile
 import types
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-import numpy as np
-import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from utils.core.atomic import write_json
 from utils.data.detection_dataset import DetectionDataset
 from utils.data.images import load_image_tensor
-from utils.evaluation.coco_eval import CocoEvaluator, Evaluation
+from utils.evaluation.coco_eval import rows_evaluation
 from utils.evaluation.coco_utils import get_coco_api_from_dataset
 from utils.export import cpu_graphs, int8_graphs
 from utils.inference import cpu_precision
@@ -40,49 +38,29 @@ def check_path(folder: str) -> str:
     return os.path.join(folder, CHECK_FILE)
 
 
-class _Compiled:
-    """A graph compiled for this CPU, without the compiled cache: a cache made on the training machine must not
-    travel to the deploys with the artifacts."""
-
-    def __init__(self, core, path: str, precision: str):
-        self._compiled = core.compile_model(path, 'CPU', cpu_precision.openvino_config(precision))
-        self._request = self._compiled.create_infer_request()
-
-    def __call__(self, array: np.ndarray):
-        results = self._request.infer({0: array})
-        return [np.array(results[output]) for output in self._compiled.outputs]
-
-
 def measure(onnx_path: str, int8_path: str, network, records: Sequence[Mapping[str, Any]],
             label_to_id: Mapping[str, int]) -> Optional[Dict[str, Any]]:
     """mAP@.5 and mAP@[.5:.95] of the f32 and int8 graphs on `records` ({'images', 'f32': {...}, 'int8': {...}}),
     or None when none of them can be read. `network` needs only the network's `transform`."""
-    import openvino as ov
-    from utils.inference.cpu_runtime import graph_rows  # which imports this module
-    core = ov.Core()
-    graphs = {cpu_precision.F32: _Compiled(core, onnx_path, cpu_precision.F32),
-              cpu_precision.INT8: _Compiled(core, int8_path, cpu_precision.INT8)}
+    from utils.inference.cpu_runtime import OpenVinoGraph, graph_rows  # which imports this module
+    # no compiled cache: one made on the training machine must not travel to the deploys with the artifacts
+    graphs = {cpu_precision.F32: OpenVinoGraph(onnx_path, cpu_precision.F32, cache=False),
+              cpu_precision.INT8: OpenVinoGraph(int8_path, cpu_precision.INT8, cache=False)}
     ground_truth = get_coco_api_from_dataset(DetectionDataset(records, label_to_id))
-    evaluators = {precision: CocoEvaluator(ground_truth, ['bbox']) for precision in graphs}
-    used = 0
+    found: Dict[str, Dict[int, list]] = {precision: {} for precision in graphs}
     for index, record in enumerate(records):
         try:
             image = load_image_tensor(record['image_path'])
         except Exception:  # an unreadable image costs the check one sample
             continue
-        used += 1
         for precision, graph in graphs.items():
-            rows = graph_rows(graph, network, image, cpu_graphs.SCORE_FLOOR)
-            rows = torch.tensor(rows, dtype=torch.float32).reshape(-1, 6)
-            evaluators[precision].update({index: {'boxes': rows[:, :4], 'scores': rows[:, 4],
-                                                  'labels': rows[:, 5].long()}})
+            found[precision][index] = graph_rows(graph, network, image, cpu_graphs.SCORE_FLOOR)
+    used = len(found[cpu_precision.F32])
     if not used:
         return None
     result: Dict[str, Any] = {'images': used}
-    for precision, evaluator in evaluators.items():
-        evaluator.accumulate()
-        evaluator.summarize()
-        evaluation = Evaluation.of(evaluator, used)
+    for precision, rows in found.items():
+        evaluation = rows_evaluation(ground_truth, rows)
         result[precision] = {name: float(evaluation[name]) for name in METRICS}
     return result
 
